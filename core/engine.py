@@ -317,6 +317,14 @@ class Engine:
         """The layer's |W| in ascending order (read-only; do not modify)."""
         return self._layer(name).sorted_abs
 
+    def rank_order(self, name: str) -> torch.Tensor:
+        """Flat indices of the layer's weights by ascending |W| (stable; rank → index; read-only).
+
+        A result with ``kept`` and ``n_high`` for this layer keeps ranks ``[numel − kept, numel)``
+        and takes ranks ``[numel − n_high, numel)`` from the b_high chunk.
+        """
+        return self._layer(name).order
+
     def max_abs(self, name: str) -> float:
         return float(self._layer(name).max_abs)
 
@@ -417,17 +425,18 @@ class Engine:
         }
 
     def _result(self, config, rows, settings, changed, switches, t_switch, update_s) -> CompressionResult:
-        stats = pd.DataFrame(rows)
-        numel, kept = stats["numel"].sum(), stats["kept"].sum()
-        retention = float(kept / numel) if numel else 1.0
-        macs = (stats["numel"] * stats["macs_per_weight"]).sum()
-        kept_macs = (stats["kept"] * stats["macs_per_weight"]).sum()
-        compute_reduction = float(1 - kept_macs / macs) if macs else 0.0
-        # bytes of prunable weights not pruned in this setting (norm scales when not included) stay fp32
-        untouched = sum(l.numel * 4 for l in self._layers.values() if l.name not in set(stats["name"]))
-        compressed = int(self._other_bytes + untouched + stats["compressed_bytes"].sum())
+        numel = sum(row["numel"] for row in rows)
+        kept = sum(row["kept"] for row in rows)
+        retention = kept / numel if numel else 1.0
+        macs = sum(row["numel"] * row["macs_per_weight"] for row in rows)
+        kept_macs = sum(row["kept"] * row["macs_per_weight"] for row in rows)
+        compute_reduction = 1 - kept_macs / macs if macs else 0.0
+        # prunable weights this setting leaves alone (norm scales without include_norm) stay fp32
+        active = {row["name"] for row in rows}
+        untouched = sum(layer.numel * 4 for layer in self._layers.values() if layer.name not in active)
+        compressed = self._other_bytes + untouched + sum(row["compressed_bytes"] for row in rows)
         return CompressionResult(
-            config=config, stats=stats, retention=retention, param_reduction=1 - retention,
+            config=config, stats=pd.DataFrame(rows), retention=retention, param_reduction=1 - retention,
             compute_reduction=compute_reduction, model_bytes_fp32=self._dense_bytes,
             model_bytes_compressed=compressed, switches=switches, t_switch_s=t_switch,
             update_s=update_s, changed=changed, _engine=self, _version=self._version, _settings=settings)
