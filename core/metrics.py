@@ -91,15 +91,19 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 1000, device: s
     """Accuracy and per-class accuracy of ``model`` on every image of ``data``."""
     start = time.perf_counter()
     run = model
-    if _uses_conv(model) and torch.device(device).type == "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu:
+        run = copy.deepcopy(model).to(device)  # never move the caller's model
+    elif _uses_conv(model):
         run = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    predictions = predict(run.to(device), data.images, batch_size, device)
+    predictions = predict(run, data.images, batch_size, device)
     correct = predictions == data.labels
     per_class = tuple(
-        float(correct[data.labels == c].float().mean()) if (data.labels == c).any() else float("nan")
+        int(correct[data.labels == c].sum()) / int((data.labels == c).sum()) if (data.labels == c).any()
+        else float("nan")
         for c in range(len(CLASSES))
     )
-    return AccuracyReport(float(correct.float().mean()), per_class, len(data), time.perf_counter() - start)
+    return AccuracyReport(int(correct.sum()) / max(len(data), 1), per_class, len(data), time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
