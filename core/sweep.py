@@ -59,6 +59,7 @@ from torch.nn.utils import prune
 from core import paths
 from core.engine import CompressionConfig, CompressionResult, Engine
 from core.metrics import (
+    CALIBRATION_RECIPE,
     CIFAR_MEAN,
     CIFAR_STD,
     EvalData,
@@ -408,6 +409,7 @@ def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: 
 
             calibration_key = {"source": "cifar10-jpeg", "split": "train", "sha256": verify_archive("train")[1],
                                "n": config.calibration_size, "seed": config.calibration_seed,
+                               "recipe": CALIBRATION_RECIPE,
                                "mean": list(mean), "std": list(std)}
         else:
             calibration_key = {"images": tensor_digest(calibration)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.data import load_cifar10
+from core.data import augment, load_cifar10
 from core.models import build, count_params, sha256_file
 from core.paths import CHECKPOINT_DIR
 
@@ -42,23 +42,6 @@ class TrainConfig:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32×32 crop of the 4-pixel zero-padded batch, then a random horizontal flip."""
-    n = batch.shape[0]
-    padded = F.pad(batch, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    idx = torch.arange(32)
-    rows = (dy[:, None] + idx[None, :]).to(batch.device)  # n×32
-    cols = (dx[:, None] + idx[None, :]).to(batch.device)
-    out = padded[torch.arange(n, device=batch.device)[:, None, None, None],
-                 torch.arange(3, device=batch.device)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(batch.device)
-    out[flip] = out[flip].flip(-1)
-    return out
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

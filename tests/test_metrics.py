@@ -210,8 +210,12 @@ def test_calibration_images_are_fixed_training_images():
     assert torch.equal(a, calibration_images(300, seed=42))
     assert not torch.equal(a, calibration_images(300, seed=7))
     train = core_data.load_cifar10("train")
-    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(42))[:300]
+    generator = torch.Generator().manual_seed(42)
+    index = torch.randperm(len(train), generator=generator)[:300]
     assert len(set(train.labels[index].tolist())) == 10  # class-mixed
     from core.metrics import CIFAR_MEAN, CIFAR_STD
 
-    assert torch.equal(a, core_data.normalize(train.images[index], CIFAR_MEAN, CIFAR_STD))  # training images
+    # training images with the training augmentation (crop of the padded image, flip)
+    augmented = core_data.augment(train.images[index], generator)
+    assert torch.equal(a, core_data.normalize(augmented, CIFAR_MEAN, CIFAR_STD))
+    assert not torch.equal(a, core_data.normalize(train.images[index], CIFAR_MEAN, CIFAR_STD))
