@@ -1,6 +1,22 @@
-"""Boundary Explorer: placeholder entry point until the app pages land."""
+"""Boundary Explorer: ``streamlit run app.py``.
+
+The entry point sets up the page navigation; every page starts with
+``ui.sidebar.page_setup()``, which draws the shared sidebar (model and device pickers) and
+returns this session's explorer. All computation lives in ``core``; per-user state lives
+in ``st.session_state``.
+"""
 import streamlit as st
 
-st.set_page_config(page_title="Boundary Explorer", layout="wide")
-st.title("Boundary Explorer")
-st.write("Boundary pruning and on-the-fly quantization switching. The explorer pages are coming.")
+st.set_page_config(page_title="Boundary Explorer", page_icon=":material/content_cut:", layout="wide")
+
+from core.explore import configure_threads  # noqa: E402  (after set_page_config)
+
+configure_threads()
+pages = [
+    st.Page("pages/explore.py", title="Explore", icon=":material/tune:", default=True),
+    st.Page("pages/tune.py", title="Tune", icon=":material/show_chart:"),
+    st.Page("pages/benchmark.py", title="Benchmark", icon=":material/timer:"),
+    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
+]
+st.navigation(pages).run()

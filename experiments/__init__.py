@@ -1,0 +1,1 @@
+"""The paper's benchmark commands: thin command-line front ends over ``core.benchmark``."""

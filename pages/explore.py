@@ -1,0 +1,227 @@
+"""Explore: move τ and θ and see, live, what boundary pruning and chunk switching do."""
+import pandas as pd
+import streamlit as st
+
+from core.explore import CALIBRATION_IMAGES, LATENCY_BATCHES, QUICK_SIZES, ExploreRequest, fmt_bytes
+from ui.charts import histogram_figure, retention_figure
+from ui.sidebar import page_setup
+from ui.state import PALETTE, current_config, device, footer, fmt_pct, guard
+
+session = page_setup()
+loaded = session.loaded
+state = st.session_state
+
+st.title("Explore")
+st.caption(f"**{loaded.label}** · weights from {loaded.source}. Move the sliders: every number below is "
+           "recomputed for the new setting; the loaded model itself is never modified.")
+
+# ---------------------------------------------------------------- controls
+c1, c2, c3 = st.columns(3)
+with c1:
+    st.slider("τ — boundary: prune |W| < β = τ · max|W| (per layer)", 0.0, 1.0, step=0.01, key="tau")
+    st.checkbox("Paper pseudocode: also prune BatchNorm/LayerNorm scales", key="include_norm",
+                help="The paper's `hasattr(layer, 'weight')` also prunes normalisation scales, which switches "
+                     "channels off and collapses a trained CNN's accuracy. Off by default.")
+    st.toggle("BN recalibration", key="bn_recal", disabled=not session.has_batchnorm,
+              help=f"Re-estimate BatchNorm running statistics of the compressed model on {CALIBRATION_IMAGES} "
+                   "training images (no retraining; weights untouched). Takes a few seconds per new setting "
+                   "(cached); applies to the accuracy figures.")
+with c2:
+    st.toggle("Quantize with θ (on-the-fly chunk switching)", key="quantize")
+    st.radio("θ mode", ["relative", "absolute", "fraction"], key="theta_mode", horizontal=True,
+             disabled=not state["quantize"],
+             format_func={"relative": "relative (θ·max|W|)", "absolute": "absolute (paper)",
+                          "fraction": "fraction high"}.get)
+    mode = state["theta_mode"]
+    if mode == "absolute":
+        top = state.get("_theta_absolute_max", 1.0)
+        if not 0 <= state.get("theta_absolute", 0) <= top:
+            state["theta_absolute"] = round(0.3 * top, 4)
+        st.slider("θ — |W| ≥ θ takes the high-bit chunk", 0.0, top, step=max(top / 500, 1e-6),
+                  format="%.4f", key="theta_absolute", disabled=not state["quantize"])
+    elif mode == "relative":
+        st.slider("θ — |W| ≥ θ·max|W| takes the high-bit chunk", 0.0, 1.0, step=0.01, key="theta_relative",
+                  disabled=not state["quantize"])
+    else:
+        st.slider("θ — fraction of each layer's kept weights in the high-bit chunk", 0.0, 1.0, step=0.01,
+                  key="theta_fraction", disabled=not state["quantize"])
+with c3:
+    st.select_slider("b_high (bits of the high chunk)", PALETTE, key="b_high", disabled=not state["quantize"])
+    st.select_slider("b_low (bits of the low chunk)", PALETTE, key="b_low", disabled=not state["quantize"])
+    st.caption("Chunks are quantized once per bit-width (symmetric, per output channel); moving θ only "
+               "re-selects between chunks already in memory.")
+
+with st.expander("Per-layer τ overrides"):
+    st.caption("Type a τ for a layer to override the global τ there; clear the cell to use the global τ again.")
+    names = session.layer_names(state["include_norm"])
+    overrides = state.get("layer_tau", {})
+    table = pd.DataFrame({"layer": names, "τ override": pd.Series([overrides.get(n, float("nan")) for n in names],
+                                                                   dtype="float64")})
+    edited = st.data_editor(
+        table, key=f"layer_tau_editor_{state.get('layer_tau_editor_version', 0)}_{int(state['include_norm'])}",
+        hide_index=True, disabled=["layer"], width="stretch",
+        column_config={"τ override": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.01,
+                                                                    format="%.2f")})
+    state["layer_tau"] = {row["layer"]: float(row["τ override"]) for _, row in edited.iterrows()
+                          if row["τ override"] is not None and not pd.isna(row["τ override"])}
+
+# ---------------------------------------------------------------- compute (one call into core)
+layers = session.layer_names(state["include_norm"])
+if state.get("hist_layer") not in layers:
+    state["hist_layer"] = session.largest_layer()
+view = None
+with guard("Updating the view"):
+    config, notes = current_config(session)
+    for note in notes:
+        st.warning(note)
+    request = ExploreRequest(config=config, layer=state["hist_layer"], latency_batch=int(state["latency_batch"]),
+                             measure_latency=bool(state["latency_on"]),
+                             quick_per_class=int(state["quick_per_class"]), bn_recalibrate=bool(state["bn_recal"]),
+                             device=device())
+    spinner = ("Recalibrating BatchNorm on training images and measuring…" if state["bn_recal"]
+               else "Compressing and measuring…")
+    with st.spinner(spinner):
+        view = session.update(request)
+if view is None:
+    st.stop()
+result = view.result
+for note in view.notes:
+    st.info(note)
+
+# ---------------------------------------------------------------- headline metrics
+stats = result.stats
+n_high, kept = int(stats["n_high"].sum()), int(stats["kept"].sum())
+row1, row2, row3 = st.columns(4), st.columns(4), st.columns(4)
+row1[0].metric("Retention ρ · counted", fmt_pct(result.retention), f"{100 * (result.retention - 1):+.1f} pts vs dense",
+               delta_color="off", help="Kept weights / all weights of the pruned layers (Conv/Linear; plus norm "
+                                       "scales with the paper option).")
+row1[1].metric("Compute reduction · counted MACs", fmt_pct(result.compute_reduction),
+               help="1 − kept MACs / all MACs of the pruned layers, counted from the layer shapes (a conv weight "
+                    "counts once per output position). An estimate of what a sparse kernel could skip: PyTorch's "
+                    "dense kernels still multiply the zeros, see the measured latency.")
+row1[2].metric("Stored size · computed", fmt_bytes(result.model_bytes_compressed),
+               f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
+               f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
+               help="Bytes of the compressed storage: keep-mask or indices, codes at their bit-widths, the 1-bit "
+                    "high/low selector and per-channel scales (core.quantization.layer_storage), plus every other "
+                    "parameter and buffer as fp32. Computed from the format, not a file on disk.")
+if view.quick is not None:
+    q, qd = view.quick, view.quick_dense
+    row1[3].metric(f"Accuracy · quick, ±{100 * q.half_width:.1f} (95 % CI)", f"{100 * q.accuracy:.1f} %",
+                   f"{100 * (q.accuracy - qd.accuracy):+.1f} pts vs dense {100 * qd.accuracy:.1f} %",
+                   help=f"Measured on a fixed class-balanced subset of the CIFAR-10 test set (JPEG copy): {q.n} "
+                        f"images, {q.n // 10} per class. Wilson 95 % interval [{100 * q.ci_low:.1f}, "
+                        f"{100 * q.ci_high:.1f}] %." + (" After BN recalibration." if state["bn_recal"] else ""))
+elif view.deviation is not None:
+    row1[3].metric("Output deviation · measured", f"{100 * view.deviation:.2f} %",
+                   help="‖f_compressed(x) − f_dense(x)‖ / ‖f_dense(x)‖ over 256 Gaussian inputs: this model has no "
+                        "labelled data set, so this replaces accuracy.")
+else:
+    row1[3].metric("Accuracy", "n/a", help="See the note above.")
+
+lat = view.latency
+if lat is not None:
+    row2[0].metric(f"Latency, batch {lat.batch} · measured", f"{lat.compressed_ms:.2f} ms",
+                   f"{lat.compressed_ms - lat.dense_ms:+.2f} ms vs dense {lat.dense_ms:.2f} ms", delta_color="inverse",
+                   help=f"Median of {lat.runs} timed forward passes of each model on {lat.device.upper()}, "
+                        "alternating dense and compressed after a warm-up. The compressed model stores zeros "
+                        "densely, so PyTorch runs the same kernels: expect no speed-up from pruning alone.")
+else:
+    row2[0].metric("Latency · measured", "off", help="Switch latency measurement on below.")
+if lat is not None and lat.peak_compressed_mib is not None:
+    row2[1].metric("Peak memory · measured", f"{lat.peak_compressed_mib:.0f} MiB",
+                   f"{lat.peak_compressed_mib - lat.peak_dense_mib:+.1f} MiB vs dense", delta_color="inverse",
+                   help=lat.memory_method[0].upper() + lat.memory_method[1:] + ". The model's own share is the "
+                        "stored size (computed) and its fp32 size.")
+else:
+    row2[1].metric("Peak memory · measured", "–", help="Measured during the latency runs; switch them on below.")
+move = view.last_theta_move
+row2[2].metric("Chunk switches M · last θ move", "–" if move is None else f"{move.switches:,}",
+               None if move is None else f"T_switch {1e3 * move.t_switch_s:.2f} ms (measured)", delta_color="off",
+               help="Kept weights whose chunk (b_low ↔ b_high) changed at the last change of θ or the bit-widths, "
+                    "and the measured time spent writing them (T_switch).")
+row2[3].metric("Weights in high precision", f"{n_high:,}" if config.quantized else "–",
+               f"{fmt_pct(n_high / kept) if kept else '0 %'} of kept" if config.quantized else None, delta_color="off",
+               help="n_high: kept weights taking their value from the b_high chunk.")
+
+row3[0].metric("Weights kept · counted", f"{kept:,}", f"of {int(stats['numel'].sum()):,}", delta_color="off")
+last = view.last_move
+row3[1].metric("Last update · weights rewritten", "–" if last is None else f"{last.changed:,}",
+               None if last is None else f"engine {1e3 * last.update_s:.1f} ms", delta_color="off",
+               help="The engine rewrites only the weights whose source (zero / original / chunk) changed.")
+full = view.full
+if full is not None:
+    ref = view.full_dense
+    row3[2].metric("Accuracy · full test, measured", fmt_pct(full.accuracy, 2),
+                   None if ref is None else f"{100 * (full.accuracy - ref.accuracy):+.2f} pts vs dense "
+                                            f"{fmt_pct(ref.accuracy, 2)}",
+                   help=f"All 10,000 CIFAR-10 test images (JPEG copy). Dense reference: {view.full_dense_source}.")
+elif session.evaluates_cifar:
+    row3[2].metric("Accuracy · full test", "not measured", help="Use the button below (tens of seconds).")
+row3[3].metric("Update time · measured", f"{1e3 * view.timings['total']:.0f} ms",
+               help="Server-side time of the computation for this view; the page footer adds the rendering.")
+
+# ---------------------------------------------------------------- charts
+left, right = st.columns([3, 2])
+with left:
+    a, b = st.columns([3, 1])
+    a.selectbox("Layer", layers, key="hist_layer")
+    b.toggle("log y", key="hist_log")
+    h = view.histogram
+    st.plotly_chart(histogram_figure(h, state["hist_log"], config.b_low, config.b_high), key="histogram")
+    theta_text = "" if h.theta is None else f", θ = {h.theta:.4g}"
+    st.caption(f"What you see: the weights of **{h.layer}** ({h.numel:,} values) in {len(h.pruned)} bins, coloured "
+               f"by what this setting does to them. Dashed red lines: ±β (β = {h.beta:.4g}){theta_text}"
+               f"{' (dotted green)' if h.theta is not None else ''}. Between the red lines everything is pruned.")
+with right:
+    st.plotly_chart(retention_figure(stats, h.layer), key="retention_chart")
+    st.caption("What you see: the share of each layer's weights that survives the boundary (counted), "
+               "in module order; the outlined bar is the layer in the histogram.")
+
+# ---------------------------------------------------------------- accuracy, latency, details
+acc, perf = st.columns(2)
+with acc:
+    st.subheader("CIFAR-10 accuracy")
+    if view.quick is not None:
+        q, qd = view.quick, view.quick_dense
+        st.write(f"Quick estimate on {q.n} test images ({q.n // 10} per class, fixed subset): "
+                 f"**{100 * q.accuracy:.1f} %**, 95 % CI [{100 * q.ci_low:.1f}, {100 * q.ci_high:.1f}] %; "
+                 f"dense model on the same images: {100 * qd.accuracy:.1f} % "
+                 f"[{100 * qd.ci_low:.1f}, {100 * qd.ci_high:.1f}] %.")
+        st.select_slider("Quick-estimate size (images per class)", QUICK_SIZES, key="quick_per_class",
+                         help="Larger is more precise and slower; the default keeps a slider move within the "
+                              "latency budget.")
+        if st.button("Measure the full 10,000-image accuracy", key="full_eval"):
+            with guard("Measuring the full-test accuracy"):
+                with st.spinner("Running the compressed model on all 10,000 test images…"):
+                    session.full_accuracy(result, bool(state["bn_recal"]), device())
+                    if view.full_dense is None:
+                        session.full_accuracy(None, False, device())
+                st.rerun()
+        if view.full is None:
+            st.caption("The full-test figure is measured on request (cached per model and setting).")
+        else:
+            st.caption(f"Full test measured in {view.full.seconds:.1f} s (cached).")
+    elif session.evaluates_cifar:
+        st.info("Quick accuracy is off or unavailable (see the note above).")
+    else:
+        st.caption("The synthetic MLP has no labelled data; the output deviation above shows how far the "
+                   "compressed outputs move from the dense ones.")
+with perf:
+    st.subheader("Latency and memory")
+    x, y = st.columns(2)
+    x.toggle("Measure latency on every update", key="latency_on")
+    y.selectbox("Batch size", LATENCY_BATCHES, key="latency_batch")
+    if lat is not None:
+        st.caption(f"Measured: median of {lat.runs} alternating runs per model after a warm-up, on "
+                   f"{lat.device.upper()}, batch {lat.batch}: dense {lat.dense_ms:.2f} ms, compressed "
+                   f"{lat.compressed_ms:.2f} ms. Memory: {lat.memory_method}. Larger batches take longer to "
+                   "measure and can push an update past the latency budget.")
+
+with st.expander("Per-layer table"):
+    shown = stats[["name", "type", "shape", "numel", "tau", "beta", "kept", "retention", "n_high", "n_low",
+                   "switches", "compressed_bytes", "fp32_bytes"]]
+    st.dataframe(shown, hide_index=True, width="stretch")
+    st.caption("Counted per layer for the current setting; bytes are computed from the storage format.")
+
+footer(view.timings, page="explore", budget_s=session.update_budget_s)

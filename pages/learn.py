@@ -1,0 +1,74 @@
+"""Learn: the method's formulas, the paper's pseudocode beside ours, and a worked 8×8 example."""
+import numpy as np
+import streamlit as st
+
+from core.teaching import OUR_CODE, PAPER_PSEUDOCODE, worked_example
+from ui.charts import heatmap_figure
+from ui.sidebar import page_setup
+from ui.state import PALETTE, footer, guard
+
+page_setup(need_model=False)
+st.title("Learn: boundary pruning and on-the-fly quantization")
+
+st.subheader("The formulas")
+st.markdown("**Boundary pruning** — per layer ℓ, a boundary proportional to the layer's largest weight:")
+st.latex(r"\beta_\ell = \tau \cdot \max_i \lvert W_i^{(\ell)} \rvert, \qquad "
+         r"\tilde W_i^{(\ell)} = W_i^{(\ell)} \, \mathbf{1}\!\left(\lvert W_i^{(\ell)} \rvert \ge \beta_\ell\right)")
+st.markdown("The retained fraction, and the compute it saves if the zeros are skipped:")
+st.latex(r"\rho = \frac{1}{N} \sum_{i=1}^{N} \mathbf{1}\!\left(\lvert W_i \rvert \ge \beta\right), "
+         r"\qquad \text{compute reduction} \approx 1 - \rho")
+st.markdown("**On-the-fly quantization switching** — every layer is quantized once into chunks, one per "
+            "bit-width b (symmetric, per output channel c); at run time each weight takes its value from the "
+            "high- or low-precision chunk:")
+st.latex(r"q_{\max} = 2^{b-1} - 1, \quad s_c = \frac{\max \lvert W_c \rvert}{q_{\max}}, \quad "
+         r"\hat W = s_c \cdot \operatorname{clamp}\!\left(\operatorname{round}(W / s_c), -q_{\max}, q_{\max}\right)")
+st.latex(r"b(W_i) = \begin{cases} b_{\text{high}}, & \lvert W_i \rvert \ge \theta \\ "
+         r"b_{\text{low}}, & \lvert W_i \rvert < \theta \end{cases} \qquad "
+         r"\text{cost of a } \theta \text{ move: } O(M \cdot T_{\text{switch}})")
+st.caption("M is the number of weights whose chunk changed; moving θ never re-quantizes, it re-selects.")
+
+st.subheader("The paper's pseudocode and this project's engine")
+a, b = st.columns(2)
+with a:
+    st.markdown("**Paper (section 3.3)** — multiplies the weights in place and prunes every module with a "
+                "`weight`, BatchNorm scales included.")
+    st.code(PAPER_PSEUDOCODE, language="python")
+with b:
+    st.markdown("**Here (`core.engine`)** — never modifies the model, prunes Conv/Linear weights by default "
+                "(BatchNorm only with `include_norm=True`), θ relative to max|W| by default.")
+    st.code(OUR_CODE, language="python")
+
+st.subheader("A worked example: one 8×8 weight matrix")
+st.caption("Move τ and θ: the left map is the weight matrix with its values, the middle one shows what each "
+           "cell becomes (pruned, or which chunk it reads), the right one the resulting weights.")
+c1, c2, c3, c4 = st.columns(4)
+tau = c1.slider("τ (example)", 0.0, 1.0, 0.3, 0.05, key="learn_tau")
+use_theta = c2.toggle("quantize (example)", True, key="learn_quantize")
+theta = c2.slider("θ relative (example)", 0.0, 1.0, 0.6, 0.05, key="learn_theta", disabled=not use_theta)
+b_low = c3.select_slider("b_low (example)", PALETTE, 2, key="learn_b_low")
+b_high = c4.select_slider("b_high (example)", PALETTE, 4, key="learn_b_high")
+with guard("The worked example"):
+    ex = worked_example(tau, theta if use_theta else None, min(b_low, b_high), max(b_low, b_high))
+    st.markdown(f"max|W| = {np.abs(ex.weights).max():.2f} → **β = τ·max|W| = {ex.beta:.3f}**"
+                + ("" if ex.theta is None else f", **θ = {ex.theta:.3f}**")
+                + f"; kept {int(ex.keep.sum())} of {ex.keep.size} cells (ρ = {100 * ex.retention:.0f} %)"
+                + ("" if ex.theta is None else f", {ex.n_high} of them from the {ex.b_high}-bit chunk."))
+    h1, h2, h3 = st.columns(3)
+    with h1:
+        st.plotly_chart(heatmap_figure(np.abs(ex.weights), np.vectorize(lambda v: f"{v:.2f}")(ex.weights),
+                                       "W (colour: |W|)", "Blues"), key="learn_w")
+    categories = np.where(~ex.keep, 0, np.where(ex.high, 2, 1)) if ex.theta is not None else ex.keep.astype(int) * 2
+    labels = np.where(ex.chunk == 0, "pruned", np.where(ex.chunk == 32, "fp32", np.char.add(ex.chunk.astype(str), " bit")))
+    with h2:
+        st.plotly_chart(heatmap_figure(categories, labels, "mask and chunk per cell",
+                                       [[0, "#d9d9d9"], [0.5, "#f28e2b"], [1, "#4e79a7"]], 0, 2, showscale=False),
+                        key="learn_mask")
+    with h3:
+        st.plotly_chart(heatmap_figure(np.abs(ex.compressed), np.vectorize(lambda v: f"{v:.2f}")(ex.compressed),
+                                       "compressed W̃", "Blues", 0, float(np.abs(ex.weights).max())), key="learn_out")
+    st.caption("Grey: |W| < β, set to zero. Orange: kept, read from the low-bit chunk (|W| < θ). Blue: kept, read "
+               "from the high-bit chunk (|W| ≥ θ), or kept in full precision when quantization is off. "
+               "The chunks are quantized per row (the output channel), so the same value can round differently "
+               "in different rows.")
+
+footer(page="learn")

@@ -1,0 +1,79 @@
+"""The shared sidebar: model picker (shipped checkpoints, synthetic MLP, upload) and device picker."""
+from __future__ import annotations
+
+import streamlit as st
+
+from core.catalog import MAX_UPLOAD_BYTES, model_choices
+from core.models import REGISTRY
+from ui.state import UPLOAD_KEY, consume_pending_upload, devices, explorer, guard
+
+AUTO_ARCH = "auto (from a file exported by this app)"
+
+
+def _on_file() -> None:
+    uploaded = st.session_state.get("upload_file")
+    if uploaded is None:
+        return
+    arch = st.session_state.get("upload_arch", AUTO_ARCH)
+    st.session_state["pending_upload"] = (uploaded.getvalue(), uploaded.name, None if arch == AUTO_ARCH else arch)
+
+
+def render_sidebar():
+    """Draw the sidebar; return this session's ExploreSession (None if no model could be prepared)."""
+    choices = model_choices()
+    labels = {c.key: c.label for c in choices}
+    labels[UPLOAD_KEY] = "Upload a state_dict…"
+    state = st.session_state
+    if state.get("model_key") not in labels:
+        state["model_key"] = choices[0].key
+    consume_pending_upload()  # may switch model_key to the upload before the picker is drawn
+    with st.sidebar:
+        st.selectbox("Model", list(labels), format_func=labels.get, key="model_key",
+                     help="Shipped checkpoints are listed only when their JSON card exists in assets/checkpoints.")
+        if state["model_key"] == UPLOAD_KEY:
+            st.selectbox("Architecture of the upload", [AUTO_ARCH] + list(REGISTRY), key="upload_arch",
+                         help="A plain state_dict needs its architecture; files exported by this app carry it.")
+            st.file_uploader(
+                f"State dict (.pt/.pth/.safetensors, ≤ {MAX_UPLOAD_BYTES // 2 ** 20} MB)",
+                type=["pt", "pth", "bin", "safetensors"], key="upload_file", on_change=_on_file,
+                help="Loaded with torch.load(weights_only=True) or safetensors: nothing is unpickled.")
+            if "upload_error" in state:
+                st.error(f"Upload rejected: {state['upload_error']}. Upload a state_dict of the chosen "
+                         "architecture (torch.save(model.state_dict(), path)) or a model exported by this app.")
+            if "uploaded_model" not in state:
+                st.info("Nothing uploaded yet: the pages show the first model of the list meanwhile.")
+        st.radio("Device", devices(), key="device", horizontal=True,
+                 help="Where inference (latency, accuracy) runs. The engine's weight bookkeeping stays on the CPU.")
+        if "CUDA" not in devices():
+            st.caption("No CUDA GPU found: CPU only.")
+    session = None
+    with guard("Preparing the model", "Pick another model in the sidebar."):
+        session = explorer()
+    if session is not None:
+        with st.sidebar:
+            loaded = session.loaded
+            if loaded.trained:
+                st.caption(loaded.note)
+            else:
+                st.warning(loaded.note)
+    return session
+
+
+def page_setup(need_model: bool = True):
+    """Start of every page: session defaults, the shared sidebar, and this session's explorer.
+
+    (Done by each page rather than by ``app.py`` so a page also works when run on its own,
+    as ``streamlit.testing`` does after the first run.) With ``need_model`` the page stops
+    with an error when no model could be prepared.
+    """
+    from core.explore import configure_threads
+    from ui.state import init_state
+
+    configure_threads()
+    init_state()
+    session = render_sidebar()
+    st.session_state["_explorer_ready"] = session is not None
+    if need_model and session is None:
+        st.error("No model could be prepared. Pick another model in the sidebar (or reload the page).")
+        st.stop()
+    return session

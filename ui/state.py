@@ -1,0 +1,225 @@
+"""Per-session state, the shared (read-only) model cache, error handling and the page footer.
+
+Everything a user sets lives in ``st.session_state`` under the keys of :data:`DEFAULTS`, so
+browser tabs and users never share settings. Models loaded for the picker are cached with
+``st.cache_resource`` and shared between sessions: they are only ever read (the engine
+snapshots them; inference runs them in eval mode).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from contextlib import contextmanager
+
+import streamlit as st
+import torch
+
+from core.catalog import LoadedModel, load_choice, model_choices, read_upload
+from core.data import DataError
+from core.engine import CompressionConfig
+from core.explore import DEFAULT_QUICK_PER_CLASS, ExploreSession
+from core.models import CheckpointError
+
+log = logging.getLogger("boundary_explorer")
+
+UPLOAD_KEY = "upload"
+PALETTE = (2, 3, 4, 8)
+#: every persistent setting and its default
+DEFAULTS: dict[str, object] = {
+    "tau": 0.2,
+    "quantize": True,
+    "theta_mode": "relative",
+    "theta_relative": 0.3,
+    "theta_fraction": 0.5,
+    "theta_absolute": 0.05,
+    "b_low": 4,
+    "b_high": 8,
+    "bn_recal": False,
+    "include_norm": False,
+    "hist_log": False,
+    "latency_on": True,
+    "latency_batch": 1,
+    "quick_per_class": DEFAULT_QUICK_PER_CLASS,
+    "device": "CPU",
+}
+# widget keys whose state must survive page switches (Streamlit drops state of unrendered widgets)
+WIDGET_KEYS = tuple(DEFAULTS) + ("model_key", "hist_layer", "upload_arch")
+
+
+def init_state() -> None:
+    """Defaults for new sessions, and keep widget values alive across pages."""
+    state = st.session_state
+    state["_run_started"] = time.perf_counter()
+    for key, value in DEFAULTS.items():
+        if key not in state:
+            state[key] = value
+    for key in WIDGET_KEYS:
+        if key in state:
+            state[key] = state[key]
+    state.setdefault("layer_tau", {})
+    state.setdefault("update_times_ms", {})
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=6)
+def shared_model(key: str) -> LoadedModel:
+    """A picker model, loaded once per server process and shared by every session (read-only)."""
+    return load_choice(key)
+
+
+def devices() -> list[str]:
+    return ["CPU"] + (["CUDA"] if torch.cuda.is_available() else [])
+
+
+def device() -> str:
+    chosen = st.session_state.get("device", "CPU")
+    return "cuda" if chosen == "CUDA" and torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- uploads
+
+def process_upload(data: bytes, filename: str, arch: str | None) -> None:
+    """Validate and load an uploaded checkpoint into this session (never shared), or record the error."""
+    state = st.session_state
+    try:
+        loaded = read_upload(data, filename, arch)
+    except CheckpointError as err:
+        state["upload_error"] = str(err)
+        return
+    except Exception as err:  # anything unexpected is still reported, never raised into the page
+        log.exception("upload of %s failed", filename)
+        state["upload_error"] = f"{filename} could not be loaded ({type(err).__name__}: {err})"
+        return
+    state.pop("upload_error", None)
+    state["uploaded_model"] = loaded
+    state["model_key"] = UPLOAD_KEY
+
+
+def consume_pending_upload() -> None:
+    """Process the file the uploader (or a test) left in ``pending_upload``: (bytes, name, arch or None)."""
+    pending = st.session_state.pop("pending_upload", None)
+    if pending is not None:
+        data, filename, arch = pending
+        with st.spinner(f"Checking and loading {filename}…"):
+            process_upload(data, filename, arch)
+
+
+# ---------------------------------------------------------------- the session's explorer
+
+def _reset_model_state(session: ExploreSession) -> None:
+    state = st.session_state
+    state["layer_tau"] = {}
+    state["hist_layer"] = session.largest_layer()
+    top = session.global_max_abs()
+    state["theta_absolute"] = round(0.3 * top, 4)
+    state["_theta_absolute_max"] = float(f"{top * 1.001:.4g}") if top > 0 else 1.0  # rounded up
+    state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
+    if session.evaluates_cifar:
+        state["quick_per_class"] = session.default_quick_per_class()
+
+
+def explorer() -> ExploreSession | None:
+    """This session's :class:`ExploreSession` for the selected model (built on first use or model change).
+
+    While "upload" is picked and nothing valid is uploaded yet, the first picker model is shown.
+    """
+    state = st.session_state
+    key = state.get("model_key")
+    if key is None:
+        return None
+    loaded = None
+    if key == UPLOAD_KEY:
+        if "uploaded_model" in state:
+            loaded = state["uploaded_model"]
+        else:
+            key = model_choices()[0].key
+    want = loaded.key if loaded is not None else key
+    session = state.get("explorer")
+    if session is not None and session.key == want:
+        return session
+    with st.spinner("Preparing the engine (snapshot and ranking of every weight)…"):
+        if loaded is None:
+            loaded = shared_model(key)
+        session = ExploreSession(loaded)
+    state["explorer"] = session
+    _reset_model_state(session)
+    return session
+
+
+def current_config(session: ExploreSession) -> tuple[CompressionConfig, list[str]]:
+    """The compression setting of the controls, and notes about adjustments made to it."""
+    state = st.session_state
+    notes = []
+    include_norm = bool(state.get("include_norm", False))
+    theta = None
+    mode = state.get("theta_mode", "relative")
+    if state.get("quantize", True):
+        theta = float(state.get(f"theta_{mode}", 0.3))
+    b_low, b_high = int(state.get("b_low", 4)), int(state.get("b_high", 8))
+    if b_low > b_high:
+        notes.append(f"b_low ({b_low}) was above b_high ({b_high}); they are swapped.")
+        b_low, b_high = b_high, b_low
+    valid = set(session.layer_names(include_norm))
+    overrides = {name: float(v) for name, v in state.get("layer_tau", {}).items() if name in valid}
+    config = CompressionConfig(tau=float(state.get("tau", 0.2)), theta=theta, theta_mode=mode,
+                               b_low=b_low, b_high=b_high, layer_tau=overrides, include_norm=include_norm)
+    return config, notes
+
+
+# ---------------------------------------------------------------- errors and the footer
+
+@contextmanager
+def guard(what: str, hint: str = "Try another setting or model; if it persists, reload the page."):
+    """Show any error inside as ``st.error`` with what to do (never a traceback)."""
+    def text(err: BaseException) -> str:
+        return str(err).strip().rstrip(".") or type(err).__name__
+
+    try:
+        yield
+    except (CheckpointError, DataError, FileNotFoundError) as err:
+        st.error(f"{what}: {text(err)}. {hint}")
+    except (ValueError, TypeError, KeyError) as err:
+        log.exception("%s failed", what)
+        st.error(f"{what}: {text(err)}. {hint}")
+    except torch.cuda.OutOfMemoryError:
+        st.error(f"{what}: the GPU ran out of memory. Pick a smaller batch or the CPU in the sidebar.")
+    except Exception as err:  # noqa: BLE001 (the page must never show a traceback)
+        log.exception("%s failed", what)
+        st.error(f"{what} failed ({type(err).__name__}: {text(err)}). {hint}")
+
+
+def record_update_time(page: str, ms: float, limit: int = 200) -> list[float]:
+    times = st.session_state.setdefault("update_times_ms", {}).setdefault(page, [])
+    times.append(ms)
+    del times[:-limit]
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 1])."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
+
+
+def footer(breakdown: dict[str, float] | None = None, page: str = "page", budget_s: float | None = None) -> None:
+    """Server-side time of this run (script start → here), the breakdown, and p50/p95 on this page this session."""
+    started = st.session_state.get("_run_started")
+    if started is None:
+        return
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    times = record_update_time(page, elapsed_ms)
+    text = f"Server-side update time: {elapsed_ms:.0f} ms (this run, script start to footer)"
+    if len(times) >= 2:
+        text += (f" · {page} page, this session: p50 {statistics.median(times):.0f} ms, "
+                 f"p95 {percentile(times, 0.95):.0f} ms over {len(times)} runs (the first includes loading)")
+    if budget_s is not None:
+        text += f" · budget for this model: {1e3 * budget_s:.0f} ms (p95)"
+    if breakdown:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.0f}" for k, v in breakdown.items() if k != "total")
+        text += f" · of which (ms): {parts}"
+    st.divider()
+    st.caption(text)
+
+
+def fmt_pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f} %"
