@@ -190,7 +190,7 @@ def bench_setting(key, result, batches, device, budget_s, cache: Path) -> list[d
         runners = {name: (lambda m: (lambda: m(x)))(module) for name, module in modules.items()}
         load = os.getloadavg()[0]
         with torch.inference_mode():
-            stats = time_calls_stats(runners, device, warmup=1, min_rounds=7, budget_s=max(4 * budget_s, 1.0))
+            stats = time_calls_stats(runners, device, warmup=1, min_rounds=7, budget_s=max(4 * budget_s, 1.0), max_s=60)
         times = {k: v["median"] for k, v in stats.items()}
         report = modules["auto"].runtime_report
         rows.append({"batch": batch, "load1": load, **{f"{k}_ms": times[k] * 1e3 for k in modules},

@@ -200,7 +200,7 @@ class CnnBenchmarkConfig:
     """
 
     dataset: str = "cifar10"
-    model: str = "cifar_cnn"
+    model: str = "resnet20"  # the shipped CIFAR-10 CNN (cifar_cnn is not trained yet)
     threshold: float = 0.2
     batch_size: int = 64
     runs: int = 5

@@ -284,12 +284,13 @@ def _sync(device: torch.device) -> None:
 
 def time_calls_stats(functions: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 2,
                      min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 0.3,
-                     drop_slower_than: float | None = None) -> dict[str, dict[str, float]]:
+                     drop_slower_than: float | None = None, max_s: float | None = None) -> dict[str, dict[str, float]]:
     """Seconds per call of each function, measured in interleaved rounds (fair under load).
 
     Returns ``{name: {"median": s, "min": s, "rounds": n}}``. With ``drop_slower_than`` = k,
     a function whose last warm-up call took more than k times the fastest one's is not
     timed further: its figures are that one call (it was measured slower, just once).
+    ``max_s``: stop after 3 rounds (even below ``min_rounds``) once this many seconds passed.
     """
     first: dict[str, float] = {}
     for name, fn in functions.items():
@@ -311,7 +312,10 @@ def time_calls_stats(functions: dict[str, Callable[[], object]], device: torch.d
             functions[name]()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-        if round_ + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+        elapsed = time.perf_counter() - start
+        if round_ + 1 >= min_rounds and elapsed > budget_s:
+            break
+        if max_s is not None and round_ + 1 >= 3 and elapsed > max_s:
             break
     stats = {name: {"median": statistics.median(ts), "min": min(ts), "rounds": len(ts)} for name, ts in times.items()}
     for name in functions:

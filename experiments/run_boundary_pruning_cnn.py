@@ -42,8 +42,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--dataset", choices=["cifar10"], default=DEFAULTS.dataset,
                         help="data set of the benchmark; the paper's is the only one (default: %(default)s)")
     parser.add_argument("--model", choices=PRETRAINED, default=DEFAULTS.model,
-                        help="trained checkpoint to prune: cifar_cnn is the shipped compact CIFAR-10 CNN, "
-                             "resnet20/resnet18 the CIFAR ResNets (default: %(default)s)")
+                        help="trained checkpoint to prune: resnet20 is the shipped CIFAR-10 CNN (86.03 %% on the JPEG test "
+                             "set); cifar_cnn (compact VGG-style) and resnet18 need their checkpoints trained "
+                             "first (default: %(default)s)")
     parser.add_argument("--threshold", type=unit_float, default=DEFAULTS.threshold, metavar="TAU",
                         help="boundary fraction τ in [0, 1]: per layer, weights with |W| < τ·max|W| are zeroed "
                              "(default: %(default)s)")
