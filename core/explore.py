@@ -621,19 +621,6 @@ class ExploreSession:
                            deviation, self.last_move, self.last_theta_move, timings, notes, available)
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """A SHA256 over the model's state_dict (names, dtypes, shapes, bytes): equal iff the weights are equal."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        data = value.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        if data.numel():
-            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
 def fmt_bytes(n: float) -> str:
     """Bytes as KiB/MiB text."""
     if n >= 2 ** 20:

@@ -212,6 +212,17 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], label
     return model
 
 
+def state_dict_digest(model: nn.Module) -> str:
+    """SHA256 over the names, dtypes, shapes and bytes of ``model.state_dict()``."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        data = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        if data.numel():
+            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def card_path(name: str) -> Path:
     return CHECKPOINT_DIR / f"{name}.json"
 

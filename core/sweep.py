@@ -58,6 +58,7 @@ from torch.nn.utils import prune
 
 from core import paths
 from core.engine import CompressionConfig, CompressionResult, Engine
+from core.models import state_dict_digest
 from core.metrics import (
     CALIBRATION_RECIPE,
     CIFAR_MEAN,
@@ -203,17 +204,6 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     _DIGESTS[key] = value
     weakref.finalize(tensor, _DIGESTS.pop, key, None)
     return value
-
-
-def state_dict_digest(model: nn.Module) -> str:
-    """SHA256 over the names, dtypes, shapes and bytes of ``model.state_dict()``."""
-    digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        data = value.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        if data.numel():
-            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
 
 
 def _hash(obj: object) -> str:

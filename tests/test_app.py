@@ -20,7 +20,8 @@ from core.catalog import (
     settings_json,
 )
 from core.engine import CompressionConfig, Engine
-from core.explore import ExploreRequest, ExploreSession, weights_fingerprint
+from core.explore import ExploreRequest, ExploreSession
+from core.models import state_dict_digest as weights_fingerprint
 from core.models import CheckpointError, build
 from core.teaching import worked_example
 
