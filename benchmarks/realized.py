@@ -11,8 +11,10 @@ engine's sorted magnitudes), quantized 4/8-bit with θ = 0.1 relative:
   model (zeros multiplied), ``sparse`` (every layer with a sparse kernel forced to it),
   ``int8`` (every int8-exact Linear forced to it) and ``auto`` (per layer the fastest
   kernel as measured by :func:`core.runtime.build_runtime`), at batch 1, 64, 256;
-* peak memory: ``memory_profiler.memory_usage`` around one forward pass, as the peak
-  resident memory of this process minus its resident memory just before (MiB);
+* memory (``memory_profiler``, MiB) in a fresh process per path that loads the packed
+  file, builds the path and runs a forward pass: the peak while loading and building,
+  the resident memory after (freed heap returned with ``malloc_trim``), and the peak
+  during a forward pass, each above that process's RSS after its imports;
 * the packed file's size on disk (:func:`core.packing.save_compressed`) against the
   fp32 state_dict saved with safetensors;
 * the dense-vs-sparse crossover: single layers swept over sparsity, and per model the
@@ -107,13 +109,24 @@ def rss_mib() -> float:
     return float(memory_usage(-1, interval=0.01, timeout=0.03, max_usage=True))
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS shows live memory."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_probe(file: str, key: str, path: str, batch: int, cache: str, device: str) -> dict:
     """In a fresh process: load the packed file, build ``path``, run one forward pass; MiB above the RSS after imports."""
     from memory_profiler import memory_usage
 
     from core.packing import load_compressed
 
-    gc.collect()
+    release_freed_memory()
     base = rss_mib()
     x = example_input(key, batch, torch.device(device))
     holder = {}
@@ -125,7 +138,7 @@ def memory_probe(file: str, key: str, path: str, batch: int, cache: str, device:
         del model
 
     load_peak = float(memory_usage((load_and_build, (), {}), interval=0.005, max_usage=True))
-    gc.collect()
+    release_freed_memory()
     resident = rss_mib()
 
     def forward():
@@ -133,6 +146,7 @@ def memory_probe(file: str, key: str, path: str, batch: int, cache: str, device:
             holder["module"](x)
 
     forward()  # first call's one-off allocations
+    release_freed_memory()
     forward_peak = float(memory_usage((forward, (), {}), interval=0.002, max_usage=True))
     return {"load_peak": load_peak - base, "resident": resident - base, "forward_peak": forward_peak - base}
 
@@ -257,6 +271,30 @@ def crossover_points(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def print_memory(memory_rows, memory_batch, fmt) -> None:
+    print(f"\n== Memory (memory_profiler, MiB above a fresh process's RSS after imports; batch {memory_batch}): "
+          "load = peak while loading the packed file and building the path, resident = after (freed heap "
+          "returned), forward = peak during one forward pass ==")
+    print(pd.DataFrame(memory_rows).to_string(index=False, float_format=fmt))
+
+
+def model_crossover(table: pd.DataFrame, margin: float = 1.05) -> pd.DataFrame:
+    """Per model and batch: the largest ρ from which auto beats dense by ≥ ``margin`` at every smaller ρ."""
+    rows = []
+    for (key, batch), group in table.groupby(["model", "batch"], sort=False):
+        group = group.sort_values("rho")
+        point = None
+        for _, row in group.iterrows():
+            if row["dense_ms"] >= margin * row["auto_ms"]:
+                point = row["rho"]
+            else:
+                break
+        rows.append({"model": key, "batch": batch,
+                     "auto faster from": "never" if point is None else f"ρ ≤ {point:.0%}",
+                     "auto_x at smallest ρ": group.iloc[0]["auto_x"]})
+    return pd.DataFrame(rows)
+
+
 def run_sweep(args, batches, device, fmt) -> None:
     sparsities = (0.5, 0.7, 0.9, 0.95) if args.quick else (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
     sweep = crossover_sweep(batches, sparsities, device, args.budget)
@@ -283,6 +321,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per measurement (more = steadier)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--no-sweep", action="store_true", help="skip the single-layer sparsity sweep")
+    parser.add_argument("--memory-only", action="store_true", help="only file sizes and the memory probes")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the main table here")
     args = parser.parse_args(argv)
@@ -300,7 +339,7 @@ def main(argv=None) -> int:
           + f", load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
     started = time.perf_counter()
-    rows, targets, memory_rows = [], [], []
+    rows, targets, memory_rows, files = [], [], [], []
     file_target = None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -327,6 +366,11 @@ def main(argv=None) -> int:
                 sizes = file_sizes(engine, engine.apply(config), arch, kwargs, fp32, tau, folder)
                 result = engine.apply(config)
                 setting_batches = tuple(batches) if rho != target_rho or 64 in batches else tuple(batches) + (64,)
+                if args.memory_only:
+                    setting_batches = ()
+                    build_runtime(result, "auto", batch_size=memory_batch, example_input=example_input(
+                        key, memory_batch, device), budget_s=args.budget, cache_file=cache)  # auto's choices, cached
+                    files.append({"model": key, "weights": weights, "rho": result.retention, "tau": tau, **sizes})
                 for row in bench_setting(key, result, setting_batches, device, args.budget, cache):
                     full = {"model": key, "weights": weights, "rho_target": rho, "tau": tau,
                             "rho": result.retention, **row, **sizes}
@@ -354,7 +398,11 @@ def main(argv=None) -> int:
 
     fmt = lambda v: f"{v:.3g}"  # noqa: E731
     if not rows:
-        run_sweep(args, batches, device, fmt)
+        if memory_rows:
+            print_memory(memory_rows, memory_batch, fmt)
+            print(pd.DataFrame(files).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if not args.no_sweep:
+            run_sweep(args, batches, device, fmt)
         return 0
     table = pd.DataFrame(rows)
     print("\n== Latency: median ms per forward pass (torch.inference_mode), interleaved rounds; auto_x = dense / auto; "
@@ -371,21 +419,16 @@ def main(argv=None) -> int:
     print(table.drop_duplicates(["model", "rho"])[["model", "rho", "w_dense_mib", "w_sparse_mib", "w_auto_mib"]]
           .to_string(index=False, float_format=fmt))
     if memory_rows:
-        print(f"\n== Memory (memory_profiler, MiB above a fresh process's RSS after imports; batch {memory_batch}): "
-              "load = peak while loading the packed file and building the path, resident = after, "
-              "forward = peak during one forward pass ==")
-        print(pd.DataFrame(memory_rows).to_string(index=False, float_format=fmt))
+        print_memory(memory_rows, memory_batch, fmt)
     print("\n== File size on disk (4/8-bit, θ = 0.1 relative; 'pruned' = pruning only, fp32 values) ==")
     files = table.drop_duplicates(["model", "rho"])[
         ["model", "weights", "rho", "tau", "file_fp32_kb", "file_pruned_kb", "file_q48_kb", "acct_q48_kb", "x_smaller"]]
     files = files.assign(file_vs_acct=files["file_q48_kb"] / files["acct_q48_kb"])
     print(files.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
-    print("\n== Dense-vs-sparse crossover per model: largest retention at which auto beat dense by ≥ 5 % ==")
-    for (key, batch), group in table.groupby(["model", "batch"], sort=False):
-        wins = group[group["auto_ms"] * 1.05 <= group["dense_ms"]]
-        print(f"  {key:9s} batch {batch:3d}: "
-              + (f"auto faster at ρ ≤ {wins['rho'].max():.0%}" if len(wins) else "auto never faster than dense"))
+    print("\n== Dense-vs-sparse crossover per model: auto beats dense by ≥ 5 % at this retention and every "
+          "smaller one measured ==")
+    print(model_crossover(table).to_string(index=False))
     if not args.no_sweep:
         run_sweep(args, batches, device, fmt)
 

@@ -25,6 +25,12 @@ never modifying the model they start from, and return a DataFrame with
   as fp32 / bytes of the compressed storage (kept weights, their positions, chunk codes).
 * ``accuracy`` / ``accuracy_dense``: top-1 accuracy (fraction) of the pruned / unpruned
   model on the CIFAR-10 test set (empty for the synthetic benchmark).
+* ``file_bytes_packed`` / ``file_bytes_state_dict`` (:data:`REALIZED_COLUMNS`): the size on
+  disk of the packed file (:mod:`core.packing`) and of the plain fp32 state_dict saved with
+  safetensors, both written and measured every run.
+* ``latency_{dense,sparse,int8,auto}_s``: with ``execution_paths`` set, the median wall
+  time of one batch through each execution path of :mod:`core.runtime` (sparse CSR kernels,
+  weight-only int8, auto = the fastest kernel per layer measured here); empty otherwise.
 
 Run ``r`` (1-based) uses seed ``seed + r − 1``: the first run uses the paper's seed.
 Same seed → same retention and accuracy.
@@ -54,13 +60,22 @@ CSV_COLUMNS: tuple[str, ...] = (
     "inference_time_s", "inference_time_dense_s", "peak_memory_mib",
     "model_bytes_fp32", "model_bytes_compressed", "accuracy", "accuracy_dense",
     "seed", "device", "torch_version",
+    "file_bytes_packed", "file_bytes_state_dict",
+    "latency_dense_s", "latency_sparse_s", "latency_int8_s", "latency_auto_s",
 )
+
+#: The realized-savings columns (measured file sizes, per-path latency), added after the first
+#: published CSVs: readers accept CSVs without them.
+REALIZED_COLUMNS: tuple[str, ...] = CSV_COLUMNS[CSV_COLUMNS.index("file_bytes_packed"):]
+LATENCY_PATHS: tuple[str, ...] = ("dense", "sparse", "int8", "auto")
 
 #: Summarised metrics, in display order.
 METRICS: tuple[str, ...] = (
     "retention", "compute_reduction", "params_total", "params_kept",
     "inference_time_s", "inference_time_dense_s", "peak_memory_mib",
     "model_bytes_fp32", "model_bytes_compressed", "accuracy", "accuracy_dense",
+    "file_bytes_packed", "file_bytes_state_dict",
+    "latency_dense_s", "latency_sparse_s", "latency_int8_s", "latency_auto_s",
 )
 
 #: The configuration columns a summary is grouped by.
@@ -100,6 +115,12 @@ METRIC_LABELS: dict[str, str] = {
     "model_bytes_compressed": "Model size compressed",
     "accuracy": "Accuracy (pruned)",
     "accuracy_dense": "Accuracy (dense)",
+    "file_bytes_packed": "Packed file on disk",
+    "file_bytes_state_dict": "fp32 state_dict file on disk",
+    "latency_dense_s": "Latency, dense path (1 batch)",
+    "latency_sparse_s": "Latency, sparse path (1 batch)",
+    "latency_int8_s": "Latency, int8 path (1 batch)",
+    "latency_auto_s": "Latency, auto path (1 batch)",
 }
 
 ProgressFn = Callable[[int, int, str], None]
@@ -166,6 +187,7 @@ class SyntheticBenchmarkConfig:
     n_batches: int = 50
     warmup: int = 5
     theta_mode: str = "relative"
+    execution_paths: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layers", "in_dim", "out_dim", "hidden", "n_batches"):
@@ -216,6 +238,7 @@ class CnnBenchmarkConfig:
     timing_batches: int = 10
     warmup: int = 2
     calibration_images: int = 2000
+    execution_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset != "cifar10":
@@ -357,10 +380,25 @@ def process_memory_mib() -> float:
     return float(memory_usage(-1, interval=0.01, timeout=0.02, max_usage=True))
 
 
+def _realized_columns(config, result, timed: nn.Module, example: torch.Tensor, arch: str,
+                      arch_kwargs: dict | None = None) -> dict:
+    """The :data:`REALIZED_COLUMNS` of one run: file sizes always, per-path latency with ``execution_paths``."""
+    from core.realized import measure_file_sizes, measure_realized
+
+    if not config.execution_paths:
+        packed, state_dict = measure_file_sizes(result, arch, arch_kwargs)
+        return {"file_bytes_packed": packed, "file_bytes_state_dict": state_dict}
+    model = None if timed is result.model else timed  # the result itself carries the exact int8 scales
+    realized = measure_realized(result, example, arch=arch, arch_kwargs=arch_kwargs, model=model,
+                                batch_size=config.batch_size, paths=LATENCY_PATHS, budget_s=0.1)
+    return {"file_bytes_packed": realized.file_bytes, "file_bytes_state_dict": realized.state_dict_bytes,
+            **{f"latency_{path}_s": realized.ms(path) / 1e3 for path in LATENCY_PATHS}}
+
+
 def _row(run: int, seed: int, model_label: str, dataset: str, config, result, t_pruned: float, t_dense: float,
-         peak: float, accuracy: float | None, accuracy_dense: float | None) -> dict:
+         peak: float, accuracy: float | None, accuracy_dense: float | None, realized: dict) -> dict:
     quantized = config.theta is not None
-    return {
+    return {**realized,
         "run": run, "model": model_label, "dataset": dataset, "tau": float(config.threshold),
         "theta": float(config.theta) if quantized else None,
         "b_low": config.bits[0] if quantized else None, "b_high": config.bits[1] if quantized else None,
@@ -375,7 +413,7 @@ def _row(run: int, seed: int, model_label: str, dataset: str, config, result, t_
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    for column in ("theta", "accuracy", "accuracy_dense"):
+    for column in ("theta", "accuracy", "accuracy_dense") + REALIZED_COLUMNS[2:]:
         df[column] = df[column].astype("float64")
     for column in ("b_low", "b_high"):
         df[column] = df[column].astype("Int64")
@@ -421,8 +459,10 @@ def run_synthetic(config: SyntheticBenchmarkConfig, on_progress: ProgressFn | No
         batches = [b.to(device) for b in batches]
         t_dense, _ = measure_inference(dense, batches, config.warmup, device)
         t_pruned, peak = measure_inference(pruned, batches, config.warmup, device)
+        realized = _realized_columns(config, result, pruned, batches[0], "mlp", dict(
+            layers=config.layers, in_dim=config.in_dim, out_dim=config.out_dim, hidden=config.hidden))
         rows.append(_row(run, seed, config.model_label, "gaussian", config, result,
-                         t_pruned, t_dense, peak, None, None))
+                         t_pruned, t_dense, peak, None, None, realized))
         _report(on_progress, run, total, f"run {run}/{total}: retention {result.retention:.2%}")
     df = _frame(rows)
     df.attrs["notes"] = [
@@ -509,10 +549,11 @@ def run_cnn(config: CnnBenchmarkConfig, on_progress: ProgressFn | None = None,
         done += 1
         _report(on_progress, done, total, f"run {run}/{config.runs}: {t_pruned * 1e3:.1f} ms per batch")
         accuracy = evaluate(pruned, scored, device=config.device).accuracy
+        realized = _realized_columns(config, result, pruned, batches[0], config.model)
         done += 1
         _report(on_progress, done, total, f"run {run}/{config.runs}: accuracy {accuracy:.2%}")
         rows.append(_row(run, seed, config.model_label, config.dataset_label, config, result,
-                         t_pruned, t_dense, peak, accuracy, accuracy_dense))
+                         t_pruned, t_dense, peak, accuracy, accuracy_dense, realized))
     df = _frame(rows)
     notes = [f"peak_memory_mib is the whole process's resident memory (memory_profiler), including the "
              f"normalised test set held in memory; the process used {baseline:.1f} MiB before the first run"]
@@ -558,7 +599,7 @@ def format_value(metric: str, value: float) -> str:
         return f"{value:.3g} s" if value >= 0.01 else f"{value * 1e3:.3g} ms"
     if metric.endswith("_mib"):
         return f"{value:.1f} MiB"
-    if metric.startswith("model_bytes"):
+    if metric.startswith(("model_bytes", "file_bytes")):
         return f"{value / 1024:.1f} KiB"
     return f"{value:,.0f}"
 
@@ -574,7 +615,7 @@ def _mean_std_text(metric: str, mean: float, std: float, n: int) -> str:
         return f"{mean * 1e3:.3f} ± {std * 1e3:.3f} ms"
     if metric.endswith("_mib"):
         return f"{mean:.1f} ± {std:.1f} MiB"
-    if metric.startswith("model_bytes"):
+    if metric.startswith(("model_bytes", "file_bytes")):
         return f"{mean / 1024:.1f} ± {std / 1024:.1f} KiB"
     return f"{mean:,.0f} ± {std:,.0f}"
 
@@ -586,7 +627,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     then ``metric``, ``label``, ``mean``, ``std``, ``runs`` and ``mean ± std`` (text).
     Metrics that are empty in every run (accuracy of the synthetic benchmark) are left out.
     """
-    missing = [c for c in ("run",) + METRICS if c not in df.columns]
+    missing = [c for c in ("run",) + METRICS if c not in df.columns and c not in REALIZED_COLUMNS]
     if missing:
         raise ValueError(f"not a benchmark table: column {missing[0]!r} is missing")
     groups = [c for c in GROUP_COLUMNS if c in df.columns]
@@ -594,6 +635,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for key, part in df.groupby(groups, dropna=False, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         for metric in METRICS:
+            if metric not in part.columns:
+                continue
             values = pd.to_numeric(part[metric], errors="coerce").dropna()
             if values.empty:
                 continue
@@ -611,7 +654,7 @@ def compare_with_paper(df: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     summary = summarize(df)
     rows = []
     for metric in ("retention", "compute_reduction", "inference_time_s", "inference_time_dense_s",
-                   "peak_memory_mib", "accuracy", "accuracy_dense"):
+                   "peak_memory_mib", "accuracy", "accuracy_dense", *REALIZED_COLUMNS):
         ours = summary[summary["metric"] == metric]
         quoted = paper["quoted"].get(metric)
         if ours.empty and quoted is None:

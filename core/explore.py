@@ -18,8 +18,10 @@ everything the page draws:
   recalibration, subset and device; process-wide, so repeated settings are free);
 * the last setting change's chunk switches M and T_switch.
 
-The full 10,000-image accuracy is :meth:`ExploreSession.full_accuracy` (on request,
-cached). Timings of every step are in ``view.timings``.
+The full 10,000-image accuracy is :meth:`ExploreSession.full_accuracy` and the realized
+savings (packed file measured on disk, latency of each execution path of
+:mod:`core.runtime`) are :meth:`ExploreSession.realized`: both on request, cached, and in
+the view once measured for its setting. Timings of every step are in ``view.timings``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from torch import nn
 
 from core.catalog import LoadedModel
 from core.engine import CompressionConfig, CompressionResult, Engine
+from core.realized import RealizedSavings, measure_realized
 from core.metrics import (
     AccuracyReport,
     QuickEstimate,
@@ -62,6 +65,7 @@ QUICK_SHARE = 0.45  # share of the update budget the default quick estimate may 
 CALIBRATION_IMAGES = 512
 SUBSET_SEED = 0
 OUTPUT_CHECK_BATCH = 256
+REALIZED_BUDGET_S = 0.05  # timing effort per layer and kernel when measuring the execution paths
 
 
 def configure_threads(default: int = 1) -> int:
@@ -369,6 +373,7 @@ class ExploreView:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     accuracy_available: bool = False
+    realized: RealizedSavings | None = None  # measured on request (ExploreSession.realized), else None
 
 
 def _theta_part(config: CompressionConfig | None):
@@ -388,6 +393,7 @@ class ExploreSession:
         self._dense_on: dict[str, nn.Module] = {}
         self._bn_models = _LRU(2)
         self._latency = _LRU(256)
+        self._realized = _LRU(32)
         self._last_config: CompressionConfig | None = None
         self.last_move: Move | None = None
         self.last_theta_move: Move | None = None
@@ -567,6 +573,24 @@ class ExploreSession:
             self._latency.put(key, cached)
         return cached
 
+    def cached_realized(self, config: CompressionConfig, batch: int, device: str) -> RealizedSavings | None:
+        return self._realized.get((config, batch, device))
+
+    def realized(self, result: CompressionResult, batch: int, device: str) -> RealizedSavings:
+        """Measured packed-file size and per-path latency of ``result`` at ``batch`` (seconds; cached).
+
+        BN recalibration changes neither: it re-estimates statistics, not weights or shapes.
+        """
+        key = (result.config, batch, device)
+        cached = self._realized.get(key)
+        if cached is None:
+            with self._lock:
+                cached = measure_realized(result, self.loaded.example_input(1).to(device), arch=self.loaded.arch,
+                                          arch_kwargs=self.loaded.arch_kwargs, batch_size=batch,
+                                          budget_s=REALIZED_BUDGET_S)
+            self._realized.put(key, cached)
+        return cached
+
     # -------------------------------------------------------- one update
 
     def update(self, request: ExploreRequest) -> ExploreView:
@@ -616,9 +640,10 @@ class ExploreSession:
                 t = time.perf_counter()
                 deviation = self.deviation(result, request.device)
                 timings["output_deviation"] = time.perf_counter() - t
+            realized = self.cached_realized(request.config, request.latency_batch, request.device)
         timings["total"] = sum(timings.values())
         return ExploreView(result, histogram, latency, quick, quick_dense, full, full_dense, full_dense_source,
-                           deviation, self.last_move, self.last_theta_move, timings, notes, available)
+                           deviation, self.last_move, self.last_theta_move, timings, notes, available, realized)
 
 
 def fmt_bytes(n: float) -> str:

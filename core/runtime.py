@@ -586,21 +586,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def compare_paths(result_or_model, example_input: torch.Tensor, batch_size: int = 64,
-                  paths: Iterable[str] = ("dense", "sparse", "int8", "auto"), *, budget_s: float = 0.3,
-                  cache_file: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Measured whole-model latency of each path (median ms, interleaved rounds) and its speedup over dense.
+def build_paths(result_or_model, example_input: torch.Tensor, batch_size: int = 64,
+                paths: Iterable[str] = PATHS, *, budget_s: float = 0.3,
+                cache_file: str | os.PathLike | None = None) -> dict[str, nn.Module]:
+    """One runtime module per path (``"dense"`` always first): ``sparse`` and ``int8`` forced on every
+    layer they apply to, ``auto`` chosen per layer by measurement (see :func:`build_runtime`)."""
+    x = _batch(example_input, batch_size)
+    return {path: build_runtime(result_or_model, path, batch_size=batch_size, example_input=x,
+                                where_faster=path == "auto", budget_s=budget_s, cache_file=cache_file)
+            for path in dict.fromkeys(["dense", *paths])}
 
-    ``sparse`` and ``int8`` are forced on every layer they apply to; ``auto`` picks per layer.
+
+def time_paths(modules: dict[str, nn.Module], example_input: torch.Tensor, batch_size: int = 64, *,
+               budget_s: float = 0.3) -> pd.DataFrame:
+    """Measured whole-model latency of each module of :func:`build_paths` (median ms, interleaved rounds).
+
     One row per path: ``path``, ``ms``, ``speedup`` (dense ms / ms), ``layers`` (kernel counts).
     """
-    paths = list(dict.fromkeys(["dense", *paths]))
     x = _batch(example_input, batch_size)
-    modules = {}
-    for path in paths:
-        modules[path] = build_runtime(result_or_model, path, batch_size=batch_size, example_input=x,
-                                      where_faster=path == "auto", budget_s=budget_s, cache_file=cache_file)
-    device = x.device
 
     def runner(module):
         def run():
@@ -608,10 +611,18 @@ def compare_paths(result_or_model, example_input: torch.Tensor, batch_size: int 
                 module(x)
         return run
 
-    times = time_calls({p: runner(m) for p, m in modules.items()}, device, warmup=1, budget_s=max(budget_s, 0.5))
+    times = time_calls({p: runner(m) for p, m in modules.items()}, x.device, warmup=1, budget_s=max(budget_s, 0.5))
     return pd.DataFrame([{"path": p, "ms": times[p] * 1e3, "speedup": times["dense"] / times[p],
                           "layers": " ".join(f"{k}:{v}" for k, v in sorted(runtime_summary(m).items()))}
                          for p, m in modules.items()])
+
+
+def compare_paths(result_or_model, example_input: torch.Tensor, batch_size: int = 64,
+                  paths: Iterable[str] = PATHS, *, budget_s: float = 0.3,
+                  cache_file: str | os.PathLike | None = None) -> pd.DataFrame:
+    """:func:`build_paths` then :func:`time_paths`: one row per path with its measured ms and speedup."""
+    modules = build_paths(result_or_model, example_input, batch_size, paths, budget_s=budget_s, cache_file=cache_file)
+    return time_paths(modules, example_input, batch_size, budget_s=budget_s)
 
 
 def runtime_summary(module: nn.Module) -> dict[str, int]:

@@ -3,7 +3,11 @@
 Recipe (seed 42): SGD (momentum 0.9, Nesterov, weight decay 5e-4 on conv/linear weights),
 one-cycle learning-rate schedule, label smoothing 0.1, augmentation by random 32×32 crop
 of the 4-pixel zero-padded image and random horizontal flip, done on tensors in the
-training loop. GPU when present (mixed precision bf16, channels_last), CPU otherwise.
+training loop. GPU when present, CPU otherwise. ``precision="auto"`` trains in bf16 autocast
+with channels_last wherever the hardware has native bf16 (every CUDA GPU we target, and CPUs
+with AMX or AVX-512-BF16: there it measured 2.5× (ResNet-20) to 3.3× (cifar_cnn) faster per
+step than fp32 on the 2-core build machine); weights, optimizer state and the saved checkpoint
+stay fp32.
 
 CLI:  ``python -m core.train resnet20 --epochs 40``  → ``assets/checkpoints/resnet20.pt`` + card.
 """
@@ -38,10 +42,33 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 42
     fp16_weights: bool = False  # store the checkpoint in fp16 (upcast on load)
+    precision: str = "auto"  # "auto" (bf16 where native), "bf16" or "fp32": the autocast dtype of the steps
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls/convolutions natively (CUDA, or a CPU with AMX / AVX-512-BF16)."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision ``"auto"`` stands for on ``device``: ``"bf16"`` where native, else ``"fp32"``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -73,8 +100,10 @@ def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     train_split, test_split = load_cifar10("train"), load_cifar10("test")
     images = train_split.images.to(device)
     labels = train_split.labels.to(device)
+    precision = resolve_precision(config.precision, device)
+    low_precision = precision == "bf16"
     model = build(config.arch).to(device)
-    if device.type == "cuda":
+    if low_precision:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.max_lr,
                                 momentum=0.9, nesterov=True)
@@ -84,7 +113,7 @@ def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         pct_start=0.25, div_factor=10, final_div_factor=100)
     mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    log(f"training {config.arch} on {device.type} in {precision}")
     start = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
@@ -93,9 +122,9 @@ def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             x = (augment(images[idx], generator).float() / 255 - mean) / std
-            if device.type == "cuda":
+            if low_precision:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with amp:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
                 loss = F.cross_entropy(model(x), labels[idx], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,7 +145,7 @@ def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
         "test_accuracy": accuracy,
         "test_set": "CIFAR-10 test set (JPEG copy, 10,000 images)",
         "data": "CIFAR-10 (JPEG copy, ../shared/data/cifar10), 50,000 training images",
-        "recipe": asdict(config),
+        "recipe": dict(asdict(config), precision=precision),
         "train_seconds": round(seconds, 1),
         "train_device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
         "torch_version": torch.__version__,
@@ -143,9 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-lr", type=float, default=0.2, help="peak one-cycle learning rate")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument("--fp16", action="store_true", help="store weights in fp16 (upcast on load)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast precision of the training steps (auto: bf16 where the hardware has it)")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="output folder")
     args = parser.parse_args(argv)
-    config = TrainConfig(args.arch, args.epochs, args.batch_size, args.max_lr, seed=args.seed, fp16_weights=args.fp16)
+    config = TrainConfig(args.arch, args.epochs, args.batch_size, args.max_lr, seed=args.seed, fp16_weights=args.fp16,
+                         precision=args.precision)
     model, card = train(config)
     path = save_checkpoint(model, card, args.out, fp16=args.fp16)
     print(f"wrote {path}")

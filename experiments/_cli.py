@@ -31,6 +31,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_execution_paths_flag(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--execution-paths`` flag of both benchmark commands."""
+    parser.add_argument("--execution-paths", action="store_true",
+                        help="also time one batch through each execution path of core.runtime (dense, sparse "
+                             "CSR, weight-only int8, auto = fastest kernel per layer measured here): columns "
+                             "latency_{dense,sparse,int8,auto}_s. The packed and fp32 file sizes on disk are "
+                             "measured in every run")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -38,7 +38,7 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from core.benchmark import CSV_COLUMNS, DEFAULT_CURVE_TAUS, PAPER_RESULTS, retention_curve  # noqa: E402
+from core.benchmark import CSV_COLUMNS, DEFAULT_CURVE_TAUS, REALIZED_COLUMNS, PAPER_RESULTS, retention_curve  # noqa: E402
 from experiments._cli import CliError, OneLineParser, fail  # noqa: E402
 
 SWEEP_COLUMNS = ("method", "tau", "bn_recalibrated", "retention", "accuracy")
@@ -51,7 +51,7 @@ PAPER_STYLE = dict(symbol="x", size=12, color="black")
 
 def read_benchmark(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path)
-    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    missing = [c for c in CSV_COLUMNS if c not in df.columns and c not in REALIZED_COLUMNS]
     if missing:
         raise CliError(f"{path} is not a benchmark CSV (column {missing[0]!r} is missing)")
     df.attrs["source"] = path.name

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 
-from core.benchmark import CSV_COLUMNS, compare_with_paper, format_value, summarize  # noqa: E402
+from core.benchmark import CSV_COLUMNS, REALIZED_COLUMNS, compare_with_paper, format_value, summarize  # noqa: E402
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, paths in (("synthetic", args.synthetic), ("cnn", args.cnn)):
         for path in paths:
             df = pd.read_csv(path)
-            if list(df.columns) != list(CSV_COLUMNS):
+            if [c for c in df.columns if c not in REALIZED_COLUMNS] != [c for c in CSV_COLUMNS
+                                                                         if c not in REALIZED_COLUMNS]:
                 parser.error(f"{path} is not a benchmark CSV")
             first = df.iloc[0]
             print(f"### {path.name}: {first['model']}, {first['dataset']}, τ = {first['tau']:g}, "
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(per_run(df)) + "\n")
             extra = summarize(df)
             extra = extra[extra["metric"].isin(["params_total", "params_kept", "model_bytes_fp32",
-                                                "model_bytes_compressed"])]
+                                                "model_bytes_compressed", *REALIZED_COLUMNS])]
             print(markdown(extra[["label", "mean ± std"]].rename(columns={"label": "metric"})) + "\n")
     for name in args.layers:
         for trained in (True, False):

@@ -23,8 +23,8 @@ from core.engine import THETA_MODES  # noqa: E402
 from core.models import PRETRAINED  # noqa: E402
 from core.quantization import SUPPORTED_BITS  # noqa: E402
 from experiments._cli import (  # noqa: E402
-    CliError, OneLineParser, check_outputs, fail, nonneg_float, positive_int, print_tables, progress_bar, unit_float,
-    write_csv,
+    CliError, OneLineParser, add_execution_paths_flag, check_outputs, fail, nonneg_float, positive_int, print_tables,
+    progress_bar, unit_float, write_csv,
 )
 
 DEFAULTS = CnnBenchmarkConfig()
@@ -90,6 +90,7 @@ def build_parser() -> OneLineParser:
                              "mean (default: %(default)s)")
     parser.add_argument("--calibration-images", type=positive_int, default=DEFAULTS.calibration_images,
                         help="training images for --bn-recalibrate (default: %(default)s)")
+    add_execution_paths_flag(parser)
     return parser
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs, theta=args.theta, theta_mode=args.theta_mode, bits=tuple(args.bits),
             bn_recalibrate=args.bn_recalibrate, include_norm=args.include_norm, data_root=args.data_root,
             device=args.device, seed=args.seed, max_batches=args.max_batches,
-            timing_batches=args.timing_batches, calibration_images=args.calibration_images)
+            timing_batches=args.timing_batches, calibration_images=args.calibration_images, execution_paths=args.execution_paths)
         preflight_cnn(config)
         output = check_outputs(args.output, summary_path(args.output))
     except (ValueError, BenchmarkError, CliError) as err:

@@ -24,8 +24,8 @@ from core.benchmark import (  # noqa: E402
 from core.engine import THETA_MODES  # noqa: E402
 from core.quantization import SUPPORTED_BITS  # noqa: E402
 from experiments._cli import (  # noqa: E402
-    CliError, OneLineParser, check_outputs, fail, nonneg_float, positive_int, print_tables, progress_bar, unit_float,
-    write_csv,
+    CliError, OneLineParser, add_execution_paths_flag, check_outputs, fail, nonneg_float, positive_int, print_tables,
+    progress_bar, unit_float, write_csv,
 )
 
 DEFAULTS = SyntheticBenchmarkConfig()
@@ -75,6 +75,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--n-batches", type=positive_int, default=DEFAULTS.n_batches,
                         help="batches timed per run and model, after warm-up; inference_time_s is their mean "
                              "(default: %(default)s)")
+    add_execution_paths_flag(parser)
     return parser
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=args.layers, in_dim=args.in_dim, out_dim=args.out_dim, hidden=args.hidden,
             threshold=args.threshold, runs=args.runs, batch_size=args.batch_size, seed=args.seed,
             theta=args.theta, theta_mode=args.theta_mode, bits=tuple(args.bits), device=args.device,
-            n_batches=args.n_batches)
+            n_batches=args.n_batches, execution_paths=args.execution_paths)
         preflight_synthetic(config)
         output = check_outputs(args.output, summary_path(args.output))
     except (ValueError, BenchmarkError, CliError) as err:

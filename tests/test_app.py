@@ -226,6 +226,22 @@ def test_full_accuracy_button_measures_and_caches(monkeypatch):
     assert metric(at, "Accuracy · full test").value == f"{100 * expected:.2f} %"  # cached per setting
 
 
+def test_realized_savings_button_measures_file_and_paths():
+    at = start(tau=0.3, quantize=True, theta_relative=0.1, latency_batch=1)
+    assert not [m for m in at.metric if m.label.startswith("Packed file")]  # measured on request only
+    at.button(key="measure_realized").click().run()
+    no_errors(at)
+    session = explorer(at)
+    realized = session.cached_realized(session.last_config, 1, "cpu")
+    assert realized is not None and set(realized.paths["path"]) == {"dense", "sparse", "int8", "auto"}
+    assert metric(at, "Packed file").value == core.explore.fmt_bytes(realized.file_bytes)
+    assert f"{realized.times_smaller:.1f}× smaller" in metric(at, "Packed file").delta
+    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "") for c in at.get("plotly_chart")]
+    assert any(t.startswith("Measured latency per path") for t in titles), titles
+    at.slider(key="tau").set_value(0.5).run()
+    assert not [m for m in at.metric if m.label.startswith("Packed file")]  # a new setting: not measured yet
+
+
 def test_synthetic_mlp_shows_output_deviation():
     at = start(model_key="synthetic:mlp", tau=0.2)
     no_errors(at)

@@ -52,6 +52,9 @@ def check_ranges(df: pd.DataFrame) -> None:
                    "model_bytes_compressed"):
         assert (df[column] > 0).all(), column
     assert (df["model_bytes_compressed"] <= df["model_bytes_fp32"]).all()
+    # measured on disk every run; the packed file tracks the computed accounting within 5 %
+    assert (df["file_bytes_packed"] < df["file_bytes_state_dict"]).all()
+    assert np.allclose(df["file_bytes_packed"] / df["model_bytes_compressed"], 1, atol=0.05)
 
 
 # ---------------------------------------------------------------- synthetic command
@@ -83,6 +86,7 @@ def test_synthetic_command_writes_the_exact_columns_in_valid_ranges(synthetic_cs
     assert row["mean"] == pytest.approx(df["retention"].mean())
     assert row["std"] == pytest.approx(df["retention"].std(ddof=1))
     assert "accuracy" not in set(summary["metric"])
+    assert df[["latency_dense_s", "latency_sparse_s", "latency_int8_s", "latency_auto_s"]].isna().all().all()
 
 
 def test_synthetic_same_seed_same_retention_other_seed_differs(synthetic_csv, tmp_path, capsys):
@@ -148,12 +152,16 @@ def test_cnn_command_end_to_end_and_same_seed_same_accuracy(tmp_path, capsys):
     flags = ["--dataset", "cifar10", "--threshold", "0.2", "--batch-size", "64", "--runs", "1", "--model", model,
              "--max-batches", "4", "--timing-batches", "2", "--bn-recalibrate", "--calibration-images", "200"]
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
-    result = run(CNN, *flags, "--output", str(first))
+    result = run(CNN, *flags, "--execution-paths", "--output", str(first))
     assert result.returncode == 0, result.stderr
+    assert "Latency, auto path" in result.stdout
     assert "subset of 250" in result.stdout  # the quick run says its accuracy is not the full-test figure
     assert run_inline(CNN, *flags, "--output", str(second), capsys=capsys)[0] == 0
     a, b = pd.read_csv(first), pd.read_csv(second)
     check_ranges(a)
+    paths = ["latency_dense_s", "latency_sparse_s", "latency_int8_s", "latency_auto_s"]
+    assert (a[paths] > 0).all().all() and b[paths].isna().all().all()  # measured only when asked
+    assert a["file_bytes_packed"].iloc[0] == b["file_bytes_packed"].iloc[0]  # same setting, same file
     assert a["dataset"].iloc[0] == "cifar10 (test subset: 250/10000 images)"
     assert a["model"].iloc[0] == f"{model} (BN recalibrated)"
     for column in ("accuracy", "accuracy_dense"):

@@ -116,3 +116,20 @@ def heatmap_figure(values: np.ndarray, text: np.ndarray, title: str, colorscale,
                       xaxis=dict(showticklabels=False),
                       yaxis=dict(showticklabels=False, autorange="reversed", scaleanchor="x"))
     return fig
+
+
+PATH_COLORS = {"dense": PRUNED, "sparse": LOW, "int8": THETA, "auto": HIGH}
+
+
+def paths_figure(paths: pd.DataFrame, batch: int, device: str) -> go.Figure:
+    """Horizontal bars: measured ms per forward pass of each execution path, labelled with the speedup."""
+    text = [f"{ms:.2f} ms · {speedup:.2f}×" for ms, speedup in zip(paths["ms"], paths["speedup"])]
+    figure = go.Figure(go.Bar(
+        x=paths["ms"].tolist(), y=paths["path"].tolist(), orientation="h", text=text, textposition="auto",
+        marker_color=[PATH_COLORS.get(p, HIGH) for p in paths["path"]],
+        hovertext=paths["layers"].tolist(), hoverinfo="text"))
+    figure.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=30), showlegend=False,
+                         title=f"Measured latency per path (batch {batch}, {device.upper()})",
+                         xaxis_title="ms per forward pass (median; lower is faster)",
+                         yaxis=dict(autorange="reversed"))
+    return figure
