@@ -20,7 +20,7 @@ from core.benchmark import (  # noqa: E402
     BenchmarkError, CnnBenchmarkConfig, compare_with_paper, preflight_cnn, run_cnn, summarize, summary_path,
 )
 from core.engine import THETA_MODES  # noqa: E402
-from core.models import PRETRAINED  # noqa: E402
+from core.models import PRETRAINED, CheckpointError, load_card  # noqa: E402
 from core.quantization import SUPPORTED_BITS  # noqa: E402
 from experiments._cli import (  # noqa: E402
     CliError, OneLineParser, add_execution_paths_flag, check_outputs, fail, nonneg_float, positive_int, print_tables,
@@ -28,6 +28,20 @@ from experiments._cli import (  # noqa: E402
 )
 
 DEFAULTS = CnnBenchmarkConfig()
+
+
+def shipped_models_text() -> str:
+    """Each CIFAR-10 checkpoint with the test accuracy on its card, or what to do when it is not shipped."""
+    parts = []
+    for name in PRETRAINED:
+        try:
+            accuracy = load_card(name).get("test_accuracy")
+        except (FileNotFoundError, CheckpointError, ValueError):
+            parts.append(f"{name} (not shipped: python -m core.train {name})")
+            continue
+        parts.append(f"{name} ({100 * accuracy:.2f} %% on the JPEG test set)" if isinstance(accuracy, float)
+                     else name)
+    return "; ".join(parts)
 
 
 def build_parser() -> OneLineParser:
@@ -42,9 +56,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--dataset", choices=["cifar10"], default=DEFAULTS.dataset,
                         help="data set of the benchmark; the paper's is the only one (default: %(default)s)")
     parser.add_argument("--model", choices=PRETRAINED, default=DEFAULTS.model,
-                        help="trained checkpoint to prune: resnet20 is the shipped CIFAR-10 CNN (86.03 %% on the JPEG test "
-                             "set); cifar_cnn (compact VGG-style) and resnet18 need their checkpoints trained "
-                             "first (default: %(default)s)")
+                        help="trained checkpoint to prune (assets/checkpoints): " + shipped_models_text()
+                             + " (default: %(default)s)")
     parser.add_argument("--threshold", type=unit_float, default=DEFAULTS.threshold, metavar="TAU",
                         help="boundary fraction τ in [0, 1]: per layer, weights with |W| < τ·max|W| are zeroed "
                              "(default: %(default)s)")
