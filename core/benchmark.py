@@ -164,6 +164,22 @@ def _check_common(threshold: float, runs: int, batch_size: int, theta: float | N
     return low, high
 
 
+def _check_config(config, positive_ints: tuple[str, ...]) -> None:
+    """Validate a benchmark config: ``positive_ints`` fields ≥ 1, warmup ≥ 0, an integer seed and
+    :func:`_check_common`; store ``bits`` as a tuple (the config is frozen)."""
+    for name in positive_ints:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
+    if not isinstance(config.warmup, int) or config.warmup < 0:
+        raise ValueError(f"warmup must be an integer ≥ 0, got {config.warmup!r}")
+    if not isinstance(config.seed, int):
+        raise ValueError(f"seed must be an integer, got {config.seed!r}")
+    _check_common(config.threshold, config.runs, config.batch_size, config.theta, config.theta_mode, config.bits,
+                  config.device)
+    object.__setattr__(config, "bits", tuple(config.bits))
+
+
 @dataclass(frozen=True)
 class SyntheticBenchmarkConfig:
     """The paper's synthetic benchmark: ``layers`` Linear layers, in_dim → hidden … → out_dim.
@@ -190,16 +206,7 @@ class SyntheticBenchmarkConfig:
     execution_paths: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("layers", "in_dim", "out_dim", "hidden", "n_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer ≥ 0, got {self.warmup!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        _check_common(self.threshold, self.runs, self.batch_size, self.theta, self.theta_mode, self.bits, self.device)
-        object.__setattr__(self, "bits", tuple(self.bits))
+        _check_config(self, ("layers", "in_dim", "out_dim", "hidden", "n_batches"))
 
     @property
     def model_label(self) -> str:
@@ -248,16 +255,7 @@ class CnnBenchmarkConfig:
             raise ValueError(f"model must be a CIFAR-10 model of the registry ({choices}), got {self.model!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise ValueError(f"max batches must be an integer ≥ 1 (or None for the whole test set), got {self.max_batches!r}")
-        for name in ("timing_batches", "calibration_images"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer ≥ 0, got {self.warmup!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        _check_common(self.threshold, self.runs, self.batch_size, self.theta, self.theta_mode, self.bits, self.device)
-        object.__setattr__(self, "bits", tuple(self.bits))
+        _check_config(self, ("timing_batches", "calibration_images"))
 
     @property
     def eval_images(self) -> int:
