@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.engine import THETA_MODES
+from core.quantization import SUPPORTED_BITS
+
 
 class CliError(Exception):
     """A problem to report on one line (no traceback) with exit code ``code``."""
@@ -29,6 +32,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 (argparse's hook)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_quantization_flags(parser: argparse.ArgumentParser, defaults) -> None:
+    """The shared --theta / --theta-mode / --bits flags of both benchmark commands (``defaults``: their config)."""
+    parser.add_argument("--theta", type=nonneg_float, default=None,
+                        help="quantization threshold θ: kept weights with |W| ≥ θ use the HIGH bit-width, the "
+                             "rest LOW (see --theta-mode). Default: no quantization (pruning only)")
+    parser.add_argument("--theta-mode", choices=THETA_MODES, default=defaults.theta_mode,
+                        help="how θ is read: relative = θ·max|W| per layer, absolute = the paper's θ in weight "
+                             "units, fraction = that fraction of each layer's kept weights in HIGH "
+                             "(default: %(default)s)")
+    parser.add_argument("--bits", type=int, nargs=2, default=list(defaults.bits), metavar=("LOW", "HIGH"),
+                        help=f"the two bit-widths of the on-the-fly quantization, from "
+                             f"{', '.join(map(str, SUPPORTED_BITS))} (default: 4 8; used only with --theta)")
 
 
 def add_execution_paths_flag(parser: argparse.ArgumentParser) -> None:

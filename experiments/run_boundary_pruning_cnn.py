@@ -19,12 +19,10 @@ if str(REPO_ROOT) not in sys.path:
 from core.benchmark import (  # noqa: E402
     BenchmarkError, CnnBenchmarkConfig, compare_with_paper, preflight_cnn, run_cnn, summarize, summary_path,
 )
-from core.engine import THETA_MODES  # noqa: E402
 from core.models import PRETRAINED, CheckpointError, load_card  # noqa: E402
-from core.quantization import SUPPORTED_BITS  # noqa: E402
 from experiments._cli import (  # noqa: E402
-    CliError, OneLineParser, add_execution_paths_flag, check_outputs, fail, nonneg_float, positive_int, print_tables,
-    progress_bar, unit_float, write_csv,
+    CliError, OneLineParser, add_execution_paths_flag, add_quantization_flags, check_outputs, fail, positive_int,
+    print_tables, progress_bar, unit_float, write_csv,
 )
 
 DEFAULTS = CnnBenchmarkConfig()
@@ -69,16 +67,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--output", default="real_pruning_results.csv", metavar="CSV",
                         help="CSV file for the per-run rows; the summary goes to <stem>_summary.csv beside it "
                              "(default: %(default)s)")
-    parser.add_argument("--theta", type=nonneg_float, default=None,
-                        help="quantization threshold θ: kept weights with |W| ≥ θ use the HIGH bit-width, the "
-                             "rest LOW (see --theta-mode). Default: no quantization (pruning only)")
-    parser.add_argument("--theta-mode", choices=THETA_MODES, default=DEFAULTS.theta_mode,
-                        help="how θ is read: relative = θ·max|W| per layer, absolute = the paper's θ in weight "
-                             "units, fraction = that fraction of each layer's kept weights in HIGH "
-                             "(default: %(default)s)")
-    parser.add_argument("--bits", type=int, nargs=2, default=list(DEFAULTS.bits), metavar=("LOW", "HIGH"),
-                        help=f"the two bit-widths of the on-the-fly quantization, from "
-                             f"{', '.join(map(str, SUPPORTED_BITS))} (default: 4 8; used only with --theta)")
+    add_quantization_flags(parser, DEFAULTS)
     parser.add_argument("--bn-recalibrate", action="store_true",
                         help="after pruning, re-estimate the BatchNorm running statistics on "
                              "--calibration-images training images (drawn with the run's seed); no weight "

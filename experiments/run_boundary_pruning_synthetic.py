@@ -21,11 +21,9 @@ from core.benchmark import (  # noqa: E402
     BenchmarkError, SyntheticBenchmarkConfig, compare_with_paper, preflight_synthetic, run_synthetic, summarize,
     summary_path,
 )
-from core.engine import THETA_MODES  # noqa: E402
-from core.quantization import SUPPORTED_BITS  # noqa: E402
 from experiments._cli import (  # noqa: E402
-    CliError, OneLineParser, add_execution_paths_flag, check_outputs, fail, nonneg_float, positive_int, print_tables,
-    progress_bar, unit_float, write_csv,
+    CliError, OneLineParser, add_execution_paths_flag, add_quantization_flags, check_outputs, fail, positive_int,
+    print_tables, progress_bar, unit_float, write_csv,
 )
 
 DEFAULTS = SyntheticBenchmarkConfig()
@@ -60,16 +58,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
                         help="random seed of run 1; run r uses seed + r − 1, for both the weights and the "
                              "inputs (default: %(default)s, the paper's)")
-    parser.add_argument("--theta", type=nonneg_float, default=None,
-                        help="quantization threshold θ: kept weights with |W| ≥ θ use the HIGH bit-width, the "
-                             "rest LOW (see --theta-mode). Default: no quantization (pruning only)")
-    parser.add_argument("--theta-mode", choices=THETA_MODES, default=DEFAULTS.theta_mode,
-                        help="how θ is read: relative = θ·max|W| per layer, absolute = the paper's θ in weight "
-                             "units, fraction = that fraction of each layer's kept weights in HIGH "
-                             "(default: %(default)s)")
-    parser.add_argument("--bits", type=int, nargs=2, default=list(DEFAULTS.bits), metavar=("LOW", "HIGH"),
-                        help=f"the two bit-widths of the on-the-fly quantization, from "
-                             f"{', '.join(map(str, SUPPORTED_BITS))} (default: 4 8; used only with --theta)")
+    add_quantization_flags(parser, DEFAULTS)
     parser.add_argument("--device", default=DEFAULTS.device,
                         help="torch device for the timed inference: cpu or cuda (default: %(default)s)")
     parser.add_argument("--n-batches", type=positive_int, default=DEFAULTS.n_batches,
