@@ -25,7 +25,6 @@ Chrome/Chromium; without them the HTML is still written and a note says why no P
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
