@@ -9,7 +9,7 @@ import streamlit as st
 
 st.set_page_config(page_title="Boundary Explorer", page_icon=":material/content_cut:", layout="wide")
 
-from core.explore import configure_threads  # noqa: E402  (after set_page_config)
+from core.services.threads import configure_threads  # noqa: E402  (after set_page_config)
 
 configure_threads()
 pages = [

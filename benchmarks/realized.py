@@ -10,12 +10,12 @@ engine's sorted magnitudes), quantized 4/8-bit with θ = 0.1 relative:
 * latency (median ms of a forward pass, ``torch.inference_mode``) of the ``dense``
   model (zeros multiplied), ``sparse`` (every layer with a sparse kernel forced to it),
   ``int8`` (every int8-exact Linear forced to it) and ``auto`` (per layer the fastest
-  kernel as measured by :func:`core.runtime.build_runtime`), at batch 1, 64, 256;
+  kernel as measured by :func:`core.deploy.runtime.build_runtime`), at batch 1, 64, 256;
 * memory (``memory_profiler``, MiB) in a fresh process per path that loads the packed
   file, builds the path and runs a forward pass: the peak while loading and building,
   the resident memory after (freed heap returned with ``malloc_trim``), and the peak
   during a forward pass, each above that process's RSS after its imports;
-* the packed file's size on disk (:func:`core.packing.save_compressed`) against the
+* the packed file's size on disk (:func:`core.deploy.packing.save_compressed`) against the
   fp32 state_dict saved with safetensors;
 * the dense-vs-sparse crossover: single layers swept over sparsity, and per model the
   largest retention at which ``auto`` beat dense.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,10 +43,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.engine import CompressionConfig, Engine  # noqa: E402
-from core.models import REGISTRY, build, load_pretrained  # noqa: E402
-from core.packing import save_compressed, state_dict_file_bytes  # noqa: E402
-from core.runtime import KERNELS, build_runtime, runtime_summary, time_calls, time_calls_stats  # noqa: E402
+from core.method.config import CompressionConfig  # noqa: E402
+from core.method.engine import Engine  # noqa: E402
+from core.workloads.models import REGISTRY, build, load_pretrained  # noqa: E402
+from core.deploy.packing import save_compressed, state_dict_file_bytes  # noqa: E402
+from core.common.timing import time_interleaved  # noqa: E402
+from core.deploy.runtime import KERNELS, build_runtime, runtime_summary  # noqa: E402
 
 MODELS: dict[str, tuple[str, dict]] = {
     "mlp": ("mlp", {}),
@@ -124,7 +125,7 @@ def memory_probe(file: str, key: str, path: str, batch: int, cache: str, device:
     """In a fresh process: load the packed file, build ``path``, run one forward pass; MiB above the RSS after imports."""
     from memory_profiler import memory_usage
 
-    from core.packing import load_compressed
+    from core.deploy.packing import load_compressed
 
     release_freed_memory()
     base = rss_mib()
@@ -204,13 +205,13 @@ def bench_setting(key, result, batches, device, budget_s, cache: Path) -> list[d
         runners = {name: (lambda m: (lambda: m(x)))(module) for name, module in modules.items()}
         load = os.getloadavg()[0]
         with torch.inference_mode():
-            stats = time_calls_stats(runners, device, warmup=1, min_rounds=7, budget_s=max(4 * budget_s, 1.0), max_s=60)
-        times = {k: v["median"] for k, v in stats.items()}
+            stats = time_interleaved(runners, device, warmup=1, min_rounds=7, budget_s=max(4 * budget_s, 1.0), max_s=60)
+        times = {k: v.median_s for k, v in stats.items()}
         report = modules["auto"].runtime_report
         rows.append({"batch": batch, "load1": load, **{f"{k}_ms": times[k] * 1e3 for k in modules},
-                     **{f"{k}_min_ms": stats[k]["min"] * 1e3 for k in modules},
+                     **{f"{k}_min_ms": stats[k].min_s * 1e3 for k in modules},
                      "auto_x": times["dense"] / times["auto"],
-                     "auto_x_min": stats["dense"]["min"] / stats["auto"]["min"],
+                     "auto_x_min": stats["dense"].min_s / stats["auto"].min_s,
                      "auto_layers": " ".join(f"{k}:{v}" for k, v in sorted(runtime_summary(modules["auto"]).items())),
                      "auto_layer_sum_ms": float(report[[f"{k}_ms" for k in KERNELS]].min(axis=1).sum()),
                      "dense_layer_sum_ms": float(report["dense_ms"].sum()),
@@ -223,7 +224,7 @@ def bench_setting(key, result, batches, device, budget_s, cache: Path) -> list[d
 
 def crossover_sweep(batches, sparsities, device, budget_s) -> pd.DataFrame:
     """Single layers, dense vs sparse kernel, over sparsity: where does sparse start to win?"""
-    from core.runtime import make_kernel
+    from core.deploy.runtime import make_kernel
 
     layers = {
         "Linear 4096×4096": (lambda: nn.Linear(4096, 4096), lambda b: torch.randn(b, 4096)),
@@ -241,8 +242,9 @@ def crossover_sweep(batches, sparsities, device, budget_s) -> pd.DataFrame:
                     layer.weight[torch.rand_like(layer.weight) < sparsity] = 0
                 kernels = {"dense": layer, "sparse": make_kernel(layer, "sparse")}
                 with torch.inference_mode():
-                    times = time_calls({k: (lambda m: (lambda: m(x)))(m) for k, m in kernels.items()},
-                                       device, budget_s=budget_s)
+                    timings = time_interleaved({k: (lambda m: (lambda: m(x)))(m) for k, m in kernels.items()},
+                                               device, warmup=2, min_rounds=5, budget_s=budget_s)
+                times = {k: t.median_s for k, t in timings.items()}
                 with torch.inference_mode():
                     out = layer(x)
                 macs = layer.weight.numel() * (out[0, 0].numel() if out.ndim > 2 else 1) * batch

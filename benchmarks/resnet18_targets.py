@@ -12,9 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.engine import CompressionConfig, Engine  # noqa: E402
-from core.models import load_pretrained  # noqa: E402
-from core.realized import measure_file_sizes, measure_realized  # noqa: E402
+from core.method.config import CompressionConfig  # noqa: E402
+from core.method.engine import Engine  # noqa: E402
+from core.workloads.models import load_pretrained  # noqa: E402
+from core.measure.realized import measure_file_sizes, measure_realized  # noqa: E402
 
 
 def main() -> None:

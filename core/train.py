@@ -24,13 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.data import augment, load_cifar10
-from core.models import build, count_params, sha256_file
-from core.paths import CHECKPOINT_DIR
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
+from core.measure.accuracy import eval_data, evaluate
+from core.workloads.data import CIFAR_MEAN, CIFAR_STD, augment, load_cifar10
+from core.workloads.models import build, count_params, sha256_file
+from core.common.paths import CHECKPOINT_DIR
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -78,26 +75,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on uint8 ``images``, CIFAR normalisation."""
-    device = next(model.parameters()).device
-    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = (images[i:i + batch_size].to(device).float() / 255 - mean) / std
-        correct += (model(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / len(labels)
-
-
 def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
     """Train ``config.arch`` on the CIFAR-10 train split; return the model and its card fields."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = _device()
-    train_split, test_split = load_cifar10("train"), load_cifar10("test")
+    train_split = load_cifar10("train")
     images = train_split.images.to(device)
     labels = train_split.labels.to(device)
     precision = resolve_precision(config.precision, device)
@@ -135,7 +118,7 @@ def train(config: TrainConfig, log=print) -> tuple[nn.Module, dict]:
             f"elapsed {time.perf_counter() - start:.0f}s")
     seconds = time.perf_counter() - start
     model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
-    accuracy = evaluate(model, test_split.images, test_split.labels)
+    accuracy = evaluate(model, eval_data("test", CIFAR_MEAN, CIFAR_STD)).accuracy
     log(f"test accuracy (JPEG copy) {accuracy:.4f}")
     card = {
         "arch": config.arch,

@@ -1,1 +1,1 @@
-"""The paper's benchmark commands: thin command-line front ends over ``core.benchmark``."""
+"""The paper's benchmark commands: thin command-line front ends over ``core.measure.paper_suite``."""

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.engine import THETA_MODES
-from core.quantization import SUPPORTED_BITS
+from core.method.config import THETA_MODES
+from core.method.quantization import SUPPORTED_BITS
 
 
 class CliError(Exception):
@@ -51,7 +51,7 @@ def add_quantization_flags(parser: argparse.ArgumentParser, defaults) -> None:
 def add_execution_paths_flag(parser: argparse.ArgumentParser) -> None:
     """The shared ``--execution-paths`` flag of both benchmark commands."""
     parser.add_argument("--execution-paths", action="store_true",
-                        help="also time one batch through each execution path of core.runtime (dense, sparse "
+                        help="also time one batch through each execution path of core.deploy.runtime (dense, sparse "
                              "CSR, weight-only int8, auto = fastest kernel per layer measured here): columns "
                              "latency_{dense,sparse,int8,auto}_s. The packed and fp32 file sizes on disk are "
                              "measured in every run")

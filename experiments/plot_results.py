@@ -13,8 +13,8 @@ Figures (each as ``<name>.html`` and ``<name>.png`` in ``--out``):
   randomly initialised MLP (seed 42), for each ``--curve-models`` architecture randomly
   initialised and (when its checkpoint is shipped) trained; the line 1 − τ; the paper's
   quoted points.
-* ``accuracy_vs_retention``: from τ sweeps (``core.sweep``: a ``--sweep`` CSV written by
-  ``python -m core.sweep MODEL --csv FILE``, or computed here with ``--sweep-model``):
+* ``accuracy_vs_retention``: from τ sweeps (``core.measure.sweeps``: a ``--sweep`` CSV written by
+  ``python -m core.measure.sweeps MODEL --csv FILE``, or computed here with ``--sweep-model``):
   boundary pruning with and without BN recalibration and global magnitude pruning at the
   same retention, with the benchmark runs (``--cnn``) and the paper's quoted point.
 * ``<csv stem>_time_memory``: inference time (pruned and dense) and peak memory per run of
@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from core.benchmark import CSV_COLUMNS, DEFAULT_CURVE_TAUS, REALIZED_COLUMNS, PAPER_RESULTS, retention_curve  # noqa: E402
+from core.measure.paper_suite import CSV_COLUMNS, DEFAULT_CURVE_TAUS, REALIZED_COLUMNS, PAPER_RESULTS, retention_curve  # noqa: E402
 from experiments._cli import CliError, OneLineParser, fail  # noqa: E402
 
 SWEEP_COLUMNS = ("method", "tau", "bn_recalibrated", "retention", "accuracy")
@@ -67,14 +67,14 @@ def read_sweep(spec: str) -> tuple[str, pd.DataFrame]:
     df = pd.read_csv(path)
     missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
     if missing:
-        raise CliError(f"{path} is not a τ-sweep CSV of core.sweep (column {missing[0]!r} is missing)")
+        raise CliError(f"{path} is not a τ-sweep CSV of core.measure.sweeps (column {missing[0]!r} is missing)")
     df["bn_recalibrated"] = df["bn_recalibrated"].astype(str).str.lower().isin(("true", "1"))
     return label, df
 
 
 def compute_sweep(model: str, per_class: int | None, out: Path) -> tuple[str, pd.DataFrame]:
-    """Run ``core.sweep.sweep_pretrained`` (rows are cached on disk) and keep its CSV in ``out``."""
-    from core.sweep import SweepConfig, sweep_pretrained
+    """Run ``core.measure.sweeps.sweep_pretrained`` (rows are cached on disk) and keep its CSV in ``out``."""
+    from core.measure.sweeps import SweepConfig, sweep_pretrained
 
     def progress(done: int, total: int, label: str) -> None:
         print(f"\r  sweep {model} [{done}/{total}] {label:<50}", end="" if done < total else "\n",
@@ -90,7 +90,7 @@ def retention_curves(models: list[str], seed: int = 42) -> pd.DataFrame:
     """ρ(τ) for the random-init MLP and, per architecture, random init and the shipped checkpoint."""
     import torch
 
-    from core.models import build, card_path, load_pretrained
+    from core.workloads.models import build, card_path, load_pretrained
 
     frames = []
 
@@ -241,10 +241,10 @@ def build_parser() -> OneLineParser:
                         help="CSV(s) of run_boundary_pruning_cnn.py: time and memory per run, and their "
                              "accuracy/retention points on the sweep figure")
     parser.add_argument("--sweep", nargs="*", default=[], metavar="[MODEL=]CSV",
-                        help="τ-sweep CSV(s) written by `python -m core.sweep MODEL --csv FILE` "
+                        help="τ-sweep CSV(s) written by `python -m core.measure.sweeps MODEL --csv FILE` "
                              "(columns method, tau, bn_recalibrated, retention, accuracy, …)")
     parser.add_argument("--sweep-model", nargs="*", default=[], metavar="MODEL",
-                        help="run the τ sweep here with core.sweep (cached on disk) for these shipped checkpoints")
+                        help="run the τ sweep here with core.measure.sweeps (cached on disk) for these shipped checkpoints")
     parser.add_argument("--sweep-per-class", type=int, default=None, metavar="N",
                         help="with --sweep-model: score N test images per class instead of all 10,000")
     parser.add_argument("--curve-models", nargs="*", default=["cifar_cnn", "resnet20"], metavar="MODEL",
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if sweeps:
         writer.save(fig_accuracy_vs_retention(sweeps, cnn), "accuracy_vs_retention")
     elif cnn:
-        print("note: no τ sweep given (--sweep CSV from `python -m core.sweep MODEL --csv FILE`, or "
+        print("note: no τ sweep given (--sweep CSV from `python -m core.measure.sweeps MODEL --csv FILE`, or "
               "--sweep-model MODEL); the accuracy-vs-retention figure is left out")
     for df in synthetic:
         writer.save(fig_time_memory(df, "synthetic"), f"{Path(df.attrs['source']).stem}_time_memory")

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 
-from core.benchmark import CSV_COLUMNS, REALIZED_COLUMNS, compare_with_paper, format_value, summarize  # noqa: E402
+from core.measure.paper_suite import CSV_COLUMNS, REALIZED_COLUMNS, compare_with_paper, format_value, summarize  # noqa: E402
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -48,8 +48,9 @@ def layer_table(name: str, tau: float, trained: bool = True) -> pd.DataFrame:
     """
     import torch
 
-    from core.engine import CompressionConfig, Engine
-    from core.models import build, load_pretrained
+    from core.method.config import CompressionConfig
+    from core.method.engine import Engine
+    from core.workloads.models import build, load_pretrained
 
     if trained:
         model = load_pretrained(name)

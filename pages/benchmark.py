@@ -2,7 +2,7 @@
 import streamlit as st
 import torch
 
-from core.benchmark import (
+from core.measure.paper_suite import (
     PAPER_RESULTS,
     BenchmarkError,
     CnnBenchmarkConfig,
@@ -11,7 +11,7 @@ from core.benchmark import (
     run_cnn,
     run_synthetic,
 )
-from core.catalog import shipped_checkpoints
+from core.services.choices import shipped_checkpoints
 from ui.sidebar import page_setup
 from ui.state import devices, footer, guard
 

@@ -2,10 +2,11 @@
 import pandas as pd
 import streamlit as st
 
-from core.explore import CALIBRATION_IMAGES, LATENCY_BATCHES, QUICK_SIZES, ExploreRequest, fmt_bytes
+from core.common.formatting import fmt_bytes, fmt_pct
+from core.services.session import CALIBRATION_IMAGES, LATENCY_BATCHES, QUICK_SIZES, ExploreRequest
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
-from ui.state import PALETTE, current_config, device, footer, fmt_pct, guard
+from ui.state import PALETTE, current_config, device, footer, guard
 
 session = page_setup()
 loaded = session.loaded
@@ -103,7 +104,7 @@ row1[2].metric("Stored size · computed", fmt_bytes(result.model_bytes_compresse
                f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
                f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
                help="Bytes of the compressed storage: keep-mask or indices, codes at their bit-widths, the 1-bit "
-                    "high/low selector and per-channel scales (core.quantization.layer_storage), plus every other "
+                    "high/low selector and per-channel scales (core.method.quantization.layer_storage), plus every other "
                     "parameter and buffer as fp32. Computed from the format, not a file on disk.")
 if view.quick is not None:
     q, qd = view.quick, view.quick_dense
@@ -219,8 +220,8 @@ with perf:
                    "measure and can push an update past the latency budget.")
 
 st.subheader("Realized savings · measured")
-st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.packing`) "
-           "and the latency of each execution path (`core.runtime`): **dense** multiplies the zeros, **sparse** "
+st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.deploy.packing`) "
+           "and the latency of each execution path (`core.deploy.runtime`): **dense** multiplies the zeros, **sparse** "
            "runs CSR kernels, **int8** weight-only int8 (Linear layers whose weights are exact int8 codes), "
            "**auto** the fastest kernel per layer as measured on this machine.")
 realized = view.realized

@@ -1,11 +1,10 @@
 """Export: download the compressed model (loadable back here) and the settings as JSON."""
-import json
-
 import streamlit as st
 
-from core.catalog import config_from_dict, export_bundle, packed_bytes, settings_json
+from core.common.formatting import fmt_bytes, fmt_pct
+from core.services.uploads import export_bundle, packed_bytes, read_settings, settings_json
 from ui.sidebar import page_setup
-from ui.state import PALETTE, current_config, footer, guard
+from ui.state import apply_config, current_config, footer, guard
 
 session = page_setup()
 loaded = session.loaded
@@ -25,9 +24,8 @@ with guard("Preparing the export"):
                                                   f"{config.b_low}/{config.b_high} bit")
                + (", BatchNorm scales pruned too (paper pseudocode)" if config.include_norm else "")
                + (", BN recalibrated" if bn else ""))
-    st.markdown(f"Setting: {summary} → retention {100 * result.retention:.2f} %, stored size "
-                f"{result.model_bytes_compressed / 2 ** 20:.2f} MiB (computed) vs "
-                f"{result.model_bytes_fp32 / 2 ** 20:.2f} MiB fp32.")
+    st.markdown(f"Setting: {summary} → retention {fmt_pct(result.retention, 2)}, stored size "
+                f"{fmt_bytes(result.model_bytes_compressed)} (computed) vs {fmt_bytes(result.model_bytes_fp32)} fp32.")
 
     def bundle() -> bytes:
         model = session.inference_model(result, bn) if bn else None
@@ -39,7 +37,7 @@ with guard("Preparing the export"):
         st.subheader("Compressed model, packed")
         st.caption("The real savings on disk: per layer the keep-mask (or kept indices), the integer codes of each "
                    "chunk bit-packed at their bit-width, per-channel scales and the 1-bit chunk selector, in one "
-                   "checksummed safetensors file (`core.packing`). Upload it back in the sidebar.")
+                   "checksummed safetensors file (`core.deploy.packing`). Upload it back in the sidebar.")
         packed = state.setdefault("_packed", {})
         key = (loaded.key, config)
         if key not in packed and st.button("Pack the model", key="pack_model"):
@@ -48,9 +46,9 @@ with guard("Preparing the export"):
                 packed[key] = packed_bytes(result, loaded)
         if key in packed:
             data = packed[key]
-            st.metric("File size · measured", f"{len(data) / 1024:.1f} KiB",
-                      f"computed stored size {result.model_bytes_compressed / 1024:.1f} KiB; "
-                      f"fp32 {result.model_bytes_fp32 / 1024:.1f} KiB", delta_color="off",
+            st.metric("File size · measured", fmt_bytes(len(data)),
+                      f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
+                      f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
                       help="The file's bytes; the difference to the computed size is the container (header, "
                            "table, safetensors framing).")
             st.download_button("Download packed model (.safetensors)", data, file_name=f"{stem}.packed.safetensors",
@@ -79,22 +77,12 @@ st.caption("Upload a settings JSON exported here to set the Explore sliders to i
 uploaded = st.file_uploader("Settings JSON", type=["json"], key="settings_file")
 if uploaded is not None and st.button("Apply these settings", key="apply_settings"):
     try:
-        loaded_config = config_from_dict(json.loads(uploaded.getvalue().decode("utf-8")))
-        if loaded_config.b_low not in PALETTE or loaded_config.b_high not in PALETTE:
-            raise ValueError(f"bit-widths {loaded_config.b_low}/{loaded_config.b_high} are not in the app's "
-                             f"palette {PALETTE}")
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        skipped = apply_config(read_settings(uploaded.getvalue()), session)
+    except ValueError as err:  # ConfigError included: the message names the field
         st.error(f"{uploaded.name} is not a settings file of this app ({err}). Export one above and try again.")
     else:
-        state["tau"] = loaded_config.tau
-        state["quantize"] = loaded_config.theta is not None
-        state["theta_mode"] = loaded_config.theta_mode
-        if loaded_config.theta is not None:
-            state[f"theta_{loaded_config.theta_mode}"] = loaded_config.theta
-        state["b_low"], state["b_high"] = loaded_config.b_low, loaded_config.b_high
-        state["include_norm"] = loaded_config.include_norm
-        state["layer_tau"] = dict(loaded_config.layer_tau)
-        state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
+        for note in skipped:
+            st.warning(note)
         st.success("Settings applied: open the Explore page to see them.")
 
 footer(page="export")

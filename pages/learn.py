@@ -2,7 +2,7 @@
 import numpy as np
 import streamlit as st
 
-from core.teaching import OUR_CODE, PAPER_PSEUDOCODE, worked_example
+from core.services.teaching import OUR_CODE, PAPER_PSEUDOCODE, worked_example
 from ui.charts import heatmap_figure
 from ui.sidebar import page_setup
 from ui.state import PALETTE, footer, guard
@@ -34,7 +34,7 @@ with a:
                 "`weight`, BatchNorm scales included.")
     st.code(PAPER_PSEUDOCODE, language="python")
 with b:
-    st.markdown("**Here (`core.engine`)** — never modifies the model, prunes Conv/Linear weights by default "
+    st.markdown("**Here (`core.method.engine`)** — never modifies the model, prunes Conv/Linear weights by default "
                 "(BatchNorm only with `include_norm=True`), θ relative to max|W| by default.")
     st.code(OUR_CODE, language="python")
 

@@ -1,13 +1,15 @@
 """Tune: accuracy and retention against τ (and θ), with BN recalibration and a magnitude baseline."""
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.explore import CALIBRATION_IMAGES
-from core.sweep import QuantSetting, SweepConfig, largest_tau_within, run_sweep
+from core.services.session import CALIBRATION_IMAGES
+from core.measure.sweeps import QuantSetting, SweepConfig, largest_tau_within, pareto_points, run_sweep, series_labels
 from ui.charts import curves_figure, pareto_figure
 from ui.sidebar import page_setup
-from ui.state import PALETTE, current_config, device, footer, guard
+from ui.state import PALETTE, apply_config, current_config, device, footer, guard
 
 session = page_setup()
 loaded = session.loaded
@@ -69,10 +71,7 @@ if frame is not None and state.get("tune_key", (None,))[0] != loaded.key:
 if frame is None:
     st.info("Press **Run τ sweep** to measure the curves (rows already computed once are read from the disk cache).")
 else:
-    data = frame.copy()
-    data["series"] = data["method"].map({"boundary": "boundary pruning", "global_magnitude": "global magnitude "
-                                         "(same retention)", "layer_l1": "per-layer L1 (same retention)",
-                                         "dense": "dense"}) + np.where(data["bn_recalibrated"], " + BN recal", "")
+    data = frame.assign(series=series_labels(frame))
     curves = data[(data["method"] != "dense") & data["theta"].isna()]
     dense_rows = data[data["method"] == "dense"]
     left, right = st.columns(2)
@@ -116,13 +115,9 @@ else:
                        + f". Measured on {int(frame['n'].iloc[0]):,} test images; among the swept τ values "
                          "(every smaller τ also passes).")
 
-            def _apply(tau=choice.tau, bn=use_bn):
-                state["tau"] = float(tau)
-                state["bn_recal"] = bool(bn)
-                state["layer_tau"] = {}
-                state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
-
-            if x2.button(f"Apply τ = {choice.tau:g} in Explore", key="tune_apply", on_click=_apply):
+            chosen = replace(config_now, tau=choice.tau, layer_tau=())
+            if x2.button(f"Apply τ = {choice.tau:g} in Explore", key="tune_apply", on_click=apply_config,
+                         args=(chosen, session), kwargs={"bn_recalibrate": use_bn}):
                 st.switch_page("pages/explore.py")
 
 # ---------------------------------------------------------------- θ sweep
@@ -167,18 +162,7 @@ else:
 st.subheader("Size vs accuracy (Pareto)")
 parts = [x for x in (state.get("tune_frame"), state.get("tune_theta_frame")) if x is not None]
 if parts and state.get("tune_key", (None,))[0] == loaded.key:
-    allrows = pd.concat(parts, ignore_index=True)
-    points_df = allrows[allrows["method"].isin(["dense", "boundary"])].copy()
-    points_df["size_fraction"] = np.where(points_df["method"] == "dense", 1.0, 1.0 / points_df["size_ratio"])
-    points_df = points_df[np.isfinite(points_df["size_fraction"])]
-    points_df["series"] = np.where(points_df["theta"].notna(), "pruned + quantized", "pruned (fp32)")
-    points_df.loc[points_df["method"] == "dense", "series"] = "dense"
-    points_df["series"] += np.where(points_df["bn_recalibrated"], " + BN recal", "")
-    points_df["setting"] = ("τ=" + points_df["tau"].map("{:g}".format)
-                            + np.where(points_df["theta"].notna(), ", θ=" + points_df["theta"].map("{:g}".format)
-                                       + " " + points_df["b_low"].astype(str) + "/" + points_df["b_high"].astype(str)
-                                       + " bit", ""))
-    st.plotly_chart(pareto_figure(points_df), key="tune_pareto")
+    st.plotly_chart(pareto_figure(pareto_points(parts)), key="tune_pareto")
     st.caption("What you see: every measured setting by its stored size (computed from the storage format, as a "
                "share of fp32) and its measured accuracy; the dotted line joins the settings no other setting "
                "beats on both.")

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.explore import HistogramData
+from core.services.histogram import HistogramData
 
 PRUNED = "#9e9e9e"
 LOW = "#f28e2b"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.catalog import MAX_UPLOAD_BYTES, model_choices
-from core.models import REGISTRY
+from core.services.choices import model_choices
+from core.services.uploads import MAX_UPLOAD_BYTES
+from core.workloads.models import REGISTRY
 from ui.state import UPLOAD_KEY, consume_pending_upload, devices, explorer, guard
 
 AUTO_ARCH = "auto (from a file exported by this app)"
@@ -34,7 +35,7 @@ def render_sidebar():
             st.selectbox("Architecture of the upload", [AUTO_ARCH] + list(REGISTRY), key="upload_arch",
                          help="A plain state_dict needs its architecture; files exported by this app carry it.")
             st.file_uploader(
-                f"State dict (.pt/.pth/.safetensors, ≤ {MAX_UPLOAD_BYTES // 2 ** 20} MB)",
+                f"State dict (.pt/.pth/.safetensors, ≤ {MAX_UPLOAD_BYTES // 2 ** 20} MiB)",
                 type=["pt", "pth", "bin", "safetensors"], key="upload_file", on_change=_on_file,
                 help="Loaded with torch.load(weights_only=True) or safetensors: nothing is unpickled.")
             if "upload_error" in state:
@@ -66,7 +67,7 @@ def page_setup(need_model: bool = True):
     as ``streamlit.testing`` does after the first run.) With ``need_model`` the page stops
     with an error when no model could be prepared.
     """
-    from core.explore import configure_threads
+    from core.services.threads import configure_threads
     from ui.state import init_state
 
     configure_threads()

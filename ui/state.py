@@ -15,11 +15,12 @@ from contextlib import contextmanager
 import streamlit as st
 import torch
 
-from core.catalog import LoadedModel, load_choice, model_choices, read_upload
-from core.data import DataError
-from core.engine import CompressionConfig
-from core.explore import DEFAULT_QUICK_PER_CLASS, ExploreSession
-from core.models import CheckpointError
+from core.services.choices import LoadedModel, load_choice, model_choices
+from core.services.uploads import read_upload
+from core.workloads.data import DataError
+from core.method.config import CompressionConfig
+from core.services.session import DEFAULT_QUICK_PER_CLASS, ExploreSession
+from core.workloads.models import CheckpointError
 
 log = logging.getLogger("boundary_explorer")
 
@@ -166,6 +167,41 @@ def current_config(session: ExploreSession) -> tuple[CompressionConfig, list[str
     return config, notes
 
 
+def apply_config(config: CompressionConfig, session: ExploreSession | None = None, *,
+                 bn_recalibrate: bool | None = None) -> list[str]:
+    """Write ``config`` into the widgets' state, so that :func:`current_config` gives it back.
+
+    ``session``: the model it is applied to; per-layer τ for layers that model does not have
+    are left out, and listed in the returned notes (nothing is dropped silently).
+    ``bn_recalibrate``: also set the BN-recalibration toggle. Raises ``ValueError`` for
+    bit-widths outside the app's palette.
+    """
+    if config.quantized and not {config.b_low, config.b_high} <= set(PALETTE):
+        raise ValueError(f"bit-widths {config.b_low}/{config.b_high} are not in the app's palette {PALETTE}")
+    state = st.session_state
+    overrides = dict(config.layer_tau)
+    notes = []
+    if session is not None:
+        valid = set(session.layer_names(config.include_norm))
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            notes.append(f"{len(unknown)} per-layer τ value(s) not applied, for layers this model does not have: "
+                         + ", ".join(unknown[:10]) + (" …" if len(unknown) > 10 else ""))
+        overrides = {name: tau for name, tau in overrides.items() if name in valid}
+    state["tau"] = config.tau
+    state["quantize"] = config.quantized
+    state["theta_mode"] = config.theta_mode
+    if config.quantized:
+        state[f"theta_{config.theta_mode}"] = config.theta
+    state["b_low"], state["b_high"] = config.b_low, config.b_high
+    state["include_norm"] = config.include_norm
+    state["layer_tau"] = overrides
+    state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
+    if bn_recalibrate is not None:
+        state["bn_recal"] = bool(bn_recalibrate)
+    return notes
+
+
 # ---------------------------------------------------------------- errors and the footer
 
 @contextmanager
@@ -219,7 +255,3 @@ def footer(breakdown: dict[str, float] | None = None, page: str = "page", budget
         text += f" · of which (ms): {parts}"
     st.divider()
     st.caption(text)
-
-
-def fmt_pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f} %"

@@ -1,0 +1,1 @@
+"""Foundation with no project imports: well-known paths, the one timer, and the formatters."""

@@ -1,0 +1,43 @@
+"""How numbers read in the app, the tables and the messages: one formatter per kind of quantity.
+
+Bytes are binary units labelled as such (1 MiB = 2**20 bytes); fractions are shown as
+percentages; durations switch from seconds to milliseconds below 10 ms.
+"""
+from __future__ import annotations
+
+import math
+
+KIB = 1024
+MIB = 1024 ** 2
+
+
+def fmt_bytes(n_bytes: float) -> str:
+    """``n_bytes`` as KiB below 1 MiB, else MiB: ``"367.9 KiB"``, ``"44.66 MiB"``."""
+    if n_bytes >= MIB:
+        return f"{n_bytes / MIB:.2f} MiB"
+    return f"{n_bytes / KIB:.1f} KiB"
+
+
+def fmt_mib(mib: float) -> str:
+    """A memory figure already in MiB: ``"674.2 MiB"``."""
+    return f"{mib:.1f} MiB"
+
+
+def fmt_pct(fraction: float, digits: int = 1) -> str:
+    """A fraction in [0, 1] as a percentage: ``fmt_pct(0.3082) == "30.8 %"``."""
+    return f"{100 * fraction:.{digits}f} %"
+
+
+def fmt_seconds(seconds: float) -> str:
+    """``"0.123 s"`` from 10 ms up, ``"4.56 ms"`` below (three significant digits)."""
+    return f"{seconds:.3g} s" if seconds >= 0.01 else f"{seconds * 1e3:.3g} ms"
+
+
+def is_missing(value: object) -> bool:
+    """None or NaN: shown as a dash, never as a number."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_kib(n_bytes: float) -> str:
+    """Always in KiB, for tables whose rows should compare at a glance: ``"1068.8 KiB"``."""
+    return f"{n_bytes / KIB:.1f} KiB"

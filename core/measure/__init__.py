@@ -1,0 +1,1 @@
+"""How a result is measured: accuracy, τ sweeps, realized savings and the paper's benchmark suite."""

@@ -1,0 +1,586 @@
+"""τ sweeps: accuracy and retention of boundary pruning across τ, against magnitude baselines.
+
+:func:`run_sweep` evaluates, for every τ of a :class:`SweepConfig` (and optionally every
+θ/bit-width setting of it at that τ):
+
+* ``boundary``          boundary pruning from :class:`core.method.engine.Engine` (optionally
+                        quantized: the ``theta``/``b_low``/``b_high`` columns are set);
+* ``global_magnitude``  ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``
+                        over the same layers, pruning exactly as many weights as boundary
+                        pruning prunes at that τ (same retention, to the weight);
+* ``layer_l1``          ``torch.nn.utils.prune.l1_unstructured`` on every layer with the same
+                        global amount 1 − ρ, the per-layer counts apportioned by largest
+                        remainder so the total again equals boundary pruning's, to the weight;
+* ``dense``             the unpruned model (τ = 0, retention 1), the reference for
+                        :func:`largest_tau_within`.
+
+Each of these is evaluated as it is and, when the config asks for it and the model has
+BatchNorm, after :func:`core.measure.accuracy.bn_recalibrate` on :func:`core.measure.accuracy.calibration_images`
+(``bn_recalibrated`` column). Accuracy is :func:`core.measure.accuracy.evaluate` on the full test set,
+or on a fixed class-balanced subset (``per_class``); ``ci_low``/``ci_high`` are the Wilson 95%
+interval of that figure. Baselines are run for pruning-only settings (not for θ/bit-width rows).
+
+Contract:
+
+* the input model is never modified (the engine works on its own snapshot; baselines and the
+  dense reference run on deep copies);
+* every row is cached on disk under ``core.common.paths.cache_dir()/"sweeps"``, keyed by the model
+  (checkpoint SHA256 when given, else a SHA256 of the state_dict), the evaluation data and
+  subset (archive checksum or a hash of the tensors, ``per_class``, seed), the calibration
+  data, the device, the torch version and the row's own setting; a later call with the same
+  keys returns the stored numbers without running the model (``cached`` column). ``seconds``
+  is always the time the row took when it was computed;
+* ``on_progress(done, total, label)`` is called once before the first row (``done = 0``) and
+  after every row, cached or computed.
+
+CLI:  ``python -m core.measure.sweeps resnet20 --taus 0 0.05 0.1 0.2 --per-class 100``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from core.common import paths
+from core.method.config import CompressionConfig
+from core.method.engine import CompressionResult, Engine
+from core.workloads.models import state_dict_digest
+from core.measure.accuracy import (
+    CALIBRATION_RECIPE,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    EvalData,
+    balanced_subset,
+    bn_recalibrate,
+    calibration_images,
+    eval_data,
+    evaluate,
+    has_batchnorm,
+    wilson_interval,
+)
+from core.method.pruning import check_tau, prunable_layers
+from core.method.quantization import DEFAULT_PALETTE
+
+SWEEP_CACHE_VERSION = 1
+BASELINES: tuple[str, ...] = ("global_magnitude", "layer_l1")
+METHODS: tuple[str, ...] = ("dense", "boundary") + BASELINES
+DEFAULT_TAUS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+COLUMNS: tuple[str, ...] = (
+    "method", "tau", "theta", "theta_mode", "b_low", "b_high", "bn_recalibrated",
+    "retention", "accuracy", "n", "ci_low", "ci_high", "size_ratio", "seconds", "cached",
+)
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """A θ/bit-width setting evaluated at each τ (see :class:`core.method.engine.CompressionConfig`)."""
+
+    theta: float
+    b_low: int = 4
+    b_high: int = 8
+    theta_mode: str = "relative"
+
+    def __post_init__(self) -> None:
+        checked = CompressionConfig(theta=self.theta, theta_mode=self.theta_mode, b_low=self.b_low, b_high=self.b_high)
+        object.__setattr__(self, "theta", checked.theta)
+
+    def label(self) -> str:
+        return f"θ={self.theta:g} ({self.theta_mode}) {self.b_low}/{self.b_high} bit"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What one sweep evaluates.
+
+    * ``taus``: τ values in [0, 1] (sorted, duplicates dropped).
+    * ``quant``: θ/bit-width settings also evaluated at every τ (pruning only is always run).
+    * ``bn_recalibration``: also evaluate every row after BN recalibration on
+      ``calibration_size`` training images drawn with ``calibration_seed`` (skipped for a
+      model without BatchNorm).
+    * ``baselines``: any of :data:`BASELINES`, run at boundary pruning's retention per τ.
+    * ``per_class``: evaluate on ``per_class`` images of every class (a fixed subset drawn
+      with ``subset_seed``) instead of the whole test set; ``None`` = every image.
+    * ``include_norm``: the paper's option of also pruning normalisation scales (the
+      baselines then prune the same parameters).
+    """
+
+    taus: tuple[float, ...] = DEFAULT_TAUS
+    quant: tuple[QuantSetting, ...] = ()
+    bn_recalibration: bool = True
+    baselines: tuple[str, ...] = BASELINES
+    per_class: int | None = None
+    subset_seed: int = 0
+    calibration_size: int = 2000
+    calibration_seed: int = 42
+    include_norm: bool = False
+
+    def __post_init__(self) -> None:
+        taus = tuple(sorted({check_tau(t) for t in self.taus}))
+        if not taus:
+            raise ValueError("a sweep needs at least one tau")
+        object.__setattr__(self, "taus", taus)
+        quant = tuple(self.quant)
+        if not all(isinstance(q, QuantSetting) for q in quant):
+            raise TypeError("quant must hold QuantSetting values")
+        object.__setattr__(self, "quant", tuple(dict.fromkeys(quant)))
+        baselines = tuple(dict.fromkeys(self.baselines))
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {BASELINES}")
+        object.__setattr__(self, "baselines", baselines)
+        if self.per_class is not None and (isinstance(self.per_class, bool) or int(self.per_class) < 1):
+            raise ValueError(f"per_class must be a positive integer or None, got {self.per_class!r}")
+        if self.calibration_size < 1:
+            raise ValueError("calibration_size must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row to evaluate: a method at a τ, optionally quantized, with or without BN recalibration."""
+
+    method: str
+    tau: float
+    quant: QuantSetting | None
+    bn: bool
+
+    def key(self) -> dict:
+        q = self.quant
+        return {"method": self.method, "tau": self.tau, "bn": self.bn,
+                "quant": None if q is None else [q.theta, q.theta_mode, q.b_low, q.b_high]}
+
+    def base(self) -> "_Row":
+        return _Row(self.method, self.tau, self.quant, False)
+
+    def label(self) -> str:
+        text = "dense" if self.method == "dense" else f"{self.method} τ={self.tau:g}"
+        if self.quant is not None:
+            text += f", {self.quant.label()}"
+        return text + (" + BN recal" if self.bn else "")
+
+
+def _plan(config: SweepConfig, bn: bool) -> list[_Row]:
+    flags = (False, True) if bn else (False,)
+    rows = [_Row("dense", 0.0, None, b) for b in flags]
+    for tau in config.taus:
+        rows += [_Row("boundary", tau, None, b) for b in flags]
+        rows += [_Row(method, tau, None, b) for method in config.baselines for b in flags]
+        rows += [_Row("boundary", tau, q, b) for q in config.quant for b in flags]
+    return rows
+
+
+# ---------------------------------------------------------------- fingerprints and the cache
+
+_DIGESTS: dict[int, str] = {}
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA256 of a tensor's dtype, shape and bytes (memoised per tensor object; treat it as read-only)."""
+    key = id(tensor)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    data = tensor.detach().cpu().contiguous()
+    if data.numel():
+        digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    value = digest.hexdigest()
+    _DIGESTS[key] = value
+    weakref.finalize(tensor, _DIGESTS.pop, key, None)
+    return value
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def sweep_cache_dir() -> Path:
+    """Default location of cached sweep rows: ``core.common.paths.cache_dir()/"sweeps"``."""
+    return paths.cache_dir() / "sweeps"
+
+
+class _RowCache:
+    """One JSON file per row under ``<root>/<context hash>/<row hash>.json``; atomic writes."""
+
+    def __init__(self, root: Path | None, context: dict, enabled: bool):
+        self.enabled = enabled
+        self.folder = (root or sweep_cache_dir()) / _hash(context)
+        self.context = context
+
+    def _path(self, row: _Row) -> Path:
+        return self.folder / f"{_hash(row.key())}.json"
+
+    def get(self, row: _Row) -> dict | None:
+        if not self.enabled:
+            return None
+        path = self._path(row)
+        if not path.is_file():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # a damaged entry is recomputed
+        if stored.get("key") != row.key() or not isinstance(stored.get("values"), dict):
+            return None
+        return stored["values"]
+
+    def put(self, row: _Row, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        context_file = self.folder / "context.json"
+        if not context_file.is_file():
+            _atomic_write(context_file, json.dumps(self.context, indent=1, sort_keys=True))
+        _atomic_write(self._path(row), json.dumps({"key": row.key(), "values": values}))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- baselines
+
+def _target_kept(result: CompressionResult) -> tuple[int, int]:
+    return int(result.stats["kept"].sum()), int(result.stats["numel"].sum())
+
+
+def _largest_remainder(numels: Sequence[int], n_prune: int) -> list[int]:
+    """Per-layer prune counts ≈ (n_prune/N)·n_i, summing exactly to ``n_prune``."""
+    total = sum(numels)
+    if total == 0:
+        return [0] * len(numels)
+    ideal = [n_prune * n / total for n in numels]
+    counts = [math.floor(x) for x in ideal]
+    left = n_prune - sum(counts)
+    order = sorted(range(len(numels)), key=lambda i: (ideal[i] - counts[i], numels[i]), reverse=True)
+    for i in order:
+        if left == 0:
+            break
+        if counts[i] < numels[i]:
+            counts[i] += 1
+            left -= 1
+    return counts
+
+
+def magnitude_baseline(model: nn.Module, method: str, n_prune: int, include_norm: bool = False) -> tuple[nn.Module, float]:
+    """A pruned deep copy of ``model`` and its measured retention.
+
+    ``method="global_magnitude"``: ``prune.global_unstructured`` (L1) removing exactly
+    ``n_prune`` weights over all Conv/Linear layers; ``"layer_l1"``: ``prune.l1_unstructured``
+    per layer, the counts apportioned by largest remainder (same total). The masks are made
+    permanent with ``prune.remove``; ``model`` itself is not modified.
+    """
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
+    with torch.no_grad():
+        pruned = copy.deepcopy(model)
+    layers = prunable_layers(pruned, include_norm=include_norm)
+    numels = [layer.weight.numel() for layer in layers]
+    if not 0 <= n_prune <= sum(numels):
+        raise ValueError(f"cannot prune {n_prune} of {sum(numels)} weights")
+    if method == "global_magnitude":
+        prune.global_unstructured([(layer.module, "weight") for layer in layers],
+                                  pruning_method=prune.L1Unstructured, amount=int(n_prune))
+    else:
+        for layer, count in zip(layers, _largest_remainder(numels, n_prune)):
+            prune.l1_unstructured(layer.module, "weight", amount=int(count))
+    kept = sum(int(layer.module.weight_mask.sum()) for layer in layers)
+    for layer in layers:
+        prune.remove(layer.module, "weight")
+    return pruned.eval(), kept / sum(numels)
+
+
+# ---------------------------------------------------------------- running a sweep
+
+class _Runner:
+    """Builds what the rows need only when a row is not in the cache."""
+
+    def __init__(self, model: nn.Module, config: SweepConfig, data: EvalData | None,
+                 calibration: torch.Tensor | None, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: str | torch.device):
+        self.model, self.config, self.device = model, config, device
+        self._data, self._calibration = data, calibration
+        self.mean, self.std = mean, std
+        self._engine: Engine | None = None
+        self._eval: EvalData | None = None
+        self._models: dict[_Row, tuple[nn.Module, float, float]] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            bits = {b for q in self.config.quant for b in (q.b_low, q.b_high)}
+            self._engine = Engine(self.model, palette=set(DEFAULT_PALETTE) | bits)
+        return self._engine
+
+    @property
+    def eval_set(self) -> EvalData:
+        if self._eval is None:
+            data = self._data if self._data is not None else eval_data("test", self.mean, self.std)
+            if self.config.per_class is not None:
+                data = balanced_subset(data, int(self.config.per_class), self.config.subset_seed)
+            self._eval = data
+        return self._eval
+
+    @property
+    def calibration(self) -> torch.Tensor:
+        if self._calibration is None:
+            self._calibration = calibration_images(self.config.calibration_size, self.config.calibration_seed,
+                                                   self.mean, self.std)
+        return self._calibration
+
+    def _pruned(self, row: _Row) -> tuple[nn.Module, float, float]:
+        """(model, retention, size_ratio) for a row without BN recalibration; memoised per τ."""
+        if row in self._models:
+            return self._models[row]
+        if self._models and next(iter(self._models)).tau != row.tau:
+            self._models.clear()  # rows come in τ order: keep only the current τ's models
+        if row.method == "dense":
+            with torch.no_grad():
+                out = (copy.deepcopy(self.model).eval(), 1.0, float("nan"))
+        elif row.method == "boundary":
+            q = row.quant
+            config = CompressionConfig(tau=row.tau, include_norm=self.config.include_norm) if q is None else \
+                CompressionConfig(tau=row.tau, theta=q.theta, theta_mode=q.theta_mode, b_low=q.b_low,
+                                  b_high=q.b_high, include_norm=self.config.include_norm)
+            result = self.engine.apply(config)
+            out = (result.model, result.retention, result.size_ratio)
+        else:
+            result = self.engine.apply(CompressionConfig(tau=row.tau, include_norm=self.config.include_norm))
+            kept, total = _target_kept(result)
+            model, retention = magnitude_baseline(self.model, row.method, total - kept, self.config.include_norm)
+            out = (model, retention, float("nan"))
+        self._models[row] = out
+        return out
+
+    def compute(self, row: _Row) -> dict:
+        start = time.perf_counter()
+        model, retention, size_ratio = self._pruned(row.base())
+        if row.bn:
+            model = bn_recalibrate(model, self.calibration)
+        report = evaluate(model, self.eval_set, device=self.device)
+        correct = round(report.accuracy * report.n)
+        low, high = wilson_interval(correct, report.n)
+        return {"retention": retention, "accuracy": report.accuracy, "n": report.n, "ci_low": low,
+                "ci_high": high, "size_ratio": size_ratio, "seconds": time.perf_counter() - start}
+
+
+def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: EvalData | None,
+             calibration: torch.Tensor | None, mean: tuple[float, ...], std: tuple[float, ...],
+             device: str | torch.device, bn: bool) -> dict:
+    if data is None:
+        from core.workloads.data import verify_archive
+
+        data_key = {"source": "cifar10-jpeg", "split": "test", "sha256": verify_archive("test")[1],
+                    "mean": list(mean), "std": list(std)}
+    else:
+        data_key = {"images": tensor_digest(data.images), "labels": tensor_digest(data.labels)}
+    calibration_key = None
+    if bn:
+        if calibration is None:
+            from core.workloads.data import verify_archive
+
+            calibration_key = {"source": "cifar10-jpeg", "split": "train", "sha256": verify_archive("train")[1],
+                               "n": config.calibration_size, "seed": config.calibration_seed,
+                               "recipe": CALIBRATION_RECIPE,
+                               "mean": list(mean), "std": list(std)}
+        else:
+            calibration_key = {"images": tensor_digest(calibration)}
+    return {
+        "version": SWEEP_CACHE_VERSION,
+        "torch": torch.__version__,
+        "device": torch.device(device).type,
+        "model": model_id if model_id is not None else "state_dict:" + state_dict_digest(model),
+        "data": data_key,
+        "per_class": config.per_class,
+        "subset_seed": config.subset_seed if config.per_class is not None else None,
+        "calibration": calibration_key,
+        "include_norm": config.include_norm,
+    }
+
+
+def run_sweep(
+    model: nn.Module,
+    config: SweepConfig = SweepConfig(),
+    *,
+    data: EvalData | None = None,
+    calibration: torch.Tensor | None = None,
+    model_id: str | None = None,
+    mean: Iterable[float] = CIFAR_MEAN,
+    std: Iterable[float] = CIFAR_STD,
+    device: str | torch.device = "cpu",
+    use_cache: bool = True,
+    cache_root: str | os.PathLike | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> pd.DataFrame:
+    """Accuracy and retention of boundary pruning and the baselines across ``config.taus``.
+
+    ``data``: the evaluation set (default: the CIFAR-10 JPEG test set normalised with
+    ``mean``/``std``); ``calibration``: normalised images for BN recalibration (default:
+    ``calibration_images(config.calibration_size, config.calibration_seed, mean, std)``).
+    ``model_id``: a stable identifier of the weights (e.g. ``"sha256:<checkpoint sha>"``)
+    for the cache key; by default the state_dict is hashed. ``cache_root`` defaults to
+    :func:`sweep_cache_dir`.
+
+    Returns one row per evaluated setting with the columns :data:`COLUMNS`, in plan order
+    (dense first, then per τ: boundary, baselines, θ/bit-width settings). ``model`` is not
+    modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"run_sweep needs a torch.nn.Module, got {type(model).__name__}")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    bn = config.bn_recalibration and has_batchnorm(model)
+    rows = _plan(config, bn)
+    cache = _RowCache(None if cache_root is None else Path(cache_root),
+                      _context(model, config, model_id, data, calibration, mean, std, device, bn), use_cache)
+    runner = _Runner(model, config, data, calibration, mean, std, device)
+    if on_progress is not None:
+        on_progress(0, len(rows), "starting")
+    records = []
+    for done, row in enumerate(rows, start=1):
+        values = cache.get(row)
+        cached = values is not None
+        if values is None:
+            values = runner.compute(row)
+            cache.put(row, values)
+        q = row.quant
+        records.append({
+            "method": row.method, "tau": row.tau,
+            "theta": float("nan") if q is None else q.theta,
+            "theta_mode": None if q is None else q.theta_mode,
+            "b_low": pd.NA if q is None else q.b_low,
+            "b_high": pd.NA if q is None else q.b_high,
+            "bn_recalibrated": row.bn, **values, "cached": cached,
+        })
+        if on_progress is not None:
+            on_progress(done, len(rows), row.label())
+    frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+    frame["b_low"] = frame["b_low"].astype("Int64")
+    frame["b_high"] = frame["b_high"].astype("Int64")
+    frame["n"] = frame["n"].astype(int)
+    return frame
+
+
+def sweep_pretrained(name: str, config: SweepConfig = SweepConfig(), **kwargs) -> pd.DataFrame:
+    """:func:`run_sweep` on a shipped checkpoint, with its card's normalisation and SHA256 as the cache key."""
+    from core.workloads.models import load_card, load_pretrained
+
+    card = load_card(name)
+    model = load_pretrained(name)
+    return run_sweep(model, config, model_id=f"sha256:{card['sha256']}", mean=card["mean"], std=card["std"], **kwargs)
+
+
+# ---------------------------------------------------------------- reading a sweep
+
+@dataclass(frozen=True)
+class TauChoice:
+    """The answer of :func:`largest_tau_within`."""
+
+    tau: float
+    retention: float
+    accuracy: float
+    dense_accuracy: float
+
+    @property
+    def drop_points(self) -> float:
+        return 100 * (self.dense_accuracy - self.accuracy)
+
+
+def largest_tau_within(frame: pd.DataFrame, points: float, *, method: str = "boundary",
+                       bn_recalibrated: bool = False, quant: QuantSetting | None = None,
+                       contiguous: bool = False) -> TauChoice | None:
+    """The largest swept τ whose accuracy is at most ``points`` percentage points below dense.
+
+    The reference is the ``dense`` row without BN recalibration (the model as loaded), or
+    the τ = 0 boundary row when the frame has no dense row. Rows are those of ``method``,
+    ``bn_recalibrated`` and ``quant`` (``None``: pruning only). ``contiguous=True`` also
+    requires every smaller swept τ to pass (the first τ where the drop exceeds ``points``
+    ends the search). ``None`` when no τ qualifies.
+    """
+    if points < 0:
+        raise ValueError("points must be ≥ 0")
+    dense = frame[(frame["method"] == "dense") & (~frame["bn_recalibrated"])]
+    if dense.empty:
+        dense = frame[(frame["method"] == "boundary") & (frame["tau"] == 0) & (~frame["bn_recalibrated"])
+                      & frame["theta"].isna()]
+    if dense.empty:
+        raise ValueError("the frame has no dense row (nor a τ = 0 boundary row) to compare against")
+    reference = float(dense["accuracy"].iloc[0])
+    rows = frame[(frame["method"] == method) & (frame["bn_recalibrated"] == bn_recalibrated)]
+    if quant is None:
+        rows = rows[rows["theta"].isna()]
+    else:
+        rows = rows[(rows["theta"] == quant.theta) & (rows["theta_mode"] == quant.theta_mode)
+                    & (rows["b_low"] == quant.b_low) & (rows["b_high"] == quant.b_high)]
+    rows = rows.sort_values("tau")
+    passes = rows["accuracy"] >= reference - points / 100 - 1e-12
+    if contiguous:
+        passes = passes.cumprod().astype(bool)
+    chosen = rows[passes]
+    if chosen.empty:
+        return None
+    best = chosen.iloc[-1]
+    return TauChoice(float(best["tau"]), float(best["retention"]), float(best["accuracy"]), reference)
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """A human-readable table: accuracy, CI and retention in percent."""
+    out = frame.copy()
+    for column in ("retention", "accuracy", "ci_low", "ci_high"):
+        out[column] = (100 * out[column]).map(lambda v: f"{v:.2f}")
+    out["theta"] = out["theta"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
+    out["theta_mode"] = out["theta_mode"].fillna("")
+    out["size_ratio"] = out["size_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    out["seconds"] = out["seconds"].map(lambda v: f"{v:.2f}")
+    out = out.rename(columns={"retention": "retention_%", "accuracy": "accuracy_%", "ci_low": "ci_low_%",
+                              "ci_high": "ci_high_%"})
+    return out.to_string(index=False)
+
+
+# ---------------------------------------------------------------- charts' data
+
+METHOD_LABELS: dict[str, str] = {"boundary": "boundary pruning", "global_magnitude": "global magnitude (same retention)",
+                                 "layer_l1": "per-layer L1 (same retention)", "dense": "dense"}
+
+
+def series_labels(frame: pd.DataFrame) -> pd.Series:
+    """One legend label per row: the method, with " + BN recal" where the row was BN-recalibrated."""
+    return frame["method"].map(METHOD_LABELS) + np.where(frame["bn_recalibrated"], " + BN recal", "")
+
+
+def pareto_points(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """The dense and boundary rows of sweep frames, as points of a size-vs-accuracy chart.
+
+    Adds ``size_fraction`` (stored size as a share of fp32: 1 for dense, else 1 / ``size_ratio``;
+    rows without a finite size are dropped), ``series`` (dense / pruned (fp32) / pruned +
+    quantized, + BN recal) and ``setting`` (τ, and θ with its bit-widths, as text).
+    """
+    rows = pd.concat(list(frames), ignore_index=True)
+    points = rows[rows["method"].isin(["dense", "boundary"])].copy()
+    points["size_fraction"] = np.where(points["method"] == "dense", 1.0, 1.0 / points["size_ratio"])
+    points = points[np.isfinite(points["size_fraction"])]
+    quantized = points["theta"].notna()
+    points["series"] = np.where(quantized, "pruned + quantized", "pruned (fp32)")
+    points.loc[points["method"] == "dense", "series"] = "dense"
+    points["series"] += np.where(points["bn_recalibrated"], " + BN recal", "")
+    points["setting"] = ("τ=" + points["tau"].map("{:g}".format)
+                         + np.where(quantized, ", θ=" + points["theta"].map("{:g}".format) + " "
+                                    + points["b_low"].astype(str) + "/" + points["b_high"].astype(str) + " bit", ""))
+    return points

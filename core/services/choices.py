@@ -1,0 +1,134 @@
+"""Which models the explorer offers, and loading one.
+
+* :func:`model_choices` lists the shipped checkpoints whose JSON card exists, the paper's
+  synthetic MLP (random weights, seed 42) and, only when no trained checkpoint is shipped
+  at all, an untrained ResNet-20 labelled as such.
+* :func:`load_choice` builds the :class:`LoadedModel` for a choice key (``pretrained:NAME``,
+  ``synthetic:mlp``, ``untrained:NAME``).
+
+Nothing here imports Streamlit.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from core.workloads.data import CIFAR_MEAN, CIFAR_STD
+from core.workloads.models import (
+    PRETRAINED,
+    REGISTRY,
+    build,
+    card_path,
+    load_card,
+    load_pretrained,
+)
+
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # the app's limit for an uploaded checkpoint
+SYNTHETIC_SEED = 42
+BUNDLE_FORMAT = "boundary-explorer/state_dict+masks/v1"
+SETTINGS_FORMAT = "boundary-explorer/settings/v1"
+#: Shipped checkpoints in the order the picker offers them (the first one found is the default).
+PREFERRED_ORDER: tuple[str, ...] = ("resnet20", "cifar_cnn", "resnet18")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model picker."""
+
+    key: str
+    label: str
+    arch: str
+    trained: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the explorer. ``model`` may be shared between sessions: treat it as read-only."""
+
+    key: str
+    label: str
+    arch: str
+    model: nn.Module
+    input_kind: str  # "cifar10" or "vector"
+    trained: bool
+    note: str = ""
+    card: dict | None = None
+    mean: tuple[float, ...] = CIFAR_MEAN
+    std: tuple[float, ...] = CIFAR_STD
+    source: str = ""  # where the weights came from (file name, checkpoint path, seed)
+    arch_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def in_dim(self) -> int:
+        first = next(m for m in self.model.modules() if isinstance(m, nn.Linear))
+        return first.in_features
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """A fixed random input batch of the right shape (N(0, 1); images are already normalised)."""
+        generator = torch.Generator().manual_seed(seed)
+        shape = (batch, 3, 32, 32) if self.input_kind == "cifar10" else (batch, self.in_dim)
+        return torch.randn(shape, generator=generator)
+
+
+def shipped_checkpoints() -> list[str]:
+    """Registry names whose checkpoint card exists, in :data:`PREFERRED_ORDER`."""
+    order = [n for n in PREFERRED_ORDER if n in PRETRAINED] + [n for n in PRETRAINED if n not in PREFERRED_ORDER]
+    return [name for name in order if card_path(name).is_file()]
+
+
+def _accuracy_text(card: dict) -> str:
+    accuracy = card.get("test_accuracy")
+    if isinstance(accuracy, (int, float)) and math.isfinite(accuracy):
+        return f"test accuracy {100 * accuracy:.2f} % on its card ({card.get('test_set', 'CIFAR-10 test set')})"
+    return "no test accuracy on its card"
+
+
+def model_choices() -> list[ModelChoice]:
+    """The picker's entries: shipped checkpoints first (default = first), then the synthetic MLP."""
+    choices = []
+    for name in shipped_checkpoints():
+        try:
+            card = json.loads(card_path(name).read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable card: not offered
+        choices.append(ModelChoice(f"pretrained:{name}", f"{REGISTRY[name].description} — trained", name, True,
+                                   _accuracy_text(card)))
+    if not choices:
+        choices.append(ModelChoice(
+            "untrained:resnet20", "CIFAR ResNet-20 — UNTRAINED (random weights, seed 42)", "resnet20", False,
+            "No trained checkpoint is shipped yet (assets/checkpoints/*.json missing): this ResNet-20 has random "
+            "weights, so its CIFAR-10 accuracy is chance level (about 10 %). Train one with "
+            "`python -m core.train resnet20`."))
+    choices.append(ModelChoice(
+        "synthetic:mlp", "Synthetic MLP of the paper (6 × 128, random weights, seed 42)", "mlp", False,
+        "The paper's synthetic benchmark model: random weights, Gaussian inputs, no accuracy to measure; "
+        "the output deviation from the dense model is shown instead."))
+    return choices
+
+
+def load_choice(key: str) -> LoadedModel:
+    """The model for a picker key. Raises ``FileNotFoundError``/``CheckpointError`` with what to do."""
+    kind, _, name = key.partition(":")
+    if kind == "pretrained":
+        card = load_card(name)
+        model = load_pretrained(name)
+        arch = card["arch"]
+        return LoadedModel(key, f"{REGISTRY[arch].description} — trained", arch, model,
+                           REGISTRY[arch].input_kind, True, _accuracy_text(card), card,
+                           tuple(card.get("mean", CIFAR_MEAN)), tuple(card.get("std", CIFAR_STD)),
+                           f"assets/checkpoints/{card['file']} (sha256 {card['sha256'][:12]}…)",
+                           dict(card.get("arch_kwargs", {})))
+    if kind in ("untrained", "synthetic") and name in REGISTRY:
+        torch.manual_seed(SYNTHETIC_SEED)
+        model = build(name).eval()
+        choice = next((c for c in model_choices() if c.key == key), None)
+        label = choice.label if choice else f"{REGISTRY[name].description} — untrained (random weights, seed 42)"
+        note = choice.note if choice else "Random weights: accuracy is chance level."
+        return LoadedModel(key, label, name, model, REGISTRY[name].input_kind, False, note,
+                           source=f"torch.manual_seed({SYNTHETIC_SEED}); core.workloads.models.build({name!r})")
+    raise ValueError(f"unknown model choice {key!r}")

@@ -1,0 +1,143 @@
+"""End to end in a real browser: ``streamlit run`` headless, Debian's Chromium driven by Playwright.
+
+Skipped (with the reason) when ``/usr/bin/chromium`` or the ``playwright`` package is missing;
+CI installs both (``.ci/run``). Screenshots go to ``results/screenshots/`` (git-ignored).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "results" / "screenshots"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TAU_SLIDER = 'input[type="range"][aria-label^="τ — boundary"]'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (see .ci/run) to run the browser test")
+    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().decode().strip() == "ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not answer /_stcore/health within 60 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+def _retention(page):
+    return page.locator('[data-testid="stMetric"]').filter(has_text="Retention").locator(
+        '[data-testid="stMetricValue"]')
+
+
+def _move_slider(page, slider, target: float, step: float = 0.01) -> None:
+    """Keyboard steps until the slider shows ``target`` (a press can be lost while the page reruns)."""
+    from playwright.sync_api import expect
+
+    slider.focus()
+    for _ in range(200):
+        value = float(slider.input_value())
+        if abs(value - target) < step / 2:
+            break
+        slider.focus()
+        page.keyboard.press("ArrowRight" if value < target else "ArrowLeft")
+        page.wait_for_timeout(50)
+    expect(slider).to_have_value(f"{target:g}")
+
+
+def _expected_retention_texts(*taus: float) -> dict[float, str]:
+    """The retention the page must show at each τ, computed here with the engine on the same default model."""
+    from core.services.choices import load_choice, model_choices
+    from core.method.config import CompressionConfig
+    from core.method.engine import Engine
+
+    engine = Engine(load_choice(model_choices()[0].key).model)
+    return {tau: f"{100 * engine.apply(CompressionConfig(tau=tau)).retention:.1f} %" for tau in taus}
+
+
+def test_moving_tau_updates_retention_in_the_browser(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    expected = _expected_retention_texts(0.2, 0.3, 0.15, 0.31)
+    assert len(set(expected.values())) == 4  # the four settings are distinguishable on the page
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            first = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
+            first.goto(app_url)
+            slider = first.locator(TAU_SLIDER)
+            expect(slider).to_have_value("0.2", timeout=90_000)
+            retention = _retention(first)
+            expect(retention).to_have_text(expected[0.2], timeout=90_000)
+            first.screenshot(path=str(SHOTS / "explore_tau_0.20.png"), full_page=True)
+
+            _move_slider(first, slider, 0.3)
+            expect(retention).to_have_text(expected[0.3], timeout=30_000)
+            expect(first.get_by_text(re.compile("Server-side update time"))).to_be_visible(timeout=30_000)
+            first.screenshot(path=str(SHOTS / "explore_tau_0.30.png"), full_page=True)
+
+            # a second user: own session, own τ; the first user's page does not move
+            second = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
+            second.goto(app_url)
+            other = second.locator(TAU_SLIDER)
+            expect(other).to_have_value("0.2", timeout=90_000)
+            expect(_retention(second)).to_have_text(expected[0.2], timeout=90_000)
+            _move_slider(second, other, 0.15)
+            expect(_retention(second)).to_have_text(expected[0.15], timeout=30_000)
+            expect(slider).to_have_value("0.3")
+            expect(retention).to_have_text(expected[0.3])
+            # the first user's next move starts from its own τ, not from the other user's
+            _move_slider(first, slider, 0.31)
+            expect(retention).to_have_text(expected[0.31], timeout=30_000)
+            expect(_retention(second)).to_have_text(expected[0.15])
+            first.screenshot(path=str(SHOTS / "explore_tau_0.31.png"), full_page=True)
+        finally:
+            browser.close()
