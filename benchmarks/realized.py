@@ -48,7 +48,8 @@ from core.method.engine import Engine  # noqa: E402
 from core.workloads.models import REGISTRY, build, load_pretrained  # noqa: E402
 from core.deploy.packing import save_compressed, state_dict_file_bytes  # noqa: E402
 from core.common.timing import time_interleaved  # noqa: E402
-from core.deploy.runtime import KERNELS, build_runtime, runtime_summary  # noqa: E402
+from core.deploy.kernels import KERNELS  # noqa: E402
+from core.deploy.runtime import build_runtime, runtime_summary  # noqa: E402
 
 MODELS: dict[str, tuple[str, dict]] = {
     "mlp": ("mlp", {}),
@@ -224,7 +225,7 @@ def bench_setting(key, result, batches, device, budget_s, cache: Path) -> list[d
 
 def crossover_sweep(batches, sparsities, device, budget_s) -> pd.DataFrame:
     """Single layers, dense vs sparse kernel, over sparsity: where does sparse start to win?"""
-    from core.deploy.runtime import make_kernel
+    from core.deploy.kernels import make_kernel
 
     layers = {
         "Linear 4096×4096": (lambda: nn.Linear(4096, 4096), lambda b: torch.randn(b, 4096)),

@@ -12,16 +12,9 @@ from pathlib import Path
 
 import torch
 
-from core.measure.sweeps import (
-    BASELINES,
-    DEFAULT_TAUS,
-    QuantSetting,
-    SweepConfig,
-    format_table,
-    largest_tau_within,
-    run_sweep,
-    sweep_pretrained,
-)
+from core.measure.sweeps import DEFAULT_TAUS, QuantSetting, SweepConfig, run_sweep, sweep_pretrained
+from core.measure.baselines import BASELINES
+from core.measure.sweep_results import format_table, largest_tau_within
 
 
 def _parse_quant(text: str) -> QuantSetting:

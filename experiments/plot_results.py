@@ -37,7 +37,8 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from core.measure.paper_suite import CSV_COLUMNS, DEFAULT_CURVE_TAUS, REALIZED_COLUMNS, PAPER_RESULTS, retention_curve  # noqa: E402
+from core.measure.paper_suite import DEFAULT_CURVE_TAUS, retention_curve  # noqa: E402
+from core.measure.paper_tables import CSV_COLUMNS, REALIZED_COLUMNS, PAPER_RESULTS  # noqa: E402
 from experiments._cli import CliError, OneLineParser, fail  # noqa: E402
 
 SWEEP_COLUMNS = ("method", "tau", "bn_recalibrated", "retention", "accuracy")

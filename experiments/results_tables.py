@@ -19,7 +19,13 @@ if str(REPO_ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 
-from core.measure.paper_suite import CSV_COLUMNS, REALIZED_COLUMNS, compare_with_paper, format_value, summarize  # noqa: E402
+from core.measure.paper_tables import (  # noqa: E402
+    CSV_COLUMNS,
+    REALIZED_COLUMNS,
+    compare_with_paper,
+    format_value,
+    summarize,
+)
 
 
 def markdown(df: pd.DataFrame) -> str:

@@ -4,7 +4,7 @@
     python experiments/run_boundary_pruning_cnn.py \\
       --dataset cifar10 --threshold 0.2 --batch-size 64 --runs 5 --output real_pruning_results.csv
 
-Writes one CSV row per run (columns: core.measure.paper_suite.CSV_COLUMNS) and a mean ± std summary
+Writes one CSV row per run (columns: core.measure.paper_tables.CSV_COLUMNS) and a mean ± std summary
 beside it (<stem>_summary.csv), and prints the summary next to the paper's quoted figures.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.measure.paper_suite import (  # noqa: E402
-    BenchmarkError, CnnBenchmarkConfig, compare_with_paper, preflight_cnn, run_cnn, summarize, summary_path,
-)
+from core.measure.paper_suite import BenchmarkError, CnnBenchmarkConfig, preflight_cnn, run_cnn  # noqa: E402
+from core.measure.paper_tables import compare_with_paper, summarize, summary_path  # noqa: E402
 from core.workloads.models import PRETRAINED, CheckpointError, load_card  # noqa: E402
 from experiments._cli import (  # noqa: E402
     CliError, OneLineParser, add_execution_paths_flag, add_quantization_flags, check_outputs, fail, positive_int,

@@ -5,7 +5,7 @@
       --layers 6 --in-dim 128 --out-dim 128 --threshold 0.2 --runs 5 --batch-size 64 \\
       --output synthetic_pruning_results.csv
 
-Writes one CSV row per run (columns: core.measure.paper_suite.CSV_COLUMNS) and a mean ± std summary
+Writes one CSV row per run (columns: core.measure.paper_tables.CSV_COLUMNS) and a mean ± std summary
 beside it (<stem>_summary.csv), and prints the summary next to the paper's quoted figures.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.measure.paper_suite import (  # noqa: E402
-    BenchmarkError, SyntheticBenchmarkConfig, compare_with_paper, preflight_synthetic, run_synthetic, summarize,
-    summary_path,
+    BenchmarkError, SyntheticBenchmarkConfig, preflight_synthetic, run_synthetic,
 )
+from core.measure.paper_tables import compare_with_paper, summarize, summary_path  # noqa: E402
 from experiments._cli import (  # noqa: E402
     CliError, OneLineParser, add_execution_paths_flag, add_quantization_flags, check_outputs, fail, positive_int,
     print_tables, progress_bar, unit_float, write_csv,

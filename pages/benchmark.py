@@ -3,14 +3,13 @@ import streamlit as st
 import torch
 
 from core.measure.paper_suite import (
-    PAPER_RESULTS,
     BenchmarkError,
     CnnBenchmarkConfig,
     SyntheticBenchmarkConfig,
-    compare_with_paper,
     run_cnn,
     run_synthetic,
 )
+from core.measure.paper_tables import PAPER_RESULTS, compare_with_paper
 from core.services.choices import shipped_checkpoints
 from ui.sidebar import page_setup
 from ui.state import devices, footer, guard

@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from core.services.session import CALIBRATION_IMAGES
-from core.measure.sweeps import QuantSetting, SweepConfig, largest_tau_within, pareto_points, run_sweep, series_labels
+from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
+from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
 from ui.charts import curves_figure, pareto_figure
 from ui.sidebar import page_setup
 from ui.state import PALETTE, apply_config, current_config, device, footer, guard

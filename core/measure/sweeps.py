@@ -40,29 +40,26 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from core.common import paths
+from core.measure.baselines import BASELINES, magnitude_baseline
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
+from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 from core.workloads.models import state_dict_digest
 from core.measure.accuracy import (
     CALIBRATION_RECIPE,
-    CIFAR_MEAN,
-    CIFAR_STD,
     EvalData,
     balanced_subset,
     bn_recalibrate,
@@ -72,11 +69,10 @@ from core.measure.accuracy import (
     has_batchnorm,
     wilson_interval,
 )
-from core.method.pruning import check_tau, prunable_layers
+from core.method.pruning import check_tau
 from core.method.quantization import DEFAULT_PALETTE
 
 SWEEP_CACHE_VERSION = 1
-BASELINES: tuple[str, ...] = ("global_magnitude", "layer_l1")
 METHODS: tuple[str, ...] = ("dense", "boundary") + BASELINES
 DEFAULT_TAUS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 COLUMNS: tuple[str, ...] = (
@@ -262,52 +258,6 @@ def _target_kept(result: CompressionResult) -> tuple[int, int]:
     return int(result.stats["kept"].sum()), int(result.stats["numel"].sum())
 
 
-def _largest_remainder(numels: Sequence[int], n_prune: int) -> list[int]:
-    """Per-layer prune counts ≈ (n_prune/N)·n_i, summing exactly to ``n_prune``."""
-    total = sum(numels)
-    if total == 0:
-        return [0] * len(numels)
-    ideal = [n_prune * n / total for n in numels]
-    counts = [math.floor(x) for x in ideal]
-    left = n_prune - sum(counts)
-    order = sorted(range(len(numels)), key=lambda i: (ideal[i] - counts[i], numels[i]), reverse=True)
-    for i in order:
-        if left == 0:
-            break
-        if counts[i] < numels[i]:
-            counts[i] += 1
-            left -= 1
-    return counts
-
-
-def magnitude_baseline(model: nn.Module, method: str, n_prune: int, include_norm: bool = False) -> tuple[nn.Module, float]:
-    """A pruned deep copy of ``model`` and its measured retention.
-
-    ``method="global_magnitude"``: ``prune.global_unstructured`` (L1) removing exactly
-    ``n_prune`` weights over all Conv/Linear layers; ``"layer_l1"``: ``prune.l1_unstructured``
-    per layer, the counts apportioned by largest remainder (same total). The masks are made
-    permanent with ``prune.remove``; ``model`` itself is not modified.
-    """
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
-    with torch.no_grad():
-        pruned = copy.deepcopy(model)
-    layers = prunable_layers(pruned, include_norm=include_norm)
-    numels = [layer.weight.numel() for layer in layers]
-    if not 0 <= n_prune <= sum(numels):
-        raise ValueError(f"cannot prune {n_prune} of {sum(numels)} weights")
-    if method == "global_magnitude":
-        prune.global_unstructured([(layer.module, "weight") for layer in layers],
-                                  pruning_method=prune.L1Unstructured, amount=int(n_prune))
-    else:
-        for layer, count in zip(layers, _largest_remainder(numels, n_prune)):
-            prune.l1_unstructured(layer.module, "weight", amount=int(count))
-    kept = sum(int(layer.module.weight_mask.sum()) for layer in layers)
-    for layer in layers:
-        prune.remove(layer.module, "weight")
-    return pruned.eval(), kept / sum(numels)
-
-
 # ---------------------------------------------------------------- running a sweep
 
 class _Runner:
@@ -485,102 +435,3 @@ def sweep_pretrained(name: str, config: SweepConfig = SweepConfig(), **kwargs) -
     card = load_card(name)
     model = load_pretrained(name)
     return run_sweep(model, config, model_id=f"sha256:{card['sha256']}", mean=card["mean"], std=card["std"], **kwargs)
-
-
-# ---------------------------------------------------------------- reading a sweep
-
-@dataclass(frozen=True)
-class TauChoice:
-    """The answer of :func:`largest_tau_within`."""
-
-    tau: float
-    retention: float
-    accuracy: float
-    dense_accuracy: float
-
-    @property
-    def drop_points(self) -> float:
-        return 100 * (self.dense_accuracy - self.accuracy)
-
-
-def largest_tau_within(frame: pd.DataFrame, points: float, *, method: str = "boundary",
-                       bn_recalibrated: bool = False, quant: QuantSetting | None = None,
-                       contiguous: bool = False) -> TauChoice | None:
-    """The largest swept τ whose accuracy is at most ``points`` percentage points below dense.
-
-    The reference is the ``dense`` row without BN recalibration (the model as loaded), or
-    the τ = 0 boundary row when the frame has no dense row. Rows are those of ``method``,
-    ``bn_recalibrated`` and ``quant`` (``None``: pruning only). ``contiguous=True`` also
-    requires every smaller swept τ to pass (the first τ where the drop exceeds ``points``
-    ends the search). ``None`` when no τ qualifies.
-    """
-    if points < 0:
-        raise ValueError("points must be ≥ 0")
-    dense = frame[(frame["method"] == "dense") & (~frame["bn_recalibrated"])]
-    if dense.empty:
-        dense = frame[(frame["method"] == "boundary") & (frame["tau"] == 0) & (~frame["bn_recalibrated"])
-                      & frame["theta"].isna()]
-    if dense.empty:
-        raise ValueError("the frame has no dense row (nor a τ = 0 boundary row) to compare against")
-    reference = float(dense["accuracy"].iloc[0])
-    rows = frame[(frame["method"] == method) & (frame["bn_recalibrated"] == bn_recalibrated)]
-    if quant is None:
-        rows = rows[rows["theta"].isna()]
-    else:
-        rows = rows[(rows["theta"] == quant.theta) & (rows["theta_mode"] == quant.theta_mode)
-                    & (rows["b_low"] == quant.b_low) & (rows["b_high"] == quant.b_high)]
-    rows = rows.sort_values("tau")
-    passes = rows["accuracy"] >= reference - points / 100 - 1e-12
-    if contiguous:
-        passes = passes.cumprod().astype(bool)
-    chosen = rows[passes]
-    if chosen.empty:
-        return None
-    best = chosen.iloc[-1]
-    return TauChoice(float(best["tau"]), float(best["retention"]), float(best["accuracy"]), reference)
-
-
-def format_table(frame: pd.DataFrame) -> str:
-    """A human-readable table: accuracy, CI and retention in percent."""
-    out = frame.copy()
-    for column in ("retention", "accuracy", "ci_low", "ci_high"):
-        out[column] = (100 * out[column]).map(lambda v: f"{v:.2f}")
-    out["theta"] = out["theta"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
-    out["theta_mode"] = out["theta_mode"].fillna("")
-    out["size_ratio"] = out["size_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    out["seconds"] = out["seconds"].map(lambda v: f"{v:.2f}")
-    out = out.rename(columns={"retention": "retention_%", "accuracy": "accuracy_%", "ci_low": "ci_low_%",
-                              "ci_high": "ci_high_%"})
-    return out.to_string(index=False)
-
-
-# ---------------------------------------------------------------- charts' data
-
-METHOD_LABELS: dict[str, str] = {"boundary": "boundary pruning", "global_magnitude": "global magnitude (same retention)",
-                                 "layer_l1": "per-layer L1 (same retention)", "dense": "dense"}
-
-
-def series_labels(frame: pd.DataFrame) -> pd.Series:
-    """One legend label per row: the method, with " + BN recal" where the row was BN-recalibrated."""
-    return frame["method"].map(METHOD_LABELS) + np.where(frame["bn_recalibrated"], " + BN recal", "")
-
-
-def pareto_points(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """The dense and boundary rows of sweep frames, as points of a size-vs-accuracy chart.
-
-    Adds ``size_fraction`` (stored size as a share of fp32: 1 for dense, else 1 / ``size_ratio``;
-    rows without a finite size are dropped), ``series`` (dense / pruned (fp32) / pruned +
-    quantized, + BN recal) and ``setting`` (τ, and θ with its bit-widths, as text).
-    """
-    rows = pd.concat(list(frames), ignore_index=True)
-    points = rows[rows["method"].isin(["dense", "boundary"])].copy()
-    points["size_fraction"] = np.where(points["method"] == "dense", 1.0, 1.0 / points["size_ratio"])
-    points = points[np.isfinite(points["size_fraction"])]
-    quantized = points["theta"].notna()
-    points["series"] = np.where(quantized, "pruned + quantized", "pruned (fp32)")
-    points.loc[points["method"] == "dense", "series"] = "dense"
-    points["series"] += np.where(points["bn_recalibrated"], " + BN recal", "")
-    points["setting"] = ("τ=" + points["tau"].map("{:g}".format)
-                         + np.where(quantized, ", θ=" + points["theta"].map("{:g}".format) + " "
-                                    + points["b_low"].astype(str) + "/" + points["b_high"].astype(str) + " bit", ""))
-    return points

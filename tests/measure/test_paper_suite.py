@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.measure.paper_suite import (
-    CSV_COLUMNS, PAPER_RESULTS, CnnBenchmarkConfig, SyntheticBenchmarkConfig, compare_with_paper, summarize,
-    summary_path,
-)
+from core.measure.paper_suite import CnnBenchmarkConfig, SyntheticBenchmarkConfig
+from core.measure.paper_tables import CSV_COLUMNS, PAPER_RESULTS, compare_with_paper, summarize, summary_path
 from core.workloads.models import card_path
 
 REPO = Path(__file__).resolve().parents[2]

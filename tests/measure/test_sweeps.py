@@ -14,7 +14,9 @@ from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.measure.accuracy import EvalData, bn_recalibrate, evaluate
 from core.method.pruning import prunable_layers
-from core.measure.sweeps import QuantSetting, SweepConfig, largest_tau_within, magnitude_baseline, run_sweep
+from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
+from core.measure.baselines import magnitude_baseline
+from core.measure.sweep_results import largest_tau_within
 from tests.conftest import same_state, state_fingerprint
 
 
