@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from core.method.config import CompressionConfig
-from core.method.pruning import PrunableLayer, boundary, is_norm_layer, prunable_layers
+from core.method.pruning import PrunableLayer, boundary, check_finite, is_norm_layer, prunable_layers
 from core.method.quantization import DEFAULT_PALETTE, SUPPORTED_BITS, Chunk, check_bits, layer_storage
 
 # A source of weight values for a range of ranks: zero, the original weights, or a chunk.
@@ -60,8 +61,7 @@ class _Layer:
     def __init__(self, layer: PrunableLayer, macs_per_weight: float):
         weight = layer.weight.detach()
         flat = weight.reshape(-1).clone()
-        if not torch.isfinite(flat).all():
-            raise ValueError(f"layer '{layer.name}' has NaN or Inf weights")
+        check_finite(flat, f"layer '{layer.name}'")
         self.name, self.kind = layer.name, layer.kind
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
@@ -206,6 +206,25 @@ def _macs_per_weight(model: nn.Module, layers: list[PrunableLayer], example_inpu
     return result
 
 
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ``torch.nn.utils.prune`` reparametrization made permanent.
+
+    A pruned module holds its masked tensor as a plain attribute computed from
+    ``<name>_orig * <name>_mask`` (not a graph leaf, so ``deepcopy`` refuses it, and stale
+    when ``_orig`` changed since the last forward). The copy takes a detached alias in its
+    place, then ``prune.remove`` on the copy sets ``<name>`` to a Parameter holding
+    ``_orig * _mask`` and drops the hook, ``_orig`` and ``_mask``; ``model`` is not touched.
+    """
+    hooked = [(path, module, hook._tensor_name) for path, module in model.named_modules()
+              for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
+    memo = {id(masked): masked.detach() for _, module, name in hooked
+            if isinstance(masked := module.__dict__.get(name), torch.Tensor)}
+    copied = copy.deepcopy(model, memo)
+    for path, _, name in hooked:
+        prune.remove(copied.get_submodule(path), name)
+    return copied
+
+
 def _dense_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer with floats counted as fp32."""
     total = 0
@@ -220,6 +239,13 @@ class Engine:
     ``palette``: the bit-widths the chunk store offers (each quantized once, when first
     needed). ``layers``: restrict pruning to these Conv/Linear layer names.
     ``example_input``: one input batch, used once to weight compute by MACs.
+
+    A model pruned with ``torch.nn.utils.prune`` and not ``prune.remove``d (it carries
+    pruning forward-pre-hooks, ``<name>_orig`` and ``<name>_mask``) is taken at its
+    effective weight ``<name>_orig * <name>_mask`` (what its forward computes), whether or
+    not it has run a forward pass since. Results are plain modules: no pruning hooks, a
+    normal ``weight`` Parameter. The user's model, its hooks, ``_orig`` and ``_mask``
+    included, is never modified.
     """
 
     def __init__(self, model: nn.Module, *, palette: Iterable[int] = DEFAULT_PALETTE,
@@ -231,7 +257,7 @@ class Engine:
             raise ValueError("the palette needs at least one bit-width")
         self._lock = threading.Lock()
         with torch.no_grad():
-            template = copy.deepcopy(model)  # never run or modify the user's module
+            template = _plain_copy(model)  # never run or modify the user's module
         weight_layers = prunable_layers(template, include_norm=False, layers=layers)
         norm_layers = [layer for layer in prunable_layers(template, include_norm=True) if is_norm_layer(layer.module)]
         all_layers = weight_layers + norm_layers

@@ -60,6 +60,17 @@ def check_tau(tau: float, where: str = "tau") -> float:
     return tau
 
 
+def check_finite(tensor: torch.Tensor, where: str, what: str = "weights") -> None:
+    """Refuse a tensor holding NaN or Inf: ``ValueError("<where> has NaN or Inf <what> (k of n)")``.
+
+    The one check shared by :class:`BoundaryPruning` and the engine: β = τ · max|W| has no
+    meaning once max|W| is NaN or Inf, so neither path prunes such a tensor silently.
+    """
+    bad = int((~torch.isfinite(tensor.detach())).sum())
+    if bad:
+        raise ValueError(f"{where} has NaN or Inf {what} ({bad} of {tensor.numel()})")
+
+
 def prunable_layers(
     model: nn.Module, include_norm: bool = False, layers: Iterable[str] | None = None
 ) -> list[PrunableLayer]:
@@ -114,7 +125,15 @@ class BoundaryPruning(prune.BasePruningMethod):
         BoundaryPruning.apply(model.fc, "weight", tau=0.2)   # or boundary_unstructured(...)
         prune.remove(model.fc, "weight")                      # make it permanent
 
-    Applied on top of an earlier mask, max|W| is taken over the still-kept weights.
+    The contract of torch's own methods (``prune.L1Unstructured``):
+
+    * ``tau``: any real number in [0, 1] (Python, numpy scalar, one-element tensor);
+      ``TypeError`` for anything else (bool, str, complex), ``ValueError`` outside [0, 1] or NaN.
+    * ``importance_scores`` (same shape as the parameter) are ranked instead of the weights:
+      keep ``|S| ≥ τ · max|S|``.
+    * Applied on top of an earlier mask, max is taken over the still-kept entries; where
+      nothing is left to prune (an empty or completely pruned tensor) the mask is unchanged.
+    * NaN or Inf in the ranked tensor: ``ValueError``, and the module stays as it was.
     """
 
     PRUNING_TYPE = "unstructured"
@@ -123,15 +142,36 @@ class BoundaryPruning(prune.BasePruningMethod):
         self.tau = check_tau(tau)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """``default_mask · 1(|t · default_mask| ≥ τ · max|t · default_mask|)``.
+
+        An empty ``t`` returns a copy of ``default_mask``; so does a completely masked one
+        (max = 0, β = 0 keeps everything the default mask keeps).
+        """
+        check_finite(t, "BoundaryPruning: the tensor to prune", "values")
+        if t.numel() == 0:
+            return default_mask.clone(memory_format=torch.contiguous_format)
         magnitude = (t * default_mask).abs()
         return default_mask * (magnitude >= boundary(magnitude.max(), self.tau)).to(default_mask.dtype)
 
     @classmethod
-    def apply(cls, module: nn.Module, name: str, tau: float):  # noqa: D102 (prune's signature)
-        return super().apply(module, name, tau=tau)
+    def apply(cls, module: nn.Module, name: str, tau: float,
+              importance_scores: torch.Tensor | None = None) -> "BoundaryPruning":
+        """Prune ``module.<name>`` like ``prune.L1Unstructured.apply`` (see the class docstring).
+
+        ``tau`` and the ranked tensor are checked before torch's ``apply`` runs: torch
+        drops an existing pruning hook before it builds the method or computes the mask,
+        so a refusal there would leave an already pruned module without its hook.
+        """
+        check_tau(tau)
+        if importance_scores is not None:
+            check_finite(importance_scores, f"importance_scores for '{name}'", "values")
+        elif isinstance(getattr(module, name, None), torch.Tensor):
+            check_finite(getattr(module, name), f"parameter '{name}' of {type(module).__name__}")
+        return super().apply(module, name, tau=tau, importance_scores=importance_scores)
 
 
-def boundary_unstructured(module: nn.Module, name: str, tau: float) -> nn.Module:
+def boundary_unstructured(module: nn.Module, name: str, tau: float,
+                          importance_scores: torch.Tensor | None = None) -> nn.Module:
     """Functional form, like ``prune.l1_unstructured``: adds ``<name>_orig`` and ``<name>_mask``."""
-    BoundaryPruning.apply(module, name, tau=tau)
+    BoundaryPruning.apply(module, name, tau=tau, importance_scores=importance_scores)
     return module
