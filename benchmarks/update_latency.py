@@ -1,12 +1,14 @@
-"""Update latency of the Explore page, server side: slider moves replayed through its update path.
+"""First paint of the Explore page, server side: slider moves replayed through its update path.
 
     python benchmarks/update_latency.py                     # the app's default model
     python benchmarks/update_latency.py pretrained:resnet18 --moves 40
 
 Each move is a τ step of ±0.01 (every fourth a θ step) sent through
-:meth:`core.services.session.ExploreSession.update` exactly as the page sends it; the table
-has the time of each part (ms) and the last line the p50/p95 of the whole update. Nothing
-here asserts a speed.
+:meth:`core.services.session.ExploreSession.update` exactly as the page sends it: the engine
+step, the histogram and the lookups of figures already measured. The accuracy and latency
+that follow are queued work measured by ``benchmarks/progressive_accuracy.py`` and the load
+test. The table has the time of each part (ms) and the last line the p50/p95 of the whole
+update. Nothing here asserts a speed.
 """
 from __future__ import annotations
 
@@ -27,23 +29,17 @@ from core.services.session import ExploreRequest, ExploreSession  # noqa: E402
 from core.services.threads import configure_threads  # noqa: E402
 
 
-def measure_updates(key: str, moves: int = 40, *, quick_per_class: int | None = None,
-                    batch: int = 1, theta_every: int = 4, seed: int = 0) -> tuple[pd.DataFrame, int]:
+def measure_updates(key: str, moves: int = 40, *, batch: int = 1, theta_every: int = 4,
+                    seed: int = 0) -> pd.DataFrame:
     """Replay ``moves`` slider moves (τ steps of ±0.01, every ``theta_every``-th a θ step) through
-    :meth:`ExploreSession.update` as the Explore page does; one row of timings (ms) per move.
-
-    ``quick_per_class`` None: the page's default for this model on this machine. Returns the
-    timings and the quick-estimate size used."""
+    :meth:`ExploreSession.update` as the Explore page does; one row of timings (ms) per move."""
     session = ExploreSession(load_choice(key))
-    if quick_per_class is None:
-        quick_per_class = session.default_quick_per_class() if session.evaluates_cifar else 0
     rng = random.Random(seed)
     tau, theta = 0.2, 0.3
     layer = session.largest_layer()
 
     def request() -> ExploreRequest:
-        return ExploreRequest(config=CompressionConfig(tau=tau, theta=theta), layer=layer,
-                              latency_batch=batch, quick_per_class=quick_per_class)
+        return ExploreRequest(config=CompressionConfig(tau=tau, theta=theta), layer=layer, latency_batch=batch)
 
     session.update(request())  # the page's first load (engine, data, dense references): not a slider move
     rows = []
@@ -54,7 +50,7 @@ def measure_updates(key: str, moves: int = 40, *, quick_per_class: int | None = 
             tau = round(min(0.6, max(0.0, tau + rng.choice((-0.01, 0.01, 0.02)))), 2)
         view = session.update(request())
         rows.append({"move": i + 1, "tau": tau, "theta": theta, **{k: 1e3 * v for k, v in view.timings.items()}})
-    return pd.DataFrame(rows), quick_per_class
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,18 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", default=None,
                         help="picker key, e.g. pretrained:resnet20 (default: the app's default model)")
     parser.add_argument("--moves", type=int, default=40)
-    parser.add_argument("--per-class", type=int, default=None,
-                        help="quick-estimate images per class (default: the page's default for the model)")
-    parser.add_argument("--batch", type=int, default=1, help="latency batch size")
+    parser.add_argument("--batch", type=int, default=1, help="the page's latency batch size (part of the request)")
     args = parser.parse_args(argv)
     threads = configure_threads()
     key = args.model or model_choices()[0].key
-    frame, per_class = measure_updates(key, args.moves, quick_per_class=args.per_class, batch=args.batch)
+    frame = measure_updates(key, args.moves, batch=args.batch)
     total = list(frame["total"])
-    print(f"{key}: {len(frame)} slider moves, torch threads {threads}, quick estimate {10 * per_class} images, "
-          f"latency batch {args.batch}")
+    print(f"{key}: {len(frame)} slider moves, torch threads {threads}")
     print(frame.drop(columns=["move", "tau", "theta"]).describe(percentiles=[0.5, 0.95]).round(1).to_string())
-    print(f"update (server-side compute) p50 {statistics.median(total):.0f} ms, p95 {percentile(total, 95):.0f} ms")
+    print(f"first paint (server-side compute) p50 {statistics.median(total):.0f} ms, p95 {percentile(total, 95):.0f} ms")
     return 0
 
 

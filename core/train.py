@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.common.hardware import native_bf16
 from core.measure.accuracy import eval_data, evaluate
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, augment, load_cifar10
 from core.workloads.models import build, count_params, sha256_file
@@ -53,19 +54,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls/convolutions natively (CUDA, or a CPU with AMX / AVX-512-BF16)."""
-    if device.type == "cuda":
-        return True
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision ``"auto"`` stands for on ``device``: ``"bf16"`` where native, else ``"fp32"``."""
     if precision != "auto":
         return precision
-    return "bf16" if native_bf16(device) else "fp32"
+    return "bf16" if native_bf16(device.type) else "fp32"
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

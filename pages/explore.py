@@ -3,7 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
-from core.services.session import CALIBRATION_IMAGES, LATENCY_BATCHES, QUICK_SIZES, ExploreRequest
+from core.services.session import ACCURACY_TARGETS, CALIBRATION_IMAGES, LATENCY_BATCHES, ExploreRequest
+from ui.explore_view import estimate_done, show_accuracy, show_latency
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
 from ui.state import PALETTE, current_config, device, footer, guard
@@ -66,7 +67,7 @@ with st.expander("Per-layer τ overrides"):
     state["layer_tau"] = {row["layer"]: float(row["τ override"]) for _, row in edited.iterrows()
                           if row["τ override"] is not None and not pd.isna(row["τ override"])}
 
-# ---------------------------------------------------------------- compute (one call into core)
+# ---------------------------------------------------------------- compute: the fast part (one call into core)
 layers = session.layer_names(state["include_norm"])
 if state.get("hist_layer") not in layers:
     state["hist_layer"] = session.largest_layer()
@@ -76,20 +77,16 @@ with guard("Updating the view"):
     for note in notes:
         st.warning(note)
     request = ExploreRequest(config=config, layer=state["hist_layer"], latency_batch=int(state["latency_batch"]),
-                             measure_latency=bool(state["latency_on"]),
-                             quick_per_class=int(state["quick_per_class"]), bn_recalibrate=bool(state["bn_recal"]),
-                             device=device())
-    spinner = ("Recalibrating BatchNorm on training images and measuring…" if state["bn_recal"]
-               else "Compressing and measuring…")
-    with st.spinner(spinner):
-        view = session.update(request)
+                             bn_recalibrate=bool(state["bn_recal"]), device=device())
+    view = session.update(request)
 if view is None:
     st.stop()
 result = view.result
+bn = bool(state["bn_recal"]) and session.has_batchnorm
 for note in view.notes:
     st.info(note)
 
-# ---------------------------------------------------------------- headline metrics
+# ---------------------------------------------------------------- headline metrics (heavy ones filled in below)
 stats = result.stats
 n_high, kept = int(stats["n_high"].sum()), int(stats["kept"].sum())
 row1, row2, row3 = st.columns(4), st.columns(4), st.columns(4)
@@ -106,49 +103,30 @@ row1[2].metric("Stored size · computed", fmt_bytes(result.model_bytes_compresse
                help="Bytes of the compressed storage: keep-mask or indices, codes at their bit-widths, the 1-bit "
                     "high/low selector and per-channel scales (core.method.quantization.layer_storage), plus every other "
                     "parameter and buffer as fp32. Computed from the format, not a file on disk.")
-if view.quick is not None:
-    q, qd = view.quick, view.quick_dense
-    row1[3].metric(f"Accuracy · quick, ±{100 * q.half_width:.1f} (95 % CI)", f"{100 * q.accuracy:.1f} %",
-                   f"{100 * (q.accuracy - qd.accuracy):+.1f} pts vs dense {100 * qd.accuracy:.1f} %",
-                   help=f"Measured on a fixed class-balanced subset of the CIFAR-10 test set (JPEG copy): {q.n} "
-                        f"images, {q.n // 10} per class. Wilson 95 % interval [{100 * q.ci_low:.1f}, "
-                        f"{100 * q.ci_high:.1f}] %." + (" After BN recalibration." if state["bn_recal"] else ""))
-elif view.deviation is not None:
-    row1[3].metric("Output deviation · measured", f"{100 * view.deviation:.2f} %",
-                   help="‖f_compressed(x) − f_dense(x)‖ / ‖f_dense(x)‖ over 256 Gaussian inputs: this model has no "
-                        "labelled data set, so this replaces accuracy.")
-else:
-    row1[3].metric("Accuracy", "n/a", help="See the note above.")
-
-lat = view.latency
-if lat is not None:
-    row2[0].metric(f"Latency, batch {lat.batch} · measured", f"{lat.compressed_ms:.2f} ms",
-                   f"{lat.compressed_ms - lat.dense_ms:+.2f} ms vs dense {lat.dense_ms:.2f} ms", delta_color="inverse",
-                   help=f"Median of {lat.runs} timed forward passes of each model on {lat.device.upper()}, "
-                        "alternating dense and compressed after a warm-up. The compressed model stores zeros "
-                        "densely, so PyTorch runs the same kernels: expect no speed-up from pruning alone.")
-else:
-    row2[0].metric("Latency · measured", "off", help="Switch latency measurement on below.")
-if lat is not None and lat.peak_compressed_mib is not None:
-    row2[1].metric("Peak memory · measured", f"{lat.peak_compressed_mib:.0f} MiB",
-                   f"{lat.peak_compressed_mib - lat.peak_dense_mib:+.1f} MiB vs dense", delta_color="inverse",
-                   help=lat.memory_method[0].upper() + lat.memory_method[1:] + ". The model's own share is the "
-                        "stored size (computed) and its fp32 size.")
-else:
-    row2[1].metric("Peak memory · measured", "–", help="Measured during the latency runs; switch them on below.")
+accuracy_slot = row1[3].empty()
+latency_slot = row2[0].empty()
+memory = session.memory()
+row2[1].metric("Memory · this session, counted", fmt_bytes(memory.session),
+               f"model {fmt_bytes(memory.model)}; server process {fmt_bytes(memory.process_rss)} (measured RSS)",
+               delta_color="off", delta_arrow="off",
+               help="Counted bytes this session holds on its own: the engine's working buffer, which is also the "
+                    f"compressed model's weights, and BN-recalibrated copies. Shared by every session on this model: "
+                    f"{fmt_bytes(memory.shared)} of ranked weights, rank orders and quantized chunks, and the model "
+                    f"itself ({fmt_bytes(memory.model)} of parameters and buffers). The server process's resident "
+                    "memory (psutil) covers every session and PyTorch itself.")
 move = view.last_theta_move
 row2[2].metric("Chunk switches M · last θ move", "–" if move is None else f"{move.switches:,}",
-               None if move is None else f"T_switch {1e3 * move.t_switch_s:.2f} ms (measured)", delta_color="off",
+               None if move is None else f"T_switch {1e3 * move.t_switch_s:.2f} ms (measured)", delta_color="off", delta_arrow="off",
                help="Kept weights whose chunk (b_low ↔ b_high) changed at the last change of θ or the bit-widths, "
                     "and the measured time spent writing them (T_switch).")
 row2[3].metric("Weights in high precision", f"{n_high:,}" if config.quantized else "–",
-               f"{fmt_pct(n_high / kept) if kept else '0 %'} of kept" if config.quantized else None, delta_color="off",
+               f"{fmt_pct(n_high / kept) if kept else '0 %'} of kept" if config.quantized else None, delta_color="off", delta_arrow="off",
                help="n_high: kept weights taking their value from the b_high chunk.")
 
-row3[0].metric("Weights kept · counted", f"{kept:,}", f"of {int(stats['numel'].sum()):,}", delta_color="off")
+row3[0].metric("Weights kept · counted", f"{kept:,}", f"of {int(stats['numel'].sum()):,}", delta_color="off", delta_arrow="off")
 last = view.last_move
 row3[1].metric("Last update · weights rewritten", "–" if last is None else f"{last.changed:,}",
-               None if last is None else f"engine {1e3 * last.update_s:.1f} ms", delta_color="off",
+               None if last is None else f"engine {1e3 * last.update_s:.1f} ms", delta_color="off", delta_arrow="off",
                help="The engine rewrites only the weights whose source (zero / original / chunk) changed.")
 full = view.full
 if full is not None:
@@ -156,11 +134,12 @@ if full is not None:
     row3[2].metric("Accuracy · full test, measured", fmt_pct(full.accuracy, 2),
                    None if ref is None else f"{100 * (full.accuracy - ref.accuracy):+.2f} pts vs dense "
                                             f"{fmt_pct(ref.accuracy, 2)}",
-                   help=f"All 10,000 CIFAR-10 test images (JPEG copy). Dense reference: {view.full_dense_source}.")
+                   help=f"All 10,000 CIFAR-10 test images (JPEG copy), fp32. Dense reference: {view.full_dense_source}.")
 elif session.evaluates_cifar:
-    row3[2].metric("Accuracy · full test", "not measured", help="Use the button below (tens of seconds).")
-row3[3].metric("Update time · measured", f"{1e3 * view.timings['total']:.0f} ms",
-               help="Server-side time of the computation for this view; the page footer adds the rendering.")
+    row3[2].metric("Accuracy · full test", "not measured", help="Use the button below (seconds to a minute).")
+row3[3].metric("First paint · measured", f"{1e3 * view.timings['total']:.0f} ms",
+               help="Server-side time of the engine step and the histogram for this view; accuracy and latency "
+                    "follow, queued with the other sessions' work. The page footer adds the rendering.")
 
 # ---------------------------------------------------------------- charts
 left, right = st.columns([3, 2])
@@ -183,41 +162,32 @@ with right:
 acc, perf = st.columns(2)
 with acc:
     st.subheader("CIFAR-10 accuracy")
-    if view.quick is not None:
-        q, qd = view.quick, view.quick_dense
-        st.write(f"Quick estimate on {q.n} test images ({q.n // 10} per class, fixed subset): "
-                 f"**{100 * q.accuracy:.1f} %**, 95 % CI [{100 * q.ci_low:.1f}, {100 * q.ci_high:.1f}] %; "
-                 f"dense model on the same images: {100 * qd.accuracy:.1f} % "
-                 f"[{100 * qd.ci_low:.1f}, {100 * qd.ci_high:.1f}] %.")
-        st.select_slider("Quick-estimate size (images per class)", QUICK_SIZES, key="quick_per_class",
-                         help="Larger is more precise and slower; the default keeps a slider move within the "
-                              "latency budget.")
-        if st.button("Measure the full 10,000-image accuracy", key="full_eval"):
+    accuracy_detail = st.empty()
+    if view.accuracy_available:
+        st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
+                         format_func=lambda t: "all 10,000 images" if t == 0 else f"±{100 * t:g} points",
+                         help="After a slider move the estimate refines on its own, batch after batch, on a growing "
+                              "class-balanced sample of the test set, until its paired 95 % interval is this narrow.")
+        if st.button("Measure the full 10,000-image accuracy (fp32)", key="full_eval"):
             with guard("Measuring the full-test accuracy"):
                 with st.spinner("Running the compressed model on all 10,000 test images…"):
-                    session.full_accuracy(result, bool(state["bn_recal"]), device())
-                    if view.full_dense is None:
+                    session.full_accuracy(result, bn, device())
+                    if view.full_dense is None or view.full_dense_source.startswith("from"):
                         session.full_accuracy(None, False, device())
                 st.rerun()
-        if view.full is None:
-            st.caption("The full-test figure is measured on request (cached per model and setting).")
-        else:
-            st.caption(f"Full test measured in {view.full.seconds:.1f} s (cached).")
+        st.caption("The full-test figure is measured on request in fp32 (cached per model and setting)."
+                   if view.full is None else f"Full test measured in {view.full.seconds:.1f} s (cached).")
     elif session.evaluates_cifar:
-        st.info("Quick accuracy is off or unavailable (see the note above).")
+        st.info("Accuracy is unavailable (see the note above).")
     else:
         st.caption("The synthetic MLP has no labelled data; the output deviation above shows how far the "
                    "compressed outputs move from the dense ones.")
 with perf:
     st.subheader("Latency and memory")
     x, y = st.columns(2)
-    x.toggle("Measure latency on every update", key="latency_on")
+    x.toggle("Measure latency", key="latency_on")
     y.selectbox("Batch size", LATENCY_BATCHES, key="latency_batch")
-    if lat is not None:
-        st.caption(f"Measured: median of {lat.runs} alternating runs per model after a warm-up, on "
-                   f"{lat.device.upper()}, batch {lat.batch}: dense {lat.dense_ms:.2f} ms, compressed "
-                   f"{lat.compressed_ms:.2f} ms. Memory: {lat.memory_method}. Larger batches take longer to "
-                   "measure and can push an update past the latency budget.")
+    latency_detail = st.empty()
 
 st.subheader("Realized savings · measured")
 st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.deploy.packing`) "
@@ -237,20 +207,20 @@ if realized is None:
 else:
     r1 = st.columns(4)
     r1[0].metric("Packed file · measured", fmt_bytes(realized.file_bytes),
-                 f"{realized.times_smaller:.1f}× smaller than the fp32 file", delta_color="off",
+                 f"{realized.times_smaller:.1f}× smaller than the fp32 file", delta_color="off", delta_arrow="off",
                  help=f"Bytes on disk of the packed file vs the plain state_dict saved with safetensors "
                       f"({fmt_bytes(realized.state_dict_bytes)}). The file is "
                       f"{realized.file_vs_accounting:.3f}× the computed stored size above.")
     best = realized.fastest
     r1[1].metric("Fastest path · measured", best, f"{realized.ms(best):.2f} ms vs dense {realized.ms('dense'):.2f} ms",
-                 delta_color="off")
+                 delta_color="off", delta_arrow="off")
     auto_x = realized.ms("dense") / realized.ms("auto")
     r1[2].metric("auto vs dense · measured", f"{auto_x:.2f}×",
                  "faster" if auto_x > 1.05 else ("slower" if auto_x < 0.95 else "no real difference"),
-                 delta_color="off", help="Whole-model median of interleaved timed runs; auto's per-layer choice "
+                 delta_color="off", delta_arrow="off", help="Whole-model median of interleaved timed runs; auto's per-layer choice "
                                          "is in the table below.")
     r1[3].metric("Measured in", f"{realized.seconds:.1f} s", f"batch {realized.batch}, {realized.device.upper()}",
-                 delta_color="off")
+                 delta_color="off", delta_arrow="off")
     st.plotly_chart(paths_figure(realized.paths, realized.batch, realized.device), key="paths_chart")
     with st.expander("auto's choice per layer (measured ms per kernel)"):
         st.dataframe(realized.auto_layers, hide_index=True, width="stretch")
@@ -265,3 +235,41 @@ with st.expander("Per-layer table"):
     st.caption("Counted per layer for the current setting; bytes are computed from the storage format.")
 
 footer(view.timings, page="explore", budget_s=session.update_budget_s)
+
+# ---------------------------------------------------------------- heavy work, after the first paint
+# Each call below is one queued job. A slider move reruns the page: Streamlit stops this run at its
+# next element update (a refined figure, or the "waiting" note a queued job shows every 0.1 s), so
+# heavy work never delays the next first paint by more than one batch.
+if state["latency_on"]:
+    lat = view.latency
+    if lat is None:
+        def waiting_for_latency():
+            show_latency(latency_slot, latency_detail, None, waiting=session.queue_state())
+
+        waiting_for_latency()
+        with guard("Measuring latency"):
+            lat = session.latency(result, int(state["latency_batch"]), device(), poll=waiting_for_latency)
+    show_latency(latency_slot, latency_detail, lat)
+else:
+    latency_slot.metric("Latency · measured", "off", help="Switch latency measurement on below.")
+
+if view.accuracy_available:
+    estimate = view.estimate
+    target = float(state["accuracy_target"])
+    show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn)
+
+    def waiting_for_accuracy():
+        show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, waiting=session.queue_state())
+
+    with guard("Estimating the accuracy"):
+        while not estimate_done(estimate, target):
+            estimate = session.refine_accuracy(result, bn, device(), poll=waiting_for_accuracy)
+            show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn)
+elif session.evaluates_cifar:
+    accuracy_slot.metric("Accuracy", "n/a", help="See the note above.")
+else:
+    with guard("Measuring the output deviation"):
+        deviation = view.deviation if view.deviation is not None else session.deviation(result, device())
+        accuracy_slot.metric("Output deviation · measured", f"{100 * deviation:.2f} %",
+                             help="‖f_compressed(x) − f_dense(x)‖ / ‖f_dense(x)‖ over 256 Gaussian inputs: this "
+                                  "model has no labelled data set, so this replaces accuracy.")

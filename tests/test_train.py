@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.train import PRECISIONS, TrainConfig, main, native_bf16, resolve_precision
+from core.common.hardware import native_bf16
+from core.train import PRECISIONS, TrainConfig, main, resolve_precision
 
 
 def test_precision_auto_is_bf16_exactly_where_the_hardware_has_it():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu.type) else "fp32")
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     for explicit in ("bf16", "fp32"):
         assert resolve_precision(explicit, cpu) == explicit

@@ -40,7 +40,7 @@ def histogram_figure(h: HistogramData, log_y: bool, b_low: int, b_high: int) -> 
         xaxis_title=f"weight value in layer {h.layer}", yaxis_title="weights per bin" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear", legend=dict(orientation="h", y=-0.25),
         shapes=[shape for shape, _ in lines], annotations=[note for _, note in lines],
-        meta={"beta": h.beta, "theta": h.theta, "layer": h.layer})
+        meta={"beta": h.beta, "theta": h.theta, "layer": h.layer, "max_abs": h.max_abs})
     return go.Figure([go.Bar(x=x, width=width, **bar) for bar in bars], layout)
 
 

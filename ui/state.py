@@ -19,7 +19,7 @@ from core.services.choices import LoadedModel, load_choice, model_choices
 from core.services.uploads import read_upload
 from core.workloads.data import DataError
 from core.method.config import CompressionConfig
-from core.services.session import DEFAULT_QUICK_PER_CLASS, ExploreSession
+from core.services.session import DEFAULT_ACCURACY_TARGET, ExploreSession
 from core.workloads.models import CheckpointError
 
 log = logging.getLogger("boundary_explorer")
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, object] = {
     "hist_log": False,
     "latency_on": True,
     "latency_batch": 1,
-    "quick_per_class": DEFAULT_QUICK_PER_CLASS,
+    "accuracy_target": DEFAULT_ACCURACY_TARGET,
     "device": "CPU",
 }
 # widget keys whose state must survive page switches (Streamlit drops state of unrendered widgets)
@@ -115,8 +115,6 @@ def _reset_model_state(session: ExploreSession) -> None:
     state["theta_absolute"] = round(0.3 * top, 4)
     state["_theta_absolute_max"] = float(f"{top * 1.001:.4g}") if top > 0 else 1.0  # rounded up
     state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
-    if session.evaluates_cifar:
-        state["quick_per_class"] = session.default_quick_per_class()
 
 
 def explorer() -> ExploreSession | None:

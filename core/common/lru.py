@@ -30,6 +30,21 @@ class LRUCache:
             while len(self._data) > self.size:
                 self._data.popitem(last=False)
 
+    def get_or_create(self, key: Hashable, factory):
+        """The entry for ``key``, created with ``factory()`` under the lock if missing (one per key, ever)."""
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            value = self._data[key] = factory()
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+            return value
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._data.values())
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -18,6 +18,8 @@ from torch import nn
 
 from core.common.timing import time_interleaved
 
+DISTURBED_BELOW = 0.85
+
 
 @dataclass(frozen=True, kw_only=True)
 class LatencyReport:
@@ -39,6 +41,17 @@ class LatencyReport:
     peak_compressed_mib: float | None
     memory_method: str
     seconds: float
+    cpu_share: float = 1.0  # this thread's CPU time / wall time during the timed calls
+    threads: int = 1
+    quiet: bool = True  # set by the caller: measured with nothing else running, and not disturbed
+
+    @property
+    def disturbed(self) -> bool:
+        """Whether something else took the CPU during the timed calls (this thread got < 85 % of the wall time).
+
+        Meaningful with one intra-op thread, where all of the model's work runs in this thread.
+        """
+        return self.threads == 1 and self.cpu_share < DISTURBED_BELOW
 
     @property
     def speedup(self) -> float:
@@ -109,10 +122,12 @@ def measure_latency(dense: nn.Module, compressed: nn.Module, example: torch.Tens
         else:
             cuda_peaks[label] = max(cuda_peaks.get(label, 0.0), torch.cuda.max_memory_allocated(dev) / 2 ** 20)
 
+    cpu_start, wall_start = time.thread_time(), time.perf_counter()
     with sampler if sampler is not None else nullcontext():
         timings = time_interleaved({"dense": lambda: dense(x), "compressed": lambda: compressed(x)}, dev,
                                    warmup=warmup, min_rounds=min_runs, max_rounds=max_runs, budget_s=budget_s,
                                    before_call=before, after_call=after)
+    cpu_share = (time.thread_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
     if sampler is not None:
         peaks = {k: v / 2 ** 20 for k, v in sampler.peaks.items()}
         method = "process peak RSS during the timed runs (psutil, sampled every 1 ms; whole server process)"
@@ -126,7 +141,8 @@ def measure_latency(dense: nn.Module, compressed: nn.Module, example: torch.Tens
         dense_runs_ms=tuple(1e3 * s for s in dense_t.samples_s),
         compressed_runs_ms=tuple(1e3 * s for s in compressed_t.samples_s),
         peak_dense_mib=peaks.get("dense"), peak_compressed_mib=peaks.get("compressed"),
-        memory_method=method, seconds=time.perf_counter() - start)
+        memory_method=method, seconds=time.perf_counter() - start, cpu_share=min(cpu_share, 1.0),
+        threads=torch.get_num_threads())
 
 
 @torch.inference_mode()

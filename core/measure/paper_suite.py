@@ -37,8 +37,6 @@ Same seed → same retention and accuracy.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.common.memory import release_memory
 from core.common.timing import synchronize, time_call
 from core.deploy.runtime import PATHS
 from core.measure.paper_tables import CSV_COLUMNS, REALIZED_COLUMNS
@@ -257,20 +256,6 @@ def _timed_passes(model: nn.Module, batches: list[torch.Tensor], device: torch.d
     """Seconds of one forward pass per batch (each batch once: the paper times a pass over its data)."""
     with torch.inference_mode():
         return [time_call(lambda: model(batch), device) for batch in batches]
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Without it the resident size still holds whatever an earlier step (say, the accuracy
-    evaluation's large batches) freed but the allocator kept, and the peak measured around
-    the next inference wanders by a hundred MiB from run to run.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
-        pass
 
 
 def measure_inference(model: nn.Module, batches: list[torch.Tensor], warmup: int,

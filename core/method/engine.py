@@ -16,13 +16,13 @@ How a setting is applied (per layer, weights ranked once at load by ascending |W
   settings whose chunk changed are the *switches* M; the time spent writing them is
   T_switch.
 
-The result's model is materialized on first access (a copy of the buffer), so results are
-independent objects and moving a slider back gives bit-identical weights.
+The result's model is materialized on first access (a copy of the buffer, or the buffer
+itself with ``lend_buffers=True``), so results are independent objects and moving a slider
+back gives bit-identical weights. The ranked, setting-independent data is a
+:class:`core.method.snapshot.WeightSnapshot` that engines on the same model can share.
 """
 from __future__ import annotations
 
-import copy
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from core.method.config import CompressionConfig
-from core.method.pruning import PrunableLayer, boundary, check_finite, is_norm_layer, prunable_layers
+from core.method.pruning import boundary
 from core.method.quantization import DEFAULT_PALETTE, SUPPORTED_BITS, Chunk, check_bits, layer_storage
+from core.method.snapshot import RankedLayer, WeightSnapshot
 
 # A source of weight values for a range of ranks: zero, the original weights, or a chunk.
 ZERO = 0
@@ -55,56 +55,45 @@ class LayerSetting:
         return ((0, self.p, ZERO), (self.p, self.h, self.low), (self.h, n, self.high))
 
 
-class _Layer:
-    """A prunable weight's immutable snapshot (ranked once) and its slot in the working buffer."""
+class _Slot:
+    """One prunable weight of one engine: the shared ranked data and this engine's working buffer."""
 
-    def __init__(self, layer: PrunableLayer, macs_per_weight: float):
-        weight = layer.weight.detach()
-        flat = weight.reshape(-1).clone()
-        check_finite(flat, f"layer '{layer.name}'")
-        self.name, self.kind = layer.name, layer.kind
-        self.shape = tuple(weight.shape)
-        self.dtype = weight.dtype
-        self.numel = flat.numel()
-        self.channels = self.shape[0] if len(self.shape) >= 2 else 1
-        self.is_norm = is_norm_layer(layer.module)
-        self.requires_grad = layer.weight.requires_grad
-        self.macs_per_weight = macs_per_weight
-        self.original = flat
-        magnitude = flat.abs()
-        self.sorted_abs, self.order = torch.sort(magnitude, stable=True)
-        self.ranked = flat[self.order]  # signed weights in rank order
-        self.max_abs = self.sorted_abs[-1] if self.numel else magnitude.new_zeros(())
-        self.chunks: dict[int, Chunk] = {}
-        self.out = flat.clone()  # working buffer; holds the current setting's weights
+    def __init__(self, ranked: RankedLayer):
+        self.ranked = ranked
+        self.name, self.numel = ranked.name, ranked.numel
+        self.out = ranked.original().reshape(-1)  # working buffer; holds the current setting's weights
         self.setting = LayerSetting(0, 0, ORIGINAL, ORIGINAL)
+        self.lent_version: int | None = None  # ``out._version`` when the buffer was lent to a result
 
-    def count_below(self, threshold: torch.Tensor) -> int:
-        """#{|W| < threshold}: the first rank with |W| ≥ threshold."""
-        return int(torch.searchsorted(self.sorted_abs, threshold.reshape(1).to(self.dtype), side="left"))
+    def lend(self) -> torch.Tensor:
+        """The working buffer itself, for the current result (no copy): see ``Engine(lend_buffers=True)``."""
+        self.lent_version = self.out._version
+        return self.out
 
-    def chunk(self, bits: int) -> Chunk:
-        if bits not in self.chunks:
-            self.chunks[bits] = Chunk.build(self.original.view(self.shape), self.order, bits)
-        return self.chunks[bits]
+    def reclaim(self) -> None:
+        """Before the buffer changes: leave the lent storage to its result and continue on a copy.
 
-    def values(self, source: int, start: int, stop: int) -> torch.Tensor:
-        if source == ORIGINAL:
-            return self.ranked[start:stop]
-        return self.chunk(source).decode_ranks(self.order, start, stop, self.dtype)
+        If the result changed the buffer in place since (its version counter moved), the copy
+        is rebuilt from the shared ranked data instead of trusting the buffer.
+        """
+        if self.lent_version is None:
+            return
+        modified = self.out._version != self.lent_version
+        self.out = self.materialize(self.setting) if modified else self.out.clone()
+        self.lent_version = None
 
     def write(self, target: torch.Tensor, source: int, start: int, stop: int) -> None:
-        index = self.order[start:stop]
+        index = self.ranked.index(start, stop)
         if source == ZERO:
             target.index_fill_(0, index, 0)
         else:
-            target.index_copy_(0, index, self.values(source, start, stop))
+            target.index_copy_(0, index, self.ranked.values(None if source == ORIGINAL else source, start, stop))
 
     def transition(self, new: LayerSetting) -> tuple[int, int, float]:
         """Rewrite only the ranks whose source changed; return (changed, switches, T_switch seconds)."""
         for source in (new.low, new.high):
             if source > 0:
-                self.chunk(source)  # quantized once, outside the switch timing
+                self.ranked.chunk(source)  # quantized once, outside the switch timing
         changed = switches = 0
         t_switch = 0.0
         for a, b, src in new.segments(self.numel):
@@ -125,7 +114,7 @@ class _Layer:
 
     def materialize(self, setting: LayerSetting) -> torch.Tensor:
         """The layer's weights under ``setting``, built from scratch (for results no longer current)."""
-        target = torch.empty_like(self.original)
+        target = torch.empty_like(self.out)
         for a, b, src in setting.segments(self.numel):
             if a < b:
                 self.write(target, src, a, b)
@@ -177,68 +166,23 @@ class CompressionResult:
         return self.model_bytes_fp32 / max(self.model_bytes_compressed, 1)
 
 
-def _macs_per_weight(model: nn.Module, layers: list[PrunableLayer], example_input: torch.Tensor | None) -> dict[str, float]:
-    """How often each weight is used per sample: output positions (conv), 1 (linear)."""
-    if example_input is None:
-        return {layer.name: 1.0 for layer in layers}
-    outputs: dict[str, tuple[int, ...]] = {}
-    hooks = [layer.module.register_forward_hook(
-        lambda module, args, out, name=layer.name: outputs.__setitem__(name, tuple(out.shape)))
-        for layer in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    result = {}
-    for layer in layers:
-        shape = outputs.get(layer.name)
-        if shape is None:
-            result[layer.name] = 0.0  # never called in the forward pass: no compute
-            continue
-        per_sample = math.prod(shape[1:])
-        weight = layer.weight
-        result[layer.name] = per_sample / (weight.numel() if is_norm_layer(layer.module) else weight.shape[0])
-    return result
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every ``torch.nn.utils.prune`` reparametrization made permanent.
-
-    A pruned module holds its masked tensor as a plain attribute computed from
-    ``<name>_orig * <name>_mask`` (not a graph leaf, so ``deepcopy`` refuses it, and stale
-    when ``_orig`` changed since the last forward). The copy takes a detached alias in its
-    place, then ``prune.remove`` on the copy sets ``<name>`` to a Parameter holding
-    ``_orig * _mask`` and drops the hook, ``_orig`` and ``_mask``; ``model`` is not touched.
-    """
-    hooked = [(path, module, hook._tensor_name) for path, module in model.named_modules()
-              for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
-    memo = {id(masked): masked.detach() for _, module, name in hooked
-            if isinstance(masked := module.__dict__.get(name), torch.Tensor)}
-    copied = copy.deepcopy(model, memo)
-    for path, _, name in hooked:
-        prune.remove(copied.get_submodule(path), name)
-    return copied
-
-
-def _dense_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer with floats counted as fp32."""
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        total += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
-    return total
-
-
 class Engine:
     """Non-destructive boundary pruning and mixed-precision chunk switching for one model.
 
     ``palette``: the bit-widths the chunk store offers (each quantized once, when first
     needed). ``layers``: restrict pruning to these Conv/Linear layer names.
     ``example_input``: one input batch, used once to weight compute by MACs.
+
+    Memory: the ranked weights and rank orders live in a :class:`WeightSnapshot` (2× the
+    fp32 weights, plus the chunks in use), which several engines may share
+    (``Engine.sharing(snapshot)``: one per app session on the same model); each engine adds
+    one working buffer (1×). A result's weights are a copy of that buffer (1× more per
+    materialized result) unless ``lend_buffers=True``: then the current result's weights
+    *are* the buffer until the next ``apply``, which continues on a copy and leaves the
+    storage to the result. A result changed in place through autograd-visible operations is
+    detected by the buffer's version counter and the engine rebuilds its buffer from the
+    snapshot; writes through ``.data`` are not detected, so lend only where results are
+    read-only (the app's sessions).
 
     A model pruned with ``torch.nn.utils.prune`` and not ``prune.remove``d (it carries
     pruning forward-pre-hooks, ``<name>_orig`` and ``<name>_mask``) is taken at its
@@ -248,87 +192,86 @@ class Engine:
     included, is never modified.
     """
 
-    def __init__(self, model: nn.Module, *, palette: Iterable[int] = DEFAULT_PALETTE,
-                 layers: Iterable[str] | None = None, example_input: torch.Tensor | None = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Engine needs a torch.nn.Module, got {type(model).__name__}")
+    def __init__(self, model: nn.Module | None = None, *, palette: Iterable[int] = DEFAULT_PALETTE,
+                 layers: Iterable[str] | None = None, example_input: torch.Tensor | None = None,
+                 snapshot: WeightSnapshot | None = None, lend_buffers: bool = False):
         self.palette = tuple(sorted({check_bits(b, SUPPORTED_BITS, "palette bit-width") for b in palette}))
         if not self.palette:
             raise ValueError("the palette needs at least one bit-width")
+        if snapshot is None:
+            if model is None:
+                raise TypeError("Engine needs a model or a snapshot")
+            snapshot = WeightSnapshot(model, layers=layers, example_input=example_input)
+        elif model is not None or layers is not None or example_input is not None:
+            raise TypeError("give Engine either a model (with layers/example_input) or a snapshot, not both")
+        self.snapshot = snapshot
+        self.lend_buffers = lend_buffers
         self._lock = threading.Lock()
-        with torch.no_grad():
-            template = _plain_copy(model)  # never run or modify the user's module
-        weight_layers = prunable_layers(template, include_norm=False, layers=layers)
-        norm_layers = [layer for layer in prunable_layers(template, include_norm=True) if is_norm_layer(layer.module)]
-        all_layers = weight_layers + norm_layers
-        macs = _macs_per_weight(template, all_layers, example_input)
-        self._layers = {layer.name: _Layer(layer, macs[layer.name]) for layer in all_layers}
-        self._dense_bytes = _dense_bytes(template)
-        prunable_bytes = sum(l.numel * 4 for l in self._layers.values())
-        self._other_bytes = self._dense_bytes - prunable_bytes
-        for layer in all_layers:  # the template keeps everything but the prunable weights
-            layer.module.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype), requires_grad=False)
-        self._template = template.eval()
+        self._slots = {name: _Slot(ranked) for name, ranked in snapshot.layers.items()}
         self._version = 0
+
+    @classmethod
+    def sharing(cls, snapshot: WeightSnapshot, *, palette: Iterable[int] = DEFAULT_PALETTE,
+                lend_buffers: bool = False) -> "Engine":
+        """A new engine over a snapshot other engines may read at the same time (one working buffer of its own)."""
+        return cls(snapshot=snapshot, palette=palette, lend_buffers=lend_buffers)
 
     # ------------------------------------------------------------ introspection
 
     @property
     def layer_names(self) -> list[str]:
         """Names of the Conv/Linear layers pruned by default, in module order."""
-        return [name for name, layer in self._layers.items() if not layer.is_norm]
+        return [name for name, layer in self.snapshot.layers.items() if not layer.is_norm]
 
     @property
     def norm_layer_names(self) -> list[str]:
         """Normalisation layers, pruned only with ``include_norm=True`` (the paper's pseudocode)."""
-        return [name for name, layer in self._layers.items() if layer.is_norm]
+        return [name for name, layer in self.snapshot.layers.items() if layer.is_norm]
 
     def original_weight(self, name: str) -> torch.Tensor:
         """A copy of the layer's original weight."""
-        layer = self._layer(name)
-        return layer.original.view(layer.shape).clone()
+        return self.snapshot.layer(name).original()
 
     def sorted_magnitudes(self, name: str) -> torch.Tensor:
-        """The layer's |W| in ascending order (read-only; do not modify)."""
-        return self._layer(name).sorted_abs
+        """The layer's |W| in ascending order (a new tensor)."""
+        return self.snapshot.layer(name).sorted_magnitudes()
 
     def rank_order(self, name: str) -> torch.Tensor:
-        """Flat indices of the layer's weights by ascending |W| (stable; rank → index; read-only).
+        """Flat indices of the layer's weights by ascending |W| (stable; rank → index; read-only; int32).
 
         A result with ``kept`` and ``n_high`` for this layer keeps ranks ``[numel − kept, numel)``
         and takes ranks ``[numel − n_high, numel)`` from the b_high chunk.
         """
-        return self._layer(name).order
+        return self.snapshot.layer(name).order
 
     def max_abs(self, name: str) -> float:
-        return float(self._layer(name).max_abs)
+        return float(self.snapshot.layer(name).max_abs)
 
     def chunk(self, name: str, bits: int) -> Chunk:
-        """The layer's chunk at ``bits`` (quantized once, on first use)."""
+        """The layer's chunk at ``bits`` (quantized once, on first use, shared with every engine on the snapshot)."""
         check_bits(bits, self.palette)
-        return self._layer(name).chunk(bits)
+        return self.snapshot.layer(name).chunk(bits)
 
     def chunk_store_bytes(self) -> int:
         """Bytes held by the chunks quantized so far (codes + scales)."""
-        return sum(chunk.nbytes for layer in self._layers.values() for chunk in layer.chunks.values())
+        return sum(chunk.nbytes for layer in self.snapshot.layers.values() for chunk in layer.chunks.values())
 
     def snapshot_bytes(self) -> int:
-        """Bytes of the engine's own copies: originals, ranks, sorted magnitudes, working buffer."""
-        return sum(t.numel() * t.element_size() for layer in self._layers.values()
-                   for t in (layer.original, layer.sorted_abs, layer.order, layer.ranked, layer.out))
+        """Bytes of the engine's data: the (shareable) ranked weights and rank orders, and its own working buffer."""
+        ranked = sum(layer.nbytes for layer in self.snapshot.layers.values()) - self.chunk_store_bytes()
+        return ranked + self.working_bytes()
+
+    def working_bytes(self) -> int:
+        """Bytes this engine holds on its own (its working buffer): what one more engine on the snapshot costs."""
+        return sum(slot.out.numel() * slot.out.element_size() for slot in self._slots.values())
 
     @property
     def dense_bytes(self) -> int:
-        return self._dense_bytes
-
-    def _layer(self, name: str) -> _Layer:
-        if name not in self._layers:
-            raise KeyError(f"no prunable layer named '{name}'")
-        return self._layers[name]
+        return self.snapshot.dense_bytes
 
     # ------------------------------------------------------------ applying a setting
 
-    def _setting(self, layer: _Layer, config: CompressionConfig, active: bool) -> LayerSetting:
+    def _setting(self, layer: RankedLayer, config: CompressionConfig, active: bool) -> LayerSetting:
         if not active:
             return LayerSetting(0, 0, ORIGINAL, ORIGINAL)
         p = layer.count_below(boundary(layer.max_abs, config.tau_for(layer.name)))
@@ -345,7 +288,7 @@ class Engine:
     def _check(self, config: CompressionConfig) -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"apply() needs a CompressionConfig, got {type(config).__name__}")
-        unknown = [name for name, _ in config.layer_tau if name not in self._layers]
+        unknown = [name for name, _ in config.layer_tau if name not in self.snapshot.layers]
         if unknown:
             raise ValueError(f"per-layer tau names an unknown layer '{unknown[0]}'")
         if config.quantized:
@@ -360,10 +303,12 @@ class Engine:
             rows, settings = [], {}
             total_changed = total_switches = 0
             total_t_switch = 0.0
-            for layer in self._layers.values():
+            for slot in self._slots.values():
+                slot.reclaim()
+                layer = slot.ranked
                 active = config.include_norm or not layer.is_norm
                 setting = self._setting(layer, config, active)
-                changed, switches, t_switch = layer.transition(setting)
+                changed, switches, t_switch = slot.transition(setting)
                 settings[layer.name] = setting
                 total_changed += changed
                 total_switches += switches
@@ -374,7 +319,7 @@ class Engine:
             update_s = time.perf_counter() - start
             return self._result(config, rows, settings, total_changed, total_switches, total_t_switch, update_s)
 
-    def _row(self, layer: _Layer, config: CompressionConfig, s: LayerSetting,
+    def _row(self, layer: RankedLayer, config: CompressionConfig, s: LayerSetting,
              switches: int, t_switch: float) -> dict:
         kept = layer.numel - s.p
         n_high = layer.numel - s.h if config.quantized else kept
@@ -408,11 +353,11 @@ class Engine:
         compute_reduction = 1 - kept_macs / macs if macs else 0.0
         # prunable weights this setting leaves alone (norm scales without include_norm) stay fp32
         active = {row["name"] for row in rows}
-        untouched = sum(layer.numel * 4 for layer in self._layers.values() if layer.name not in active)
-        compressed = self._other_bytes + untouched + sum(row["compressed_bytes"] for row in rows)
+        untouched = sum(layer.numel * 4 for layer in self.snapshot.layers.values() if layer.name not in active)
+        compressed = self.snapshot.other_bytes + untouched + sum(row["compressed_bytes"] for row in rows)
         return CompressionResult(
             config=config, stats=pd.DataFrame(rows), retention=retention, param_reduction=1 - retention,
-            compute_reduction=compute_reduction, model_bytes_fp32=self._dense_bytes,
+            compute_reduction=compute_reduction, model_bytes_fp32=self.snapshot.dense_bytes,
             model_bytes_compressed=compressed, switches=switches, t_switch_s=t_switch,
             update_s=update_s, changed=changed, _engine=self, _version=self._version, _settings=settings)
 
@@ -422,13 +367,13 @@ class Engine:
         with self._lock:
             current = version == self._version
             return {
-                name: (layer.out.clone() if current else layer.materialize(settings[name])).view(layer.shape)
-                for name, layer in self._layers.items()
+                name: self._current_weight(slot) if current else slot.materialize(settings[name]).view(slot.ranked.shape)
+                for name, slot in self._slots.items()
             }
 
+    def _current_weight(self, slot: _Slot) -> torch.Tensor:
+        buffer = slot.lend() if self.lend_buffers else slot.out.clone()
+        return buffer.view(slot.ranked.shape)
+
     def _build_model(self, weights: dict[str, torch.Tensor]) -> nn.Module:
-        model = copy.deepcopy(self._template)
-        for name, tensor in weights.items():
-            module = model.get_submodule(name)
-            module.weight = nn.Parameter(tensor, requires_grad=self._layers[name].requires_grad)
-        return model.eval()
+        return self.snapshot.build_model(weights)

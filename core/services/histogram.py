@@ -49,20 +49,33 @@ class HistogramData:
 
 
 class LayerBins:
-    """A layer's weights in the engine's rank order (ascending |W|, stable) and the bin of each rank."""
+    """A layer's bins: the bin of each rank (ranks by ascending |W|, stable, as the engine ranks them).
+
+    Holds the signed weights in rank order by reference (the engine's shared snapshot, no
+    copy) and one int16 bin index per weight.
+    """
 
     def __init__(self, weight: torch.Tensor, bins: int = HIST_BINS):
         flat = weight.reshape(-1).float()
-        magnitude = flat.abs()
-        self.sorted_abs, order = torch.sort(magnitude, stable=True)
-        ranked = flat[order]
-        top = float(self.sorted_abs[-1]) if flat.numel() else 0.0
+        _, order = torch.sort(flat.abs(), stable=True)
+        self._setup(flat[order], bins)
+
+    @classmethod
+    def from_ranked(cls, ranked: torch.Tensor, bins: int = HIST_BINS) -> "LayerBins":
+        """Bins from signed weights already in rank order (|ranked| ascending)."""
+        bins_of = cls.__new__(cls)
+        bins_of._setup(ranked, bins)
+        return bins_of
+
+    def _setup(self, ranked: torch.Tensor, bins: int) -> None:
+        self.ranked = ranked
+        top = float(ranked[-1].abs()) if ranked.numel() else 0.0
         span = top if top > 0 else 1.0
         self.edges = torch.linspace(-span, span, bins + 1, dtype=torch.float64)
         index = torch.bucketize(ranked.double(), self.edges[1:-1], right=True)
-        self.bin_of_rank = index.clamp_(0, bins - 1)
+        self.bin_of_rank = index.clamp_(0, bins - 1).to(torch.int16)
         self.bins = bins
-        self.numel = flat.numel()
+        self.numel = ranked.numel()
 
     def counts(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
@@ -81,7 +94,7 @@ class LayerBins:
         theta = None
         if quantized:
             theta = float(row["theta"]) if math.isfinite(row["theta"]) else (
-                float(self.sorted_abs[h]) if h < numel else float(row["max_abs"]))
+                float(self.ranked[h].abs()) if h < numel else float(row["max_abs"]))
         return HistogramData(layer=layer, edges=self.edges.numpy(), pruned=self.counts(0, p),
                              low=self.counts(p, h), high=self.counts(h, numel), beta=float(row["beta"]),
                              theta=theta, max_abs=float(row["max_abs"]), quantized=quantized, numel=numel)

@@ -1,84 +1,98 @@
 """The computation behind the explorer's live view (no Streamlit here).
 
 One :class:`ExploreSession` per user session wraps a :class:`core.method.engine.Engine` over a
-(possibly shared, read-only) model. :meth:`ExploreSession.update` takes one
-:class:`ExploreRequest` — the sliders' state — and returns an :class:`ExploreView` with
-everything the page draws:
+model that may be shared by every session of the server (read-only). Its work comes in two
+kinds:
 
-* the compression result (``engine.apply``: incremental, milliseconds);
-* the selected layer's weight histogram split into pruned / kept-low / kept-high counts
-  per bin, computed from the engine's original weights and the result's ranks (exactly
-  the engine's split, ties included);
-* measured inference latency, dense vs compressed, alternating runs after a warm-up,
-  median of as many runs as fit a time budget; process peak RSS sampled during the same
-  runs (``psutil``, the reading memory_profiler takes) or, on CUDA, the exact
-  ``torch.cuda.max_memory_allocated``;
-* a quick CIFAR-10 accuracy estimate on a fixed class-balanced subset with its Wilson 95%
-  interval, for the compressed and the dense model (cached per model, setting, BN
-  recalibration, subset and device; process-wide, so repeated settings are free);
-* the last setting change's chunk switches M and T_switch.
+* **fast**, every slider move, never queued: :meth:`ExploreSession.update` applies the
+  setting (the engine's incremental step, milliseconds), splits the selected layer's
+  histogram, and collects whatever heavier figures are already known for this setting;
+* **heavy**, queued on the process-wide :data:`core.services.compute_queue.COMPUTE` so that
+  sessions take turns: one batch of the progressive paired accuracy
+  (:meth:`ExploreSession.refine_accuracy`), the latency of dense vs compressed
+  (:meth:`ExploreSession.latency`, in a quiet moment or marked as disturbed), the full-test
+  accuracy, the output deviation (models without labelled data), BN recalibration and the
+  realized savings.
 
-The full 10,000-image accuracy is :meth:`ExploreSession.full_accuracy` and the realized
-savings (packed file measured on disk, latency of each execution path of
-:mod:`core.deploy.runtime`) are :meth:`ExploreSession.realized`: both on request, cached, and in
-the view once measured for its setting. Timings of every step are in ``view.timings``.
+What does not depend on the session is shared by all of them: the engine's ranked weights
+(:func:`shared_snapshot`), the histogram bins, the dense predictions and every setting's
+predictions (:mod:`core.services.estimates`), and measured latencies, full-test accuracies
+and realized savings (process-wide caches). A session holds its engine's working buffer,
+its current result (which *is* that buffer: ``lend_buffers=True``) and up to two
+BN-recalibrated copies.
 """
 from __future__ import annotations
 
 import copy
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 from core.common.lru import LRUCache
-from core.common.timing import time_interleaved
+from core.common.memory import process_rss_bytes, trim_heap
 from core.measure.accuracy import (
     AccuracyReport,
-    QuickEstimate,
-    balanced_subset,
     bn_recalibrate,
     calibration_images,
     eval_data,
     evaluate,
     has_batchnorm,
-    quick_accuracy,
 )
 from core.measure.latency import LatencyReport, measure_latency, output_deviation
+from core.measure.paired import PairedEstimate
 from core.measure.realized import RealizedSavings, measure_realized
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
+from core.method.snapshot import WeightSnapshot
+from core.services import estimates
 from core.services.choices import LoadedModel
+from core.services.compute_queue import COMPUTE, QueueState
 from core.services.histogram import HIST_BINS, HistogramData, LayerBins
 
 LATENCY_BATCHES: tuple[int, ...] = (1, 16, 64)
-QUICK_SIZES: tuple[int, ...] = (2, 5, 10, 20, 50, 100)  # images per class of the quick estimate
-DEFAULT_QUICK_PER_CLASS = 10
+#: how far the accuracy refines on its own after a slider move: half-width of the paired 95 % interval
+ACCURACY_TARGETS: tuple[float, ...] = (0.05, 0.02, 0.01, 0.005, 0.0)  # 0: every test image
+DEFAULT_ACCURACY_TARGET = 0.01
 #: the issue's update budgets (p95, server side): ResNet-20-sized models 0.3 s, ResNet-18-sized 1 s
 SMALL_MODEL_PARAMS = 2_000_000
-QUICK_SHARE = 0.45  # share of the update budget the default quick estimate may take
 CALIBRATION_IMAGES = 512
-SUBSET_SEED = 0
 OUTPUT_CHECK_BATCH = 256
+LATENCY_QUIET_WAIT_S = 1.0  # how long a latency measurement waits for the other jobs to finish
 REALIZED_BUDGET_S = 0.05  # timing effort per layer and kernel when measuring the execution paths
 
-#: accuracy results (QuickEstimate / AccuracyReport / output deviation), keyed by
-#: (model key, kind, config or None for dense, BN flag, subset size, device)
+#: full-test accuracies and output deviations, keyed by (model key, kind, config or None for dense, BN, device)
 ACCURACY_CACHE = LRUCache(4096)
+#: latencies measured in a quiet moment, keyed by (model key, config, batch, device); disturbed ones are not kept
+LATENCY_CACHE = LRUCache(1024)
+#: realized savings, keyed by (model key, config, batch, device)
+REALIZED_CACHE = LRUCache(64)
+_BINS = LRUCache(64)  # (model key, layer, bins) -> LayerBins
+_SNAPSHOTS: "weakref.WeakValueDictionary[str, WeightSnapshot]" = weakref.WeakValueDictionary()
+_SNAPSHOTS_LOCK = threading.Lock()
 
 
 def clear_caches() -> None:
-    ACCURACY_CACHE.clear()
-    _subset.cache_clear()
+    for cache in (ACCURACY_CACHE, LATENCY_CACHE, REALIZED_CACHE, _BINS):
+        cache.clear()
+    estimates.clear()
     _calibration.cache_clear()
 
 
-@lru_cache(maxsize=8)
-def _subset(per_class: int, mean: tuple[float, ...], std: tuple[float, ...]):
-    return balanced_subset(eval_data("test", mean, std), per_class, seed=SUBSET_SEED)
+def shared_snapshot(loaded: LoadedModel) -> WeightSnapshot:
+    """The ranked weights of ``loaded``'s model, built once per process while any session uses them."""
+    with _SNAPSHOTS_LOCK:
+        snapshot = _SNAPSHOTS.get(loaded.key)
+        if snapshot is None:
+            snapshot = WeightSnapshot(loaded.model, example_input=loaded.example_input(1))
+            _SNAPSHOTS[loaded.key] = snapshot
+        return snapshot
 
 
 @lru_cache(maxsize=2)
@@ -86,7 +100,7 @@ def _calibration(n: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tor
     return calibration_images(n, mean=mean, std=std)
 
 
-# ---------------------------------------------------------------- the session
+# ---------------------------------------------------------------- requests and views
 
 @dataclass(frozen=True, kw_only=True)
 class ExploreRequest:
@@ -96,9 +110,6 @@ class ExploreRequest:
     layer: str | None = None
     bins: int = HIST_BINS
     latency_batch: int = 1
-    measure_latency: bool = True
-    latency_budget_s: float = 0.03
-    quick_per_class: int = DEFAULT_QUICK_PER_CLASS  # 0: no quick accuracy
     bn_recalibrate: bool = False
     device: str = "cpu"
 
@@ -118,13 +129,16 @@ class Move:
 
 @dataclass(kw_only=True)
 class ExploreView:
-    """Everything the Explore page draws for one request (``None`` where not measured or not applicable)."""
+    """What the Explore page draws at once for one request: the engine's figures, and heavier ones already known.
+
+    ``latency``, ``estimate``, ``full``, ``deviation`` and ``realized`` are ``None`` until
+    measured for this setting (by this session or any other).
+    """
 
     result: CompressionResult
-    histogram: HistogramData | None
+    histogram: HistogramData
     latency: LatencyReport | None
-    quick: QuickEstimate | None
-    quick_dense: QuickEstimate | None
+    estimate: PairedEstimate | None
     full: AccuracyReport | None
     full_dense: AccuracyReport | None
     full_dense_source: str
@@ -133,8 +147,18 @@ class ExploreView:
     last_theta_move: Move | None
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
-    accuracy_available: bool = False
-    realized: RealizedSavings | None = None  # measured on request (ExploreSession.realized), else None
+    accuracy_available: bool = False  # the model has labelled data here (CIFAR-10 found and readable)
+    realized: RealizedSavings | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryReport:
+    """Bytes, by whom they are held. ``process_rss`` is the whole server process (every session, PyTorch itself)."""
+
+    model: int  # the model's own parameters and buffers (fp32), the dense one as loaded
+    session: int  # this session alone: the engine's working buffer (= the current result's weights), BN copies
+    shared: int  # held once for every session on this model: ranked weights, rank orders, chunks
+    process_rss: int
 
 
 def _theta_part(config: CompressionConfig | None):
@@ -143,25 +167,26 @@ def _theta_part(config: CompressionConfig | None):
     return (config.theta, config.theta_mode, config.b_low, config.b_high)
 
 
+def _module_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 class ExploreSession:
-    """Per-user explorer state: the engine, histogram bins, the last moves and a BN-recalibrated copy."""
+    """Per-user explorer state: an engine over the shared snapshot, the last moves and BN-recalibrated copies."""
 
     def __init__(self, loaded: LoadedModel, device: str = "cpu"):
         self.loaded = loaded
         self.device = device
-        self.engine = Engine(loaded.model, example_input=loaded.example_input(1))
-        self._bins: dict[tuple[str, int], LayerBins] = {}
+        self.engine = Engine.sharing(shared_snapshot(loaded), lend_buffers=True)
         self._dense_on: dict[str, nn.Module] = {}
         self._bn_models = LRUCache(2)
-        self._latency = LRUCache(256)
-        self._realized = LRUCache(32)
         self._last_config: CompressionConfig | None = None
         self.last_move: Move | None = None
         self.last_theta_move: Move | None = None
         self._lock = threading.RLock()
         self._has_bn = has_batchnorm(loaded.model)
         self.params = sum(p.numel() for p in loaded.model.parameters())
-        self._quick_default: int | None = None
+        weakref.finalize(self, trim_heap)  # a closed tab's buffers go back to the OS, not only to the allocator
 
     # -------------------------------------------------------- facts
 
@@ -193,23 +218,19 @@ class ExploreSession:
         """The latency budget of one slider move for a model of this size (0.3 s small, 1 s large)."""
         return 0.3 if self.params <= SMALL_MODEL_PARAMS else 1.0
 
-    def default_quick_per_class(self) -> int:
-        """The largest quick-estimate size whose inference, timed here (fastest of 3 runs), fits
-        :data:`QUICK_SHARE` of :attr:`update_budget_s` (at least the smallest size)."""
-        if self._quick_default is None:
-            x = self.loaded.example_input(20)
-            model = self.loaded.model
-            with torch.inference_mode():  # the fastest of three: robust to a momentarily busy CPU
-                timing = time_interleaved({"batch": lambda: model(x)}, warmup=1, min_rounds=3, max_rounds=3)["batch"]
-            per_image = timing.min_s / len(x)
-            allowed = [n for n in QUICK_SIZES if 10 * n * per_image <= QUICK_SHARE * self.update_budget_s]
-            self._quick_default = max(allowed) if allowed else QUICK_SIZES[0]
-        return self._quick_default
-
     def largest_layer(self) -> str:
-        return max(self.engine.layer_names, key=lambda n: self.engine.original_weight(n).numel())
+        return max(self.engine.layer_names, key=lambda n: self.engine.snapshot.layer(n).numel)
 
-    # -------------------------------------------------------- pieces
+    def queue_state(self) -> QueueState:
+        """How busy the shared compute queue is (the page says when it waits for it)."""
+        return COMPUTE.state()
+
+    def memory(self) -> MemoryReport:
+        bn_bytes = sum(_module_bytes(m) for m in self._bn_models.values())
+        return MemoryReport(model=_module_bytes(self.loaded.model), session=self.engine.working_bytes() + bn_bytes,
+                            shared=self.engine.snapshot.nbytes, process_rss=process_rss_bytes())
+
+    # -------------------------------------------------------- fast: every slider move
 
     def dense_model(self, device: str) -> nn.Module:
         """The dense model on ``device``: the shared model itself on CPU (only run, never changed), a private copy elsewhere."""
@@ -221,11 +242,10 @@ class ExploreSession:
         return self._dense_on[device]
 
     def histogram(self, result: CompressionResult, layer: str, bins: int = HIST_BINS) -> HistogramData:
-        """The layer's histogram under ``result`` (bins fixed per layer: ±max|W|)."""
-        key = (layer, bins)
-        if key not in self._bins:
-            self._bins[key] = LayerBins(self.engine.original_weight(layer), bins)
-        return self._bins[key].split(result, layer)
+        """The layer's histogram under ``result`` (bins fixed per layer: ±max|W|; shared by every session)."""
+        ranked = self.engine.snapshot.layer(layer).ranked
+        layer_bins = _BINS.get_or_create((self.key, layer, bins), lambda: LayerBins.from_ranked(ranked, bins))
+        return layer_bins.split(result, layer)
 
     def _record_move(self, result: CompressionResult) -> None:
         config = result.config
@@ -245,9 +265,55 @@ class ExploreSession:
             self._record_move(result)
             return result
 
+    def update(self, request: ExploreRequest) -> ExploreView:
+        """The fast part of a slider move, and the heavier figures already known for the setting (no inference)."""
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        t = time.perf_counter()
+        result = self.apply(request.config)
+        timings["engine"] = time.perf_counter() - t
+        t = time.perf_counter()
+        names = set(result.stats["name"])
+        layer = request.layer if request.layer in names else result.stats["name"].iloc[0]
+        histogram = self.histogram(result, layer, request.bins)
+        timings["histogram"] = time.perf_counter() - t
+        bn = self._bn_applies(request.bn_recalibrate)
+        if request.bn_recalibrate and not self._has_bn:
+            notes.append("This model has no BatchNorm layer: BN recalibration does not apply.")
+        full = full_dense = None
+        full_dense_source = ""
+        estimate = deviation = None
+        available = False
+        if self.evaluates_cifar:
+            try:
+                estimate = self.accuracy_estimate(result, bn, request.device)
+                available = True
+            except (OSError, RuntimeError) as err:  # DataError is a RuntimeError: the data is missing or damaged
+                notes.append(f"CIFAR-10 accuracy unavailable: {err}")
+            full = self.cached_full(request.config, bn, request.device)
+            full_dense, full_dense_source = self.dense_full_reference(request.device)
+        else:
+            deviation = ACCURACY_CACHE.get(self._accuracy_key("deviation", request.config, False, request.device))
+        timings["total"] = sum(timings.values())
+        return ExploreView(
+            result=result, histogram=histogram,
+            latency=LATENCY_CACHE.get((self.key, request.config, request.latency_batch, request.device)),
+            estimate=estimate, full=full, full_dense=full_dense, full_dense_source=full_dense_source,
+            deviation=deviation, last_move=self.last_move, last_theta_move=self.last_theta_move, timings=timings,
+            notes=notes, accuracy_available=available,
+            realized=REALIZED_CACHE.get((self.key, request.config, request.latency_batch, request.device)))
+
+    # -------------------------------------------------------- heavy: queued, shared, cached
+
+    def _bn_applies(self, bn: bool) -> bool:
+        return bool(bn and self._has_bn and self.evaluates_cifar)
+
     def inference_model(self, result: CompressionResult, bn: bool) -> nn.Module:
-        """The compressed model for accuracy: ``result.model``, BN-recalibrated when asked (cached per setting)."""
-        if not (bn and self._has_bn and self.evaluates_cifar):
+        """The compressed model for accuracy: ``result.model``, BN-recalibrated when asked (cached per setting).
+
+        Recalibrating runs the model on training images: call it inside a queued job.
+        """
+        if not self._bn_applies(bn):
             return result.model
         cached = self._bn_models.get(result.config)
         if cached is None:
@@ -255,35 +321,42 @@ class ExploreSession:
             self._bn_models.put(result.config, cached)
         return cached
 
-    def _accuracy_key(self, kind: str, config: CompressionConfig | None, bn: bool, size, device: str):
-        return (self.key, kind, config, bool(bn and self._has_bn and config is not None), size, device)
+    def _accuracy_key(self, kind: str, config: CompressionConfig | None, bn: bool, device: str) -> tuple:
+        return (self.key, kind, config, bool(self._bn_applies(bn) and config is not None), device)
 
-    def quick(self, result: CompressionResult | None, per_class: int, bn: bool, device: str) -> QuickEstimate:
-        """Quick accuracy of the compressed model (or the dense one when ``result`` is None), cached."""
-        config = None if result is None else result.config
-        key = self._accuracy_key("quick", config, bn, per_class, device)
-        cached = ACCURACY_CACHE.get(key)
-        if cached is not None:
-            return cached
-        subset = _subset(per_class, self.loaded.mean, self.loaded.std)
-        model = self.dense_model(device) if result is None else self.inference_model(result, bn).to(device)
-        estimate = quick_accuracy(model, subset, device=device)
-        ACCURACY_CACHE.put(key, estimate)
-        return estimate
+    def evaluation_set(self) -> estimates.EvaluationSet:
+        return estimates.cifar_test_set(tuple(self.loaded.mean), tuple(self.loaded.std))
+
+    def accuracy_estimate(self, result: CompressionResult, bn: bool, device: str) -> PairedEstimate | None:
+        """The paired estimate known for this setting (from any session), without computing."""
+        return estimates.current(self.key, self.evaluation_set(), result.config, self._bn_applies(bn), device)
+
+    def refine_accuracy(self, result: CompressionResult, bn: bool, device: str,
+                        poll: Callable[[], object] | None = None) -> PairedEstimate:
+        """One queued refinement step of the paired estimate (about ``estimates.BATCH_TARGET_S`` of inference).
+
+        ``poll`` is called while the job waits for its turn (see :meth:`ComputeQueue.job`).
+        """
+        data = self.evaluation_set()
+        bn = self._bn_applies(bn)
+        with COMPUTE.job(poll):
+            return estimates.refine(self.key, data, result.config, bn, device, self.dense_model(device),
+                                    lambda: self.inference_model(result, bn).to(device))
 
     def cached_full(self, config: CompressionConfig | None, bn: bool, device: str) -> AccuracyReport | None:
-        return ACCURACY_CACHE.get(self._accuracy_key("full", config, bn, 10_000, device))
+        return ACCURACY_CACHE.get(self._accuracy_key("full", config, bn, device))
 
     def full_accuracy(self, result: CompressionResult | None, bn: bool, device: str) -> AccuracyReport:
-        """Accuracy on all 10,000 test images (seconds to tens of seconds; cached)."""
+        """Accuracy on all 10,000 test images in fp32 (seconds to tens of seconds; queued; cached)."""
         config = None if result is None else result.config
-        key = self._accuracy_key("full", config, bn, 10_000, device)
+        key = self._accuracy_key("full", config, bn, device)
         cached = ACCURACY_CACHE.get(key)
         if cached is not None:
             return cached
         data = eval_data("test", self.loaded.mean, self.loaded.std)
-        model = self.dense_model(device) if result is None else self.inference_model(result, bn).to(device)
-        report = evaluate(model, data, device=device)
+        with COMPUTE.job():
+            model = self.dense_model(device) if result is None else self.inference_model(result, bn).to(device)
+            report = evaluate(model, data, device=device)
         ACCURACY_CACHE.put(key, report)
         return report
 
@@ -299,94 +372,51 @@ class ExploreSession:
         return None, ""
 
     def deviation(self, result: CompressionResult, device: str) -> float:
-        key = self._accuracy_key("deviation", result.config, False, OUTPUT_CHECK_BATCH, device)
+        """‖f_c(x) − f(x)‖ / ‖f(x)‖ on fixed Gaussian inputs, for models without labelled data (queued; cached)."""
+        key = self._accuracy_key("deviation", result.config, False, device)
         cached = ACCURACY_CACHE.get(key)
         if cached is None:
             inputs = self.loaded.example_input(OUTPUT_CHECK_BATCH, seed=1).to(device)
-            cached = output_deviation(self.dense_model(device), result.model.to(device), inputs)
+            with COMPUTE.job():
+                cached = output_deviation(self.dense_model(device), result.model.to(device), inputs)
             ACCURACY_CACHE.put(key, cached)
         return cached
 
-    def latency(self, result: CompressionResult, batch: int, device: str, budget_s: float) -> LatencyReport:
-        key = (result.config, batch, device)
-        cached = self._latency.get(key)
-        if cached is None:
-            example = self.loaded.example_input(batch)
-            cached = measure_latency(self.dense_model(device), result.model.to(device), example,
+    def latency(self, result: CompressionResult, batch: int, device: str, budget_s: float = 0.03,
+                poll: Callable[[], object] | None = None) -> LatencyReport:
+        """Dense vs compressed latency, interleaved in one go, one thread, in a quiet moment if one comes.
+
+        Kept for every session only when undisturbed: the queue was ours alone and this thread got
+        the CPU for the timed calls (:attr:`LatencyReport.disturbed`). A disturbed reading is
+        returned (the page marks it) but not cached, so the next view measures again.
+        """
+        key = (self.key, result.config, batch, device)
+        cached = LATENCY_CACHE.get(key)
+        if cached is not None:
+            return cached
+        example = self.loaded.example_input(batch)
+        with COMPUTE.exclusive(timeout_s=LATENCY_QUIET_WAIT_S, threads=1, poll=poll) as ticket:
+            report = measure_latency(self.dense_model(device), result.model.to(device), example,
                                      budget_s=budget_s, device=device)
-            self._latency.put(key, cached)
-        return cached
+        report = dataclasses_replace(report, quiet=ticket.exclusive and not report.disturbed)
+        if report.quiet:
+            LATENCY_CACHE.put(key, report)
+        return report
 
     def cached_realized(self, config: CompressionConfig, batch: int, device: str) -> RealizedSavings | None:
-        return self._realized.get((config, batch, device))
+        return REALIZED_CACHE.get((self.key, config, batch, device))
 
     def realized(self, result: CompressionResult, batch: int, device: str) -> RealizedSavings:
-        """Measured packed-file size and per-path latency of ``result`` at ``batch`` (seconds; cached).
+        """Measured packed-file size and per-path latency of ``result`` at ``batch`` (seconds; queued; cached).
 
         BN recalibration changes neither: it re-estimates statistics, not weights or shapes.
         """
-        key = (result.config, batch, device)
-        cached = self._realized.get(key)
+        key = (self.key, result.config, batch, device)
+        cached = REALIZED_CACHE.get(key)
         if cached is None:
-            with self._lock:
+            with COMPUTE.exclusive(timeout_s=LATENCY_QUIET_WAIT_S, threads=1):
                 cached = measure_realized(result, self.loaded.example_input(1).to(device), arch=self.loaded.arch,
                                           arch_kwargs=self.loaded.arch_kwargs, batch_size=batch,
                                           budget_s=REALIZED_BUDGET_S)
-            self._realized.put(key, cached)
+            REALIZED_CACHE.put(key, cached)
         return cached
-
-    # -------------------------------------------------------- one update
-
-    def update(self, request: ExploreRequest) -> ExploreView:
-        """Everything the Explore page shows for ``request`` (full-test accuracy only if cached)."""
-        timings: dict[str, float] = {}
-        notes: list[str] = []
-        t = time.perf_counter()
-        with self._lock:
-            result = self.apply(request.config)
-            timings["engine"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            layer = request.layer if request.layer in set(result.stats["name"]) else result.stats["name"].iloc[0]
-            histogram = self.histogram(result, layer, request.bins)
-            timings["histogram"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            _ = result.model  # materialize once (a copy of the engine's buffer)
-            timings["materialize"] = time.perf_counter() - t
-
-            latency = None
-            if request.measure_latency:
-                t = time.perf_counter()
-                latency = self.latency(result, request.latency_batch, request.device, request.latency_budget_s)
-                timings["latency"] = time.perf_counter() - t
-
-            quick = quick_dense = full = full_dense = None
-            full_dense_source = ""
-            deviation = None
-            available = False
-            bn = request.bn_recalibrate and self._has_bn
-            if request.bn_recalibrate and not self._has_bn:
-                notes.append("This model has no BatchNorm layer: BN recalibration does not apply.")
-            if self.evaluates_cifar:
-                if request.quick_per_class > 0:
-                    t = time.perf_counter()
-                    try:
-                        quick_dense = self.quick(None, request.quick_per_class, False, request.device)
-                        quick = self.quick(result, request.quick_per_class, bn, request.device)
-                        available = True
-                    except (OSError, RuntimeError) as err:  # DataError is a RuntimeError
-                        notes.append(f"CIFAR-10 accuracy unavailable: {err}")
-                    timings["quick_accuracy"] = time.perf_counter() - t
-                full = self.cached_full(request.config, bn, request.device)
-                full_dense, full_dense_source = self.dense_full_reference(request.device)
-            else:
-                t = time.perf_counter()
-                deviation = self.deviation(result, request.device)
-                timings["output_deviation"] = time.perf_counter() - t
-            realized = self.cached_realized(request.config, request.latency_batch, request.device)
-        timings["total"] = sum(timings.values())
-        return ExploreView(result=result, histogram=histogram, latency=latency, quick=quick, quick_dense=quick_dense,
-                           full=full, full_dense=full_dense, full_dense_source=full_dense_source, deviation=deviation,
-                           last_move=self.last_move, last_theta_move=self.last_theta_move, timings=timings,
-                           notes=notes, accuracy_available=available, realized=realized)

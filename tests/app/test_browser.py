@@ -141,3 +141,70 @@ def test_moving_tau_updates_retention_in_the_browser(app_url):
             first.screenshot(path=str(SHOTS / "explore_tau_0.31.png"), full_page=True)
         finally:
             browser.close()
+
+
+def _accuracy(page):
+    return page.locator('[data-testid="stMetric"]').filter(has_text="Accuracy Δ vs dense")
+
+
+def _images_and_half_width(page) -> tuple[int, float] | None:
+    """(images measured, ± points) as the accuracy metric shows them now, or None before its first figure."""
+    metric = _accuracy(page)
+    if metric.count() == 0:
+        return None
+    label = metric.locator('[data-testid="stMetricLabel"]').inner_text()
+    delta = metric.locator('[data-testid="stMetricDelta"]')
+    if "±" not in label or delta.count() == 0:
+        return None
+    images = re.search(r"on ([\d,]+) images", delta.inner_text())
+    half = re.search(r"±([\d.]+)", label)
+    if not (images and half):
+        return None
+    return int(images.group(1).replace(",", "")), float(half.group(1))
+
+
+def test_accuracy_refines_in_place_and_restarts_on_a_move(app_url):
+    """Move τ, leave the slider alone: the paired interval narrows by itself; move again mid-way: it restarts."""
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
+            page.goto(app_url)
+            slider = page.locator(TAU_SLIDER)
+            expect(slider).to_have_value("0.2", timeout=90_000)
+            _move_slider(page, slider, 0.08)
+            seen: list[tuple[int, float]] = []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # no input: watch the figure refine
+                now = _images_and_half_width(page)
+                if now and (not seen or now != seen[-1]):
+                    seen.append(now)
+                    if len(seen) == 2:
+                        page.screenshot(path=str(SHOTS / "accuracy_refining.png"), full_page=True)
+                if now and now[1] <= 1.0:
+                    break
+                page.wait_for_timeout(150)
+            assert len(seen) >= 3, seen  # several refinements arrived without any input
+            images = [n for n, _ in seen]
+            assert images == sorted(images) and images[-1] > images[0], seen
+            assert seen[-1][1] < seen[0][1] and seen[-1][1] <= 1.0, seen
+            page.screenshot(path=str(SHOTS / "accuracy_within_1_point.png"), full_page=True)
+
+            _move_slider(page, slider, 0.12)  # a new setting while the old one is done: starts again
+            restarted = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                now = _images_and_half_width(page)
+                if now and now[0] < images[-1]:
+                    restarted = now
+                    break
+                page.wait_for_timeout(100)
+            assert restarted is not None, "the estimate did not restart for the new setting"
+            _move_slider(page, slider, 0.14)  # and again while that one refines: interrupts at once
+            expect(_retention(page)).to_have_text(_expected_retention_texts(0.14)[0.14], timeout=30_000)
+            page.screenshot(path=str(SHOTS / "accuracy_restarted.png"), full_page=True)
+        finally:
+            browser.close()

@@ -18,3 +18,10 @@ def test_keeps_the_most_recently_used():
 def test_needs_room():
     with pytest.raises(ValueError, match="at least 1"):
         LRUCache(0)
+
+
+def test_get_or_create_makes_one_entry_per_key():
+    cache = LRUCache(2)
+    made = []
+    first = cache.get_or_create("k", lambda: made.append(1) or object())
+    assert cache.get_or_create("k", lambda: made.append(2) or object()) is first and made == [1]

@@ -8,7 +8,7 @@ from torch import nn
 
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
-from core.method.pruning import boundary_mask
+from core.method.pruning import boundary_mask, boundary_prune
 from core.method.quantization import dequantize
 from tests.conftest import TinyNet, same_state, state_fingerprint
 
@@ -233,3 +233,45 @@ def test_size_accounting_totals(tiny_net):
     assert result.model_bytes_compressed < dense
     prunable = result.stats["fp32_bytes"].sum()
     assert result.model_bytes_compressed == dense - prunable + result.stats["compressed_bytes"].sum()
+
+
+# ---------------------------------------------------------------- shared snapshots and lent buffers
+
+def test_engines_sharing_a_snapshot_are_independent_and_exact():
+    from core.method.snapshot import WeightSnapshot
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    snapshot = WeightSnapshot(model)
+    a, b = Engine.sharing(snapshot), Engine.sharing(snapshot)
+    solo = Engine(model)
+    ra = a.apply(CompressionConfig(tau=0.3, theta=0.5))
+    rb = b.apply(CompressionConfig(tau=0.1))
+    for name in a.layer_names:
+        assert torch.equal(ra.weights[name], solo.apply(CompressionConfig(tau=0.3, theta=0.5)).weights[name])
+        assert torch.equal(rb.weights[name], boundary_prune(model.get_submodule(name).weight.detach(), 0.1))
+    assert a.chunk("0", 8) is b.chunk("0", 8)  # quantized once for both
+    assert a.working_bytes() == b.working_bytes() == sum(p.numel() * 4 for n, p in model.named_parameters()
+                                                        if n.endswith("weight"))
+
+
+def test_lent_buffers_give_exact_results_and_survive_in_place_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    reference = Engine(model)
+    engine = Engine(model, lend_buffers=True)
+    settings = [CompressionConfig(tau=t, theta=th) for t, th in ((0.2, None), (0.4, 0.5), (0.1, 0.3), (0.2, None))]
+    kept_results = []
+    for config in settings:
+        result = engine.apply(config)
+        kept_results.append((config, result, {k: v.clone() for k, v in result.weights.items()}))
+        expected = reference.apply(config).weights
+        assert all(torch.equal(result.weights[k], expected[k]) for k in expected)
+    for _, result, frozen in kept_results:  # older results keep their values after later moves
+        assert all(torch.equal(result.weights[k], frozen[k]) for k in frozen)
+    result = engine.apply(CompressionConfig(tau=0.3))
+    with torch.no_grad():
+        result.model[0].weight.mul_(0)  # a user changes the lent result in place
+    after = engine.apply(CompressionConfig(tau=0.35))
+    expected = reference.apply(CompressionConfig(tau=0.35)).weights
+    assert all(torch.equal(after.weights[k], expected[k]) for k in expected)

@@ -1,0 +1,95 @@
+import threading
+import time
+
+import torch
+
+from core.services.compute_queue import ComputeQueue
+
+
+def test_at_most_slots_jobs_run_at_once_first_come_first_served():
+    queue = ComputeQueue(slots=2)
+    running, peak, order = [0], [0], []
+    lock = threading.Lock()
+
+    def work(i):
+        with queue.job():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                order.append(i)
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+
+    threads = []
+    for i in range(6):
+        threads.append(threading.Thread(target=work, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.002)  # arrive in order
+    for t in threads:
+        t.join()
+    assert peak[0] == 2 and sorted(order) == list(range(6))
+    assert order[:2] == [0, 1] and queue.running == 0 and not queue.busy()
+
+
+def test_a_job_alone_uses_every_core_and_restores_the_thread_count():
+    queue = ComputeQueue(slots=2)
+    before = torch.get_num_threads()
+    with queue.job() as ticket:
+        assert ticket.threads == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+
+
+def test_exclusive_waits_for_a_quiet_moment_or_says_it_did_not_get_one():
+    queue = ComputeQueue(slots=2)
+    release = threading.Event()
+
+    def hold():
+        with queue.job():
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.02)
+    with queue.exclusive(timeout_s=0.05) as ticket:
+        assert not ticket.exclusive  # someone else was running: the caller marks its figure
+    release.set()
+    holder.join()
+    with queue.exclusive(timeout_s=0.5) as ticket:
+        assert ticket.exclusive and queue.running == 2
+    assert queue.running == 0
+    with queue.job():  # a timed-out waiter did not block the queue
+        pass
+
+
+def test_a_waiter_polls_and_leaves_the_line_cleanly_when_its_poll_raises():
+    queue = ComputeQueue(slots=1)
+    release = threading.Event()
+    polls = []
+
+    def hold():
+        with queue.job():
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.02)
+
+    class Superseded(Exception):
+        pass
+
+    def poll():
+        polls.append(1)
+        if len(polls) == 2:
+            raise Superseded  # what Streamlit does to a run a newer one replaces
+
+    try:
+        with queue.job(poll=poll):
+            raise AssertionError("the job must not start")
+    except Superseded:
+        pass
+    assert len(polls) == 2 and queue.waiting == 0
+    release.set()
+    holder.join()
+    with queue.job():  # the line moves on
+        assert queue.running == 1

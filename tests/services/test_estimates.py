@@ -1,0 +1,83 @@
+"""Progressive paired accuracy shared across sessions: the dense model runs once, a revisited setting resumes."""
+import pytest
+import torch
+
+import core.services.session as session_module
+from core.measure.accuracy import EvalData, evaluate
+from core.measure.paired import balanced_order
+from core.method.config import CompressionConfig
+from core.services import estimates
+from core.services.choices import load_choice
+from core.services.session import ExploreSession
+from core.workloads.models import build
+
+
+@pytest.fixture
+def small_cifar(monkeypatch):
+    """200 random 32×32 'test images' with labels stand in for CIFAR-10: the same code path, in milliseconds."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(200, 3, 32, 32, generator=generator)
+    labels = torch.arange(200) % 10
+    order = balanced_order(labels)
+    data = estimates.EvaluationSet("small", images, labels, order, labels[order])
+    monkeypatch.setattr(ExploreSession, "evaluation_set", lambda self: data)
+    monkeypatch.setattr(estimates, "estimate_precision", lambda device: "fp32")
+    session_module.clear_caches()
+    yield data
+    session_module.clear_caches()
+
+
+def trained_like_session(key: str = "untrained:resnet20") -> ExploreSession:
+    return ExploreSession(load_choice(key))
+
+
+def run_to_completion(session, result):
+    estimate = None
+    steps = 0
+    while estimate is None or not estimate.complete:
+        estimate = session.refine_accuracy(result, False, "cpu")
+        steps += 1
+    return estimate, steps
+
+
+def test_completed_estimate_equals_full_evaluation_exactly(small_cifar):
+    session = trained_like_session()
+    result = session.apply(CompressionConfig(tau=0.3))
+    estimate, steps = run_to_completion(session, result)
+    assert steps > 1  # refined batch by batch
+    data = EvalData(small_cifar.images, small_cifar.labels, "small")
+    compressed = evaluate(result.model, data).accuracy
+    dense = evaluate(session.loaded.model, data).accuracy
+    assert estimate.accuracy == pytest.approx(compressed) and estimate.dense_accuracy == pytest.approx(dense)
+    assert estimate.delta == pytest.approx(compressed - dense) and estimate.delta_half_width == 0
+
+
+def test_dense_predictions_run_once_for_every_session(small_cifar, monkeypatch):
+    calls = []
+    real_predict = estimates.predict
+
+    def counting(model, images, **kwargs):
+        calls.append((id(model), len(images)))
+        return real_predict(model, images, **kwargs)
+
+    monkeypatch.setattr(estimates, "predict", counting)
+    first, second = trained_like_session(), trained_like_session()
+    dense_id = id(first.loaded.model)
+    run_to_completion(first, first.apply(CompressionConfig(tau=0.2)))
+    dense_images = sum(n for model, n in calls if model == dense_id)
+    assert dense_images == 200
+    calls.clear()
+    again, _ = run_to_completion(second, second.apply(CompressionConfig(tau=0.2)))
+    assert calls == []  # the same setting in another session: already known, nothing runs
+    run_to_completion(second, second.apply(CompressionConfig(tau=0.4)))
+    assert not [1 for model, _ in calls if model == dense_id]  # a new setting: only the compressed model runs
+    assert second.accuracy_estimate(second.apply(CompressionConfig(tau=0.2)), False, "cpu") == again
+
+
+def test_bn_recalibrated_estimates_are_kept_apart(small_cifar, monkeypatch):
+    monkeypatch.setattr(session_module, "calibration_images", lambda n, mean, std: torch.randn(64, 3, 32, 32))
+    session = trained_like_session()
+    result = session.apply(CompressionConfig(tau=0.3))
+    plain, _ = run_to_completion(session, result)
+    recalibrated = session.refine_accuracy(result, True, "cpu")
+    assert recalibrated.n < plain.n  # its own store, started from the front
