@@ -2,7 +2,15 @@
 import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
-from core.services.uploads import export_bundle, packed_bytes, read_settings, settings_json
+from core.services.uploads import (
+    MAX_SETTINGS_MB,
+    display_name,
+    export_bundle,
+    packed_bytes,
+    read_settings,
+    settings_json,
+)
+from ui.errors import show_error, show_warning
 from ui.sidebar import page_setup
 from ui.state import apply_config, current_config, footer, guard
 
@@ -74,15 +82,19 @@ with guard("Preparing the export"):
 
 st.subheader("Load settings")
 st.caption("Upload a settings JSON exported here to set the Explore sliders to it.")
-uploaded = st.file_uploader("Settings JSON", type=["json"], key="settings_file")
+# no `type=`: the content is parsed whatever the name (Streamlit's extension check raises on odd names)
+uploaded = st.file_uploader(f"Settings JSON (≤ {MAX_SETTINGS_MB} MB)", key="settings_file",
+                            max_upload_size=MAX_SETTINGS_MB)
 if uploaded is not None and st.button("Apply these settings", key="apply_settings"):
-    try:
+    name = display_name(uploaded.name)
+    try:  # read_settings refuses files over MAX_SETTINGS_BYTES before parsing them
         skipped = apply_config(read_settings(uploaded.getvalue()), session)
-    except ValueError as err:  # ConfigError included: the message names the field
-        st.error(f"{uploaded.name} is not a settings file of this app ({err}). Export one above and try again.")
+    except ValueError as err:  # ConfigError included: the message names the field (and may quote the file)
+        show_error(f"{name} is not a settings file this app can apply: {str(err).rstrip('.')}. "
+                   "Export a settings file above and load that one.")
     else:
-        for note in skipped:
-            st.warning(note)
+        for note in skipped:  # names from the file: shown literally
+            show_warning(note)
         st.success("Settings applied: open the Explore page to see them.")
 
 footer(page="export")

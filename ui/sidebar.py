@@ -4,8 +4,9 @@ from __future__ import annotations
 import streamlit as st
 
 from core.services.choices import model_choices
-from core.services.uploads import MAX_UPLOAD_BYTES
+from core.services.uploads import MAX_UPLOAD_MB
 from core.workloads.models import REGISTRY
+from ui.errors import literal, show_error
 from ui.state import UPLOAD_KEY, consume_pending_upload, devices, explorer, guard
 
 AUTO_ARCH = "auto (from a file exported by this app)"
@@ -34,13 +35,17 @@ def render_sidebar():
         if state["model_key"] == UPLOAD_KEY:
             st.selectbox("Architecture of the upload", [AUTO_ARCH] + list(REGISTRY), key="upload_arch",
                          help="A plain state_dict needs its architecture; files exported by this app carry it.")
+            # MB as Streamlit counts them (10^6 bytes in the browser): the label, the uploader's own
+            # "200MB per file" and core.services.uploads.MAX_UPLOAD_BYTES name the same limit. No `type=`:
+            # the format is read from the content (a .ckpt or misnamed file is fine), and Streamlit's own
+            # extension check would raise on odd names (a NUL byte) before the app could answer.
             st.file_uploader(
-                f"State dict (.pt/.pth/.safetensors, ≤ {MAX_UPLOAD_BYTES // 2 ** 20} MiB)",
-                type=["pt", "pth", "bin", "safetensors"], key="upload_file", on_change=_on_file,
-                help="Loaded with torch.load(weights_only=True) or safetensors: nothing is unpickled.")
+                f"State dict (.pt/.pth/.safetensors, ≤ {MAX_UPLOAD_MB} MB)",
+                key="upload_file", on_change=_on_file, max_upload_size=MAX_UPLOAD_MB,
+                help="Loaded with torch.load(weights_only=True) or safetensors: nothing is unpickled. "
+                     "The format is read from the content, whatever the file is called.")
             if "upload_error" in state:
-                st.error(f"Upload rejected: {state['upload_error']}. Upload a state_dict of the chosen "
-                         "architecture (torch.save(model.state_dict(), path)) or a model exported by this app.")
+                show_error(f"Upload rejected: {state['upload_error']}")
             if "uploaded_model" not in state:
                 st.info("Nothing uploaded yet: the pages show the first model of the list meanwhile.")
         st.radio("Device", devices(), key="device", horizontal=True,
@@ -53,10 +58,10 @@ def render_sidebar():
     if session is not None:
         with st.sidebar:
             loaded = session.loaded
-            if loaded.trained:
-                st.caption(loaded.note)
+            if loaded.trained:  # the note may name an uploaded file: shown literally
+                st.caption(literal(loaded.note))
             else:
-                st.warning(loaded.note)
+                st.warning(literal(loaded.note))
     return session
 
 

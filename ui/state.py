@@ -80,16 +80,23 @@ def device() -> str:
 # ---------------------------------------------------------------- uploads
 
 def process_upload(data: bytes, filename: str, arch: str | None) -> None:
-    """Validate and load an uploaded checkpoint into this session (never shared), or record the error."""
+    """Validate and load an uploaded checkpoint into this session (never shared), or record the error.
+
+    The recorded message is plain text (the sidebar shows it with :func:`ui.errors.show_error`);
+    the file name is never used as a path.
+    """
+    from core.services.uploads import display_name
+
     state = st.session_state
     try:
         loaded = read_upload(data, filename, arch)
     except CheckpointError as err:
         state["upload_error"] = str(err)
         return
-    except Exception as err:  # anything unexpected is still reported, never raised into the page
-        log.exception("upload of %s failed", filename)
-        state["upload_error"] = f"{filename} could not be loaded ({type(err).__name__}: {err})"
+    except Exception:  # anything unexpected is still reported, never raised into the page
+        log.exception("upload of %r failed", filename)
+        state["upload_error"] = (f"{display_name(filename)} could not be loaded because of an unexpected error; "
+                                 "the server log has the details.")
         return
     state.pop("upload_error", None)
     state["uploaded_model"] = loaded
@@ -204,22 +211,29 @@ def apply_config(config: CompressionConfig, session: ExploreSession | None = Non
 
 @contextmanager
 def guard(what: str, hint: str = "Try another setting or model; if it persists, reload the page."):
-    """Show any error inside as ``st.error`` with what to do (never a traceback)."""
+    """Show any error inside as ``st.error`` with what to do (never a traceback).
+
+    Messages may quote files (names, keys) and libraries: they are shown literally, never as
+    markdown, without escape codes (:func:`ui.errors.show_error`).
+    """
+    from core.common.formatting import printable
+    from ui.errors import show_error
+
     def text(err: BaseException) -> str:
-        return str(err).strip().rstrip(".") or type(err).__name__
+        return printable(err, 300).rstrip(".") or type(err).__name__
 
     try:
         yield
     except (CheckpointError, DataError, FileNotFoundError) as err:
-        st.error(f"{what}: {text(err)}. {hint}")
+        show_error(f"{what}: {text(err)}. {hint}")
     except (ValueError, TypeError, KeyError) as err:
         log.exception("%s failed", what)
-        st.error(f"{what}: {text(err)}. {hint}")
+        show_error(f"{what}: {text(err)}. {hint}")
     except torch.cuda.OutOfMemoryError:
-        st.error(f"{what}: the GPU ran out of memory. Pick a smaller batch or the CPU in the sidebar.")
+        show_error(f"{what}: the GPU ran out of memory. Pick a smaller batch or the CPU in the sidebar.")
     except Exception as err:  # noqa: BLE001 (the page must never show a traceback)
         log.exception("%s failed", what)
-        st.error(f"{what} failed ({type(err).__name__}: {text(err)}). {hint}")
+        show_error(f"{what} failed because of an unexpected error ({type(err).__name__}: {text(err)}). {hint}")
 
 
 def record_update_time(page: str, ms: float, limit: int = 200) -> list[float]:

@@ -6,6 +6,8 @@ percentages; durations switch from seconds to milliseconds below 10 ms.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 
 KIB = 1024
 MIB = 1024 ** 2
@@ -41,3 +43,31 @@ def is_missing(value: object) -> bool:
 def fmt_kib(n_bytes: float) -> str:
     """Always in KiB, for tables whose rows should compare at a glance: ``"1068.8 KiB"``."""
     return f"{n_bytes / KIB:.1f} KiB"
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]|\x9b[0-?]*[ -/]*[@-~]")
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` as one line fit to show a user: terminal escape sequences and control characters
+    (including bidirectional overrides, which can disguise a file name) removed, line breaks and tabs
+    made spaces, and at most ``limit`` characters (the middle elided with "…").
+
+    For anything taken from a file or an exception before it goes into a message.
+    """
+    text = _ESCAPES.sub("", str(text))
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if char in "\t\n\r\v\f":
+            kept.append(" ")
+        elif category == "Cc" or (category == "Cf" and unicodedata.bidirectional(char) in _BIDI_CONTROLS):
+            continue
+        else:
+            kept.append(char)
+    text = " ".join("".join(kept).split())
+    if len(text) > limit:
+        head = (limit - 1) * 2 // 3
+        text = text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+    return text

@@ -37,8 +37,15 @@ less for a float16/bfloat16 model, whose other tensors the engine counts as fp32
 ``file size − model_bytes_compressed`` is the container: safetensors framing, the JSON
 header and the compressed table (about 1–2 KB for the registry models).
 
-Integrity: a truncated, altered, foreign or other-version file raises
-:class:`PackedFileError` (a ``ValueError``) that says which.
+Integrity: a truncated, damaged, foreign or other-version file raises
+:class:`PackedFileError` (a ``ValueError``) that says which. The SHA256 in the header is a
+checksum: it detects corruption (a cut-short download, a flipped bit), not tampering; anyone
+can change a file and recompute it. So a file is never trusted for its checksum: a reader
+(:func:`parse_compressed`, behind every public reader) checks every size, shape and count the
+file declares against the limits below and against the bytes actually present *before*
+allocating anything of that size, and builds a registry model only from checked constructor
+arguments (:func:`core.workloads.models.check_arch_kwargs`). Reading a hostile file then costs
+about its own size; loading a valid one, about the model's.
 """
 from __future__ import annotations
 
@@ -47,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,13 +64,40 @@ import torch
 from torch import nn
 
 from core.method.config import CompressionConfig
-from core.workloads.models import CheckpointError, build, load_state_dict_into
-from core.method.quantization import FLOAT_PASSTHROUGH_BITS, decode, index_bits, layer_storage, q_max
+from core.workloads.models import MAX_FILE_PARAMS, CheckpointError, build_from_file, load_state_dict_into
+from core.common.formatting import printable
+from core.method.quantization import (
+    FLOAT_PASSTHROUGH_BITS,
+    SUPPORTED_BITS,
+    decode,
+    index_bits,
+    layer_storage,
+    q_max,
+)
 
 FORMAT_NAME = "boundary-explorer/packed"
 FORMAT_VERSION = 1
 METADATA_KEY = "boundary_explorer"
 _CHUNK_VALUES = 1 << 20  # values packed per numpy call (a multiple of 8: chunks start on a byte)
+
+# ---------------------------------------------------------------- limits on what a file may declare
+# Each is checked before anything of the declared size is allocated. The registry's largest model,
+# ResNet-18, packs to 6-12 MB with a ~1 KB header and a ~2 KB table (~14 KB decompressed).
+#: A packed file read from a path (uploads have their own, smaller limit).
+MAX_FILE_BYTES = 1 << 30
+#: The safetensors JSON header, which holds the packed-model header: ~1 KB in practice.
+MAX_HEADER_BYTES = 1 << 20
+#: The layer table, compressed and decompressed (it is inflated with this bound, never more).
+MAX_TABLE_BYTES = 4 << 20
+#: Layer records plus stored tensors in the table (ResNet-18: 21 + 101).
+MAX_TABLE_ROWS = 10_000
+#: Characters of one layer or tensor name.
+MAX_NAME_CHARS = 1_000
+#: Dimensions of one tensor.
+MAX_DIMS = 8
+#: The dtypes a packed layer may have, and those of the tensors stored as they are.
+LAYER_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+STATE_DTYPES: tuple[str, ...] = LAYER_DTYPES + ("int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 class PackedFileError(CheckpointError):
@@ -331,16 +364,16 @@ def _digest(header: Mapping, table: bytes, data: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def save_compressed(result, path: str | os.PathLike, arch: str | None = None,
-                    arch_kwargs: Mapping | None = None, *, verify: bool = True) -> Path:
-    """Write ``result`` (a :class:`core.method.engine.CompressionResult`) to ``path`` in the packed format.
+def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None, *,
+                     verify: bool = True) -> bytes:
+    """``result`` (a :class:`core.method.engine.CompressionResult`) in the packed format, as bytes.
 
     ``arch`` (a :mod:`core.workloads.models` registry name, with ``arch_kwargs`` for its builder) is
     recorded so :func:`load_compressed` can rebuild the module; without it, loading needs a
     ``model_template``. With ``verify`` the packed layers are decoded again and compared
-    with ``result.weights`` bit for bit before the file is written. Returns the path.
+    with ``result.weights`` bit for bit first.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if arch is not None:
         from core.workloads.models import REGISTRY
@@ -378,8 +411,15 @@ def save_compressed(result, path: str | os.PathLike, arch: str | None = None,
     }
     header["sha256"] = _digest(header, table_bytes, data)
     tensors = {"table": torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), "data": torch.from_numpy(data)}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
+
+
+def save_compressed(result, path: str | os.PathLike, arch: str | None = None,
+                    arch_kwargs: Mapping | None = None, *, verify: bool = True) -> Path:
+    """Write ``result`` to ``path`` in the packed format (:func:`compressed_bytes`); returns the path."""
+    data = compressed_bytes(result, arch, arch_kwargs, verify=verify)
     path = Path(path)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
+    path.write_bytes(data)
     return path
 
 
@@ -403,100 +443,340 @@ class PackedModel:
         return CompressionConfig.from_dict(self.header.get("config", {}))
 
 
-def _read_raw(path: Path) -> tuple[dict, bytes, np.ndarray, int]:
-    """The header, table and data blob, after checking the container's framing and the SHA256."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+# ---------------------------------------------------------------- reading: every declared size checked first
 
-    label = path.name
+def _json(text: bytes | str, label: str, what: str) -> object:
+    """Parsed JSON, or :class:`PackedFileError` (also for nesting too deep for Python's parser)."""
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise PackedFileError(f"cannot read {label}: {err}") from err
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise PackedFileError(f"{label} is not a packed model file: its {what} is not valid JSON.") from err
+
+
+def _span(entry: object, name: str, label: str) -> tuple[int, int]:
+    """The (start, end) of one of the container's two uint8 tensors, as its header declares them."""
+    if not isinstance(entry, dict) or entry.get("dtype") != "U8":
+        raise PackedFileError(f"{label} is damaged: its '{name}' entry is not a byte tensor.")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) == 1 and _is_count(shape[0])
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[1] - offsets[0] == shape[0]):
+        raise PackedFileError(f"{label} is damaged: the size and position of its '{name}' data disagree.")
+    return offsets[0], offsets[1]
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _split(raw: bytes, label: str) -> tuple[dict, bytes, np.ndarray]:
+    """The safetensors container's metadata, table bytes and data (a read-only view into ``raw``).
+
+    Checks the framing against the bytes present: the header length (≤ :data:`MAX_HEADER_BYTES`),
+    exactly the two tensors ``table`` and ``data``, back to back, ending where the file ends.
+    """
     size = len(raw)
     if size < 8:
-        raise PackedFileError(f"{label} is truncated or not a packed model file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", raw[:8])
+        raise PackedFileError(f"{label} is truncated or not a packed model file ({size} bytes).")
+    header_len = int.from_bytes(raw[:8], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise PackedFileError(f"{label} is not a packed model file: its header would be {header_len:,} bytes, "
+                              f"and packed headers are at most {MAX_HEADER_BYTES:,}.")
     if 8 + header_len > size:
         raise PackedFileError(f"{label} is truncated or not a packed model file: "
-                              f"its header needs {8 + header_len} bytes, the file has {size}")
-    try:
-        st_header = json.loads(raw[8:8 + header_len])
-        metadata = st_header.get("__metadata__") or {}
-        ends = [entry["data_offsets"][1] for key, entry in st_header.items() if key != "__metadata__"]
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
-        raise PackedFileError(f"{label} is not a packed model file (unreadable header: {err})") from err
-    if METADATA_KEY not in metadata:
-        raise PackedFileError(f"{label} is not a Boundary Explorer packed model file (no '{METADATA_KEY}' header)")
-    expected = 8 + header_len + max(ends, default=0)
+                              f"its header needs {8 + header_len:,} bytes, the file has {size:,}.")
+    st_header = _json(raw[8:8 + header_len], label, "header")
+    metadata = st_header.get("__metadata__") if isinstance(st_header, dict) else None
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise PackedFileError(f"{label} is not a Boundary Explorer packed model file (no '{METADATA_KEY}' header).")
+    if set(st_header) != {"__metadata__", "table", "data"}:
+        raise PackedFileError(f"{label} is damaged: it should hold exactly the tensors 'table' and 'data'.")
+    table_span, data_span = _span(st_header["table"], "table", label), _span(st_header["data"], "data", label)
+    first, second = sorted((table_span, data_span))
+    if first[0] != 0 or second[0] != first[1]:
+        raise PackedFileError(f"{label} is damaged: its two tensors do not follow each other.")
+    expected = 8 + header_len + second[1]
     if size < expected:
-        raise PackedFileError(f"{label} is truncated: {size} bytes, its header describes {expected}")
+        raise PackedFileError(f"{label} is truncated: {size:,} bytes, its header describes {expected:,}.")
     if size > expected:
-        raise PackedFileError(f"{label} is altered: {size - expected} bytes follow the data its header describes")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-    except ValueError as err:
-        raise PackedFileError(f"{label}: the packed-model header is not valid JSON ({err})") from err
+        raise PackedFileError(f"{label} is altered: {size - expected:,} bytes follow the data its header describes.")
+    if table_span[1] - table_span[0] > MAX_TABLE_BYTES:
+        raise PackedFileError(f"{label} is not a packed model file this build reads: its layer table is "
+                              f"{table_span[1] - table_span[0]:,} bytes, at most {MAX_TABLE_BYTES:,} are read.")
+    base = 8 + header_len
+    table = raw[base + table_span[0]:base + table_span[1]]
+    data = np.frombuffer(raw, dtype=np.uint8, count=data_span[1] - data_span[0], offset=base + data_span[0])
+    return metadata, table, data
+
+
+def _header(metadata: dict, label: str) -> dict:
+    """The packed-model header: format, version, architecture and its arguments, settings."""
+    text = metadata[METADATA_KEY]
+    header = _json(text, label, "packed-model header") if isinstance(text, str) else None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise PackedFileError(f"{label} is not a Boundary Explorer packed model file")
+        raise PackedFileError(f"{label} is not a Boundary Explorer packed model file.")
     if header.get("version") != FORMAT_VERSION:
-        raise PackedFileError(
-            f"{label} is packed format version {header.get('version')!r}; this build reads version {FORMAT_VERSION}")
+        raise PackedFileError(f"{label} is packed format version {printable(repr(header.get('version')), 40)}; "
+                              f"this build reads version {FORMAT_VERSION}.")
+    if header.get("arch") is not None and not isinstance(header["arch"], str):
+        raise PackedFileError(f"{label} is damaged: its architecture name is not text.")
+    if not isinstance(header.get("arch_kwargs", {}), dict):
+        raise PackedFileError(f"{label} is damaged: its architecture arguments are not a mapping.")
+    return header
+
+
+def _inflate(table: bytes, label: str) -> bytes:
+    """The table's JSON, decompressed to at most :data:`MAX_TABLE_BYTES` (never more is allocated)."""
+    inflater = zlib.decompressobj()
     try:
-        tensors = load(raw)
-        table, data = tensors["table"], tensors["data"]
-    except (SafetensorError, ValueError, RuntimeError, KeyError) as err:
-        raise PackedFileError(f"{label} is damaged: {err}") from err
-    if table.dtype != torch.uint8 or data.dtype != torch.uint8:
-        raise PackedFileError(f"{label} is damaged: unexpected tensor types")
-    table_bytes, data = table.numpy().tobytes(), data.numpy()
-    if header.get("sha256") != _digest(header, table_bytes, data):
-        raise PackedFileError(f"{label} is altered or damaged: its content does not match the SHA256 in its header")
-    return header, table_bytes, data, size
+        text = inflater.decompress(table, MAX_TABLE_BYTES + 1)
+    except zlib.error as err:
+        raise PackedFileError(f"{label} is damaged: its layer table is not valid compressed data.") from err
+    if len(text) > MAX_TABLE_BYTES:
+        raise PackedFileError(f"{label} is refused: its layer table unpacks to more than {MAX_TABLE_BYTES:,} bytes "
+                              "(a packed table is a few kilobytes).")
+    if not inflater.eof or inflater.unused_data:
+        raise PackedFileError(f"{label} is damaged: its layer table is cut short or followed by stray bytes.")
+    return text
+
+
+def _name(value: object, label: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise PackedFileError(f"{label} is damaged: a layer or tensor name in its table is not a name "
+                              f"(text of 1 to {MAX_NAME_CHARS} characters).")
+    return value
+
+
+def _shape(value: object, where: str, label: str, max_params: int) -> tuple[int, ...]:
+    if not (isinstance(value, list) and len(value) <= MAX_DIMS and all(_is_count(d) and d <= max_params
+                                                                       for d in value)):
+        raise PackedFileError(f"{label} is damaged: the shape of {where} is not a list of at most {MAX_DIMS} "
+                              f"sizes from 0 to {max_params:,}.")
+    return tuple(value)
+
+
+def _dtype_of(value: object, allowed: tuple[str, ...], where: str, label: str) -> torch.dtype:
+    if value not in allowed:
+        raise PackedFileError(f"{label} is damaged: {where} has the type {printable(repr(value), 40)}; "
+                              f"packed files use {', '.join(allowed)}.")
+    return getattr(torch, value)
+
+
+def _layer(row: object, label: str, max_params: int) -> LayerRecord:
+    """One layer record of the table, every field checked (types, ranges, and against each other)."""
+    if not isinstance(row, list) or len(row) != 9:
+        raise PackedFileError(f"{label} is damaged: a layer record of its table does not have 9 fields.")
+    name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask = row
+    where = f"layer '{printable(_name(name, label), 80)}'"
+    shape = _shape(shape, where, label, max_params)
+    _dtype_of(dtype, LAYER_DTYPES, where, label)
+    numel = math.prod(shape)
+    if not (_is_count(kept) and _is_count(n_high) and _is_count(n_low) and kept <= numel):
+        raise PackedFileError(f"{label} is damaged: {where} declares impossible counts of kept weights.")
+    if b_high is None and b_low is None:
+        counts_fit = n_high == kept and n_low == 0
+    elif b_high in SUPPORTED_BITS and b_low in SUPPORTED_BITS and b_low <= b_high:
+        counts_fit = n_high + n_low == kept
+    else:
+        raise PackedFileError(f"{label} is damaged: {where} declares the bit-widths "
+                              f"{printable(repr(b_high), 20)}/{printable(repr(b_low), 20)}.")
+    if not counts_fit:
+        raise PackedFileError(f"{label} is damaged: {where} declares high/low counts that do not add up to its "
+                              "kept weights.")
+    if mask != _mask_kind(numel, kept):
+        raise PackedFileError(f"{label} is damaged: {where} declares the mask kind {printable(repr(mask), 20)}, "
+                              f"its counts call for {_mask_kind(numel, kept)!r}.")
+    return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask)
+
+
+def _layer_bytes(record: LayerRecord) -> int:
+    """The bytes the data blob holds for one layer (mask, codes and scales per stream, selector)."""
+    total = _mask_bytes(record)
+    if record.b_high is None:
+        return total + record.kept * _dtype(record.dtype).itemsize
+    for _, count, bits in record.streams:
+        total += _code_bytes(count, bits) + (0 if bits == FLOAT_PASSTHROUGH_BITS else 4 * record.channels)
+    return total + (math.ceil(record.kept / 8) if record.mixed else 0)
+
+
+def _table(text: bytes, label: str, max_params: int) -> tuple[list[LayerRecord], list[StateEntry]]:
+    """The table's layer records and state_dict entries, checked; at most ``max_params`` values in all."""
+    table = _json(text, label, "layer table")
+    if not (isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("state"), list)):
+        raise PackedFileError(f"{label} is damaged: its layer table lacks the 'layers' and 'state' lists.")
+    if len(table["layers"]) + len(table["state"]) > MAX_TABLE_ROWS:
+        raise PackedFileError(f"{label} is refused: its table lists more than {MAX_TABLE_ROWS:,} tensors.")
+    records = [_layer(row, label, max_params) for row in table["layers"]]
+    state = []
+    for row in table["state"]:
+        if not isinstance(row, list) or len(row) != 3:
+            raise PackedFileError(f"{label} is damaged: a tensor record of its table does not have 3 fields.")
+        key = _name(row[0], label)
+        where = f"tensor '{printable(key, 80)}'"
+        state.append(StateEntry(key, _dtype_of(row[1], STATE_DTYPES, where, label),
+                                _shape(row[2], where, label, max_params)))
+    keys = [f"{r.name}.weight" for r in records] + [entry.key for entry in state]
+    if len(set(keys)) != len(keys):
+        raise PackedFileError(f"{label} is damaged: its table lists a tensor twice.")
+    values = sum(r.numel for r in records) + sum(math.prod(entry.shape) for entry in state)
+    if values > max_params:
+        raise PackedFileError(f"{label} is refused: it describes {values:,} values, and at most {max_params:,} "
+                              "are loaded.")
+    return records, state
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """A state_dict entry the packed file stores as is."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PackedFile:
+    """A packed file whose framing, header, table and SHA256 are checked, and whose every declared size
+    agrees with the bytes present; nothing is decoded yet (see :meth:`decode` and :meth:`load`)."""
+
+    label: str
+    header: dict
+    layers: list[LayerRecord]
+    state: list[StateEntry]
+    data: np.ndarray  # the payload, a read-only view into the file's bytes
+    file_bytes: int
+    max_params: int
+
+    @property
+    def arch(self) -> str | None:
+        return self.header.get("arch")
+
+    @property
+    def arch_kwargs(self) -> dict:
+        return dict(self.header.get("arch_kwargs") or {})
+
+    @property
+    def config(self) -> CompressionConfig:
+        return CompressionConfig.from_dict(self.header.get("config", {}))
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every state_dict key the file holds, with the shape and dtype it declares."""
+        shapes = {f"{r.name}.weight": (r.shape, _dtype(r.dtype)) for r in self.layers}
+        shapes.update({entry.key: (entry.shape, entry.dtype) for entry in self.state})
+        return shapes
+
+    def decode(self) -> dict[str, torch.Tensor]:
+        """The full state_dict (packed layers decoded); memory: about the model's size."""
+        reader = _Reader(self.data)
+        state = {f"{record.name}.weight": _unpack_layer(record, reader) for record in self.layers}
+        for entry in self.state:
+            state[entry.key] = reader.tensor(entry.dtype, entry.shape, f"'{printable(entry.key, 80)}'")
+        return state
+
+    def load(self, model_template: nn.Module | None = None) -> nn.Module:
+        """The module, in eval mode, with the file's weights; the model is built (from the recorded,
+        checked architecture, or as a deep copy of ``model_template``) and its shapes compared with
+        the table's *before* anything is decoded."""
+        if model_template is not None:
+            with torch.no_grad():
+                model = copy.deepcopy(model_template)
+        elif self.arch is not None:
+            model = build_from_file(self.arch, self.arch_kwargs, self.label, self.max_params)
+        else:
+            raise ValueError(f"{self.label} records no architecture: pass model_template=<an instance of the model>")
+        _check_fits(model, self.shapes(), self.label)
+        load_state_dict_into(model, self.decode(), self.label)
+        return model.eval()
+
+
+def _check_fits(model: nn.Module, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], label: str) -> None:
+    """The file's tensors are exactly the model's, with the same shapes and dtypes (bit-exact, no casting)."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in shapes:
+            raise CheckpointError(f"{label} does not fit this architecture: key '{key}' is missing.")
+        shape, dtype = shapes[key]
+        if shape != tuple(value.shape):
+            raise CheckpointError(f"{label} does not fit this architecture: '{key}' has shape {shape}, "
+                                  f"expected {tuple(value.shape)}.")
+        if dtype != value.dtype:
+            raise CheckpointError(f"{label}: '{key}' is {dtype} in the file, {value.dtype} in the model it is "
+                                  "loaded into.")
+    extra = [key for key in shapes if key not in own]
+    if extra:
+        raise CheckpointError(f"{label} does not fit this architecture: unexpected key "
+                              f"'{printable(extra[0], 80)}'.")
+
+
+def parse_compressed(data: bytes, label: str = "the packed file", max_params: int = MAX_FILE_PARAMS) -> PackedFile:
+    """Check a packed file held in memory, without decoding it; the entry point for every reader.
+
+    In order, each before anything of the size it declares is allocated: the container's framing
+    against the file's length, the header (≤ :data:`MAX_HEADER_BYTES`), the SHA256, the table
+    (decompressed to at most :data:`MAX_TABLE_BYTES`), every record's types, counts and bit-widths,
+    at most ``max_params`` values in all, and the data size the table implies against the bytes
+    present. ``label`` names the file in messages (it is never used as a path).
+    """
+    raw = bytes(data)  # immutable: the data view below must not change under us
+    label = printable(label, 80)
+    metadata, table_bytes, blob = _split(raw, label)
+    header = _header(metadata, label)
+    try:
+        intact = header.get("sha256") == _digest(header, table_bytes, blob)
+    except (ValueError, TypeError, RecursionError):
+        intact = False
+    if not intact:
+        raise PackedFileError(f"{label} is damaged or was changed: its content does not match the SHA256 in its "
+                              "header (a checksum that detects corruption; it does not prove who made the file).")
+    try:
+        CompressionConfig.from_dict(header.get("config", {}))
+    except ValueError as err:
+        raise PackedFileError(f"{label} records settings this app cannot use: {printable(err)}.") from err
+    records, state = _table(_inflate(table_bytes, label), label, max_params)
+    described = sum(map(_layer_bytes, records)) + sum(entry.nbytes for entry in state)
+    if described != blob.size:
+        raise PackedFileError(f"{label} is damaged: its table describes {described:,} bytes of data, "
+                              f"the file holds {blob.size:,}.")
+    return PackedFile(label, header, records, state, blob, len(raw), max_params)
+
+
+def _read_file(path: str | os.PathLike) -> bytes:
+    """A packed file's bytes, refusing files over :data:`MAX_FILE_BYTES` before reading them."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise PackedFileError(f"{path.name} is {size:,} bytes; packed files are read up to {MAX_FILE_BYTES:,}.")
+        return path.read_bytes()
+    except OSError as err:
+        raise PackedFileError(f"cannot read {path.name}: {printable(err.strerror or err)}.") from err
+
+
+def read_compressed_bytes(data: bytes, label: str = "the packed file", max_params: int = MAX_FILE_PARAMS
+                          ) -> PackedModel:
+    """Read and verify a packed file held in memory; returns its header and the full, decoded state_dict."""
+    packed = parse_compressed(data, label, max_params)
+    return PackedModel(header=packed.header, layers=packed.layers, state_dict=packed.decode(),
+                       file_bytes=packed.file_bytes, data_bytes=int(packed.data.size))
 
 
 def read_compressed(path: str | os.PathLike) -> PackedModel:
     """Read and verify a packed file; returns its header and the full, decoded state_dict."""
-    path = Path(path)
-    header, table_bytes, data, size = _read_raw(path)
-    try:
-        table = json.loads(zlib.decompress(table_bytes))
-        records = [LayerRecord(name, tuple(shape), dtype, kept, n_high, n_low, b_high, b_low, mask)
-                   for name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask in table["layers"]]
-        state_table = [(key, _dtype(dtype), tuple(shape)) for key, dtype, shape in table["state"]]
-    except (KeyError, TypeError, ValueError, zlib.error) as err:
-        raise PackedFileError(f"{path.name}: the packed-model table is unreadable ({err})") from err
-    reader = _Reader(data)
-    state = {f"{record.name}.weight": _unpack_layer(record, reader) for record in records}
-    for key, dtype, shape in state_table:
-        state[key] = reader.tensor(dtype, shape, f"'{key}'")
-    if reader.at != data.size:
-        raise PackedFileError(f"{path.name}: {data.size - reader.at} stored bytes are not described by its table")
-    return PackedModel(header=header, layers=records, state_dict=state, file_bytes=size, data_bytes=int(data.size))
+    return read_compressed_bytes(_read_file(path), Path(path).name)
 
 
 def load_compressed(path: str | os.PathLike, model_template: nn.Module | None = None) -> nn.Module:
     """The compressed model stored at ``path``, in eval mode; its weights equal the saved result's.
 
-    The module is rebuilt from the recorded registry architecture, or from a deep copy of
-    ``model_template`` (never modified) when given: needed for models outside the registry.
+    The module is rebuilt from the recorded registry architecture (its arguments checked by
+    :func:`core.workloads.models.check_arch_kwargs`), or from a deep copy of ``model_template``
+    (never modified) when given: needed for models outside the registry.
     """
-    packed = read_compressed(path)
-    label = Path(path).name
-    if model_template is not None:
-        with torch.no_grad():
-            model = copy.deepcopy(model_template)
-    elif packed.arch is not None:
-        model = build(packed.arch, **packed.header.get("arch_kwargs", {}))
-    else:
-        raise ValueError(f"{label} records no architecture: pass model_template=<an instance of the model>")
-    own = model.state_dict()
-    for key, value in packed.state_dict.items():  # keep the stored dtype: bit-exact, no casting
-        if key in own and own[key].dtype != value.dtype:
-            raise CheckpointError(f"{label}: '{key}' is {value.dtype} in the file, "
-                                  f"{own[key].dtype} in the model it is loaded into")
-    load_state_dict_into(model, packed.state_dict, label)
-    return model.eval()
+    return parse_compressed(_read_file(path), Path(path).name).load(model_template)
 
 
 def state_dict_file_bytes(model: nn.Module, path: str | os.PathLike) -> int:
@@ -509,12 +789,8 @@ def state_dict_file_bytes(model: nn.Module, path: str | os.PathLike) -> int:
 
 
 def packed_file_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None) -> int:
-    """The measured size on disk of ``result`` in the packed format (written to a temporary file)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_compressed(result, Path(folder) / "model.safetensors", arch, arch_kwargs, verify=False)
-        return os.path.getsize(path)
+    """The size of ``result``'s packed file: exactly the bytes :func:`save_compressed` writes."""
+    return len(compressed_bytes(result, arch, arch_kwargs, verify=False))
 
 
 def expected_layer_bytes(record: LayerRecord) -> int:

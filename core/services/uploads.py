@@ -1,12 +1,21 @@
 """Safe uploads, and exports that load back.
 
 * :func:`read_upload` turns uploaded bytes into a model of a built-in architecture:
-  ``torch.load(weights_only=True)`` or safetensors, never unpickling objects; a size limit;
-  a :class:`core.workloads.models.CheckpointError` that says what is wrong for every bad file.
+  ``torch.load(weights_only=True)`` or safetensors, never unpickling objects; the format is
+  told from the content (never from the file name, which is only ever shown, never used as a
+  path); a :class:`core.workloads.models.CheckpointError` whose message is whole sentences of
+  this app (never a library's text) says what is wrong for every bad file.
 * :func:`export_bundle` / :func:`settings_json` / :func:`packed_bytes` are what the app offers
   for download; an exported bundle is a ``torch.save`` dict of plain tensors and strings that
   :func:`read_upload` loads back (architecture recognised from the bundle). Settings are
-  stored in the one serialised form, :meth:`CompressionConfig.to_dict`.
+  stored in the one serialised form, :meth:`CompressionConfig.to_dict`; :func:`read_settings`
+  reads them back.
+
+A hostile file must cost the server no more than its size: every limit below is checked before
+anything of the size a file declares is allocated (the zip directory of a ``torch.save`` file
+before ``torch.load`` inflates an entry; the pickles of a legacy file before they are
+unpickled; a packed file's table and shapes in :func:`core.deploy.packing.parse_compressed`;
+constructor arguments before a model is built).
 
 Nothing here imports Streamlit.
 """
@@ -15,7 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
+import pickletools
+import re
+import struct
 import time
+import zipfile
 
 import torch
 from torch import nn
@@ -24,164 +38,327 @@ from core.common.formatting import fmt_bytes
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
 from core.services.choices import LoadedModel
-from core.workloads.models import REGISTRY, CheckpointError, build, load_state_dict_into, state_dict_from_object
+from core.workloads.models import (
+    REGISTRY,
+    CheckpointError,
+    build,
+    check_arch_kwargs,
+    load_state_dict_into,
+    sniff_format,
+    state_dict_from_object,
+)
+from core.common.formatting import printable
 
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # the app's limit for an uploaded checkpoint (200 MiB)
 BUNDLE_FORMAT = "boundary-explorer/state_dict+masks/v1"
 SETTINGS_FORMAT = "boundary-explorer/settings/v1"
+
+# ---------------------------------------------------------------- limits (checked before allocating)
+#: An uploaded checkpoint: 200 MB = 200·10⁶ bytes. Streamlit's ``server.maxUploadSize`` (200 in
+#: .streamlit/config.toml, also passed to the uploader) is in "MB": its browser side multiplies by
+#: 1000² (by 1024² on Windows), its server by 1024², and its uploader shows "200MB per file". So
+#: 200·10⁶ is the one number every browser lets through, and the uploader's label says "200 MB".
+MAX_UPLOAD_MB = 200
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 10**6
+#: The largest model an upload may describe: 32 M parameters (128 MB in fp32), almost 3× the
+#: largest shipped model (ResNet-18, 11.2 M). A tiny file must not make the server build a big model.
+MAX_UPLOAD_PARAMS = 32_000_000
+#: A ``torch.save`` file is a zip archive whose entries torch.save stores uncompressed (ratio 1:1).
+#: Unpacked, all entries together may hold no more than an uncompressed upload can.
+MAX_UNZIPPED_BYTES = MAX_UPLOAD_BYTES
+#: One entry (one tensor's storage) may hold at most the largest model's parameters in fp32.
+MAX_ZIP_ENTRY_BYTES = 4 * MAX_UPLOAD_PARAMS
+#: Compression ratio allowed for entries over :data:`ZIP_RATIO_FLOOR`: 100:1. torch.save never
+#: compresses; a checkpoint zipped again by hand deflates dense float weights about 1.1:1 and even
+#: 99 %-pruned ones well under 100:1, while a deflate bomb sits near deflate's ceiling of 1032:1.
+MAX_ZIP_RATIO = 100
+ZIP_RATIO_FLOOR = 1 << 20
+#: Entries of a zip archive (ResNet-18's state_dict: 122 tensors; an exported bundle: ~150). Zip's
+#: directory is parsed into one Python object per entry, so the count is bounded first.
+MAX_ZIP_ENTRIES = 4096
+#: A checkpoint's pickle (data.pkl; or the pickles of a legacy file together): it holds only key
+#: names and tensor metadata, ~15 KB for ResNet-18. Bounded because unpickling can take ~50× the
+#: pickle's size in Python objects.
+MAX_PICKLE_BYTES = 1 << 20
+#: A safetensors file's JSON header (~12 KB for ResNet-18).
+MAX_SAFETENSORS_HEADER_BYTES = 1 << 20
+#: A settings JSON: 1 MB (an export is 2-20 KB); the Export page's uploader has the same limit.
+MAX_SETTINGS_MB = 1
+MAX_SETTINGS_BYTES = MAX_SETTINGS_MB * 10**6
+#: Characters of a file name shown in messages (the middle of longer names is elided).
+MAX_SHOWN_NAME_CHARS = 80
+
+_ZIP_DIRECTORY_ENTRY = b"PK\x01\x02"  # every entry of a zip's central directory starts with it
+_SAVE_HINT = "Save the weights with torch.save(model.state_dict(), path) and upload that file."
 
 
 # ---------------------------------------------------------------- uploads
 
-def parse_checkpoint(data: bytes, filename: str) -> object:
-    """The object stored in an uploaded file, read safely (no arbitrary unpickling)."""
-    try:
-        if filename.lower().endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
+def display_name(filename: object) -> str:
+    """The uploaded file's name as shown in messages: printable, one line, at most 80 characters.
 
-            return load_safetensors(data)
+    The name is only ever shown, never used as a path (a name may hold '/', '..' or NUL).
+    """
+    shown = printable(filename, MAX_SHOWN_NAME_CHARS) if isinstance(filename, str) else ""
+    return shown or "the upload"
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 10**6:,.1f} MB ({n_bytes:,} bytes)"
+
+
+def _check_zip(data: bytes, name: str) -> None:
+    """Refuse a zip bomb before ``torch.load`` inflates anything: entry count, each entry's size,
+    compression ratio and pickle size, and the total, all read from the zip's directory."""
+    damaged = CheckpointError(f"{name} is not a readable checkpoint: it starts like a PyTorch file (a zip "
+                              f"archive), but its directory is damaged or cut short. {_SAVE_HINT}")
+    if data.count(_ZIP_DIRECTORY_ENTRY) > MAX_ZIP_ENTRIES:
+        raise CheckpointError(f"{name} is refused: its archive lists more than {MAX_ZIP_ENTRIES:,} entries, "
+                              "far more than a state_dict has.")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OverflowError, EOFError, OSError, NotImplementedError,
+            struct.error) as err:
+        raise damaged from err
+    total = 0
+    for entry in entries:
+        part, size = printable(entry.filename, 60), entry.file_size
+        if size > MAX_ZIP_ENTRY_BYTES:
+            raise CheckpointError(f"{name} is refused: its part '{part}' would unpack to {_mb(size)}; "
+                                  f"one part may hold at most {_mb(MAX_ZIP_ENTRY_BYTES)}.")
+        if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size != size:
+            raise damaged
+        if size > ZIP_RATIO_FLOOR and size > MAX_ZIP_RATIO * entry.compress_size:
+            raise CheckpointError(f"{name} is refused: its part '{part}' is compressed more than "
+                                  f"{MAX_ZIP_RATIO}:1 ({entry.compress_size:,} bytes unpack to {size:,}), "
+                                  "which no checkpoint needs.")
+        if entry.filename.endswith("data.pkl") and size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{name} is refused: its pickle is {size:,} bytes, and a state_dict's "
+                                  f"pickle (names and tensor shapes) needs far less than {MAX_PICKLE_BYTES:,}.")
+        total += size
+    if total > MAX_UNZIPPED_BYTES:
+        raise CheckpointError(f"{name} is refused: it would unpack to {_mb(total)}; "
+                              f"uploads may unpack to at most {_mb(MAX_UNZIPPED_BYTES)}.")
+
+
+def _check_legacy_pickles(data: bytes, name: str) -> None:
+    """A legacy ``torch.save`` file is five pickles (magic number, protocol, system information,
+    the object, storage keys) and then raw storages; the pickles must end within
+    :data:`MAX_PICKLE_BYTES`. Scanned opcode by opcode (nothing is built or run)."""
+    stream = io.BytesIO(data)
+    try:
+        for _ in range(5):
+            for _op in pickletools.genops(stream):
+                if stream.tell() > MAX_PICKLE_BYTES:
+                    raise CheckpointError(
+                        f"{name} is refused: its pickles run past {MAX_PICKLE_BYTES:,} bytes, and a state_dict's "
+                        "pickle (names and tensor shapes) needs far less.")
+    except CheckpointError:
+        raise
+    except Exception as err:  # pickletools raises ValueError and others for malformed streams
+        raise CheckpointError(f"{name} is not a readable checkpoint: it starts like a file of PyTorch's "
+                              f"legacy format, but its pickles are damaged or cut short. {_SAVE_HINT}") from err
+
+
+def _torch_load(data: bytes, name: str) -> object:
+    """``torch.load(weights_only=True)``; its errors become this app's sentences (the original is chained)."""
+    try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, not a checkpoint, or holds pickled objects
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{filename} is not a readable checkpoint ({type(err).__name__}: {reason[:200]}). "
-            "Upload a state_dict saved with torch.save(model.state_dict(), path) or a .safetensors file; "
-            "files that need arbitrary unpickling are refused.") from err
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({printable(found.group(1), 80)})" if found else ""
+        raise CheckpointError(f"{name} is not a readable checkpoint: besides tensors it holds a pickled Python "
+                              f"object{what}, and this app never unpickles objects. {_SAVE_HINT}") from err
+    except Exception as err:  # damaged archive, storage sizes that disagree, cut-short data
+        raise CheckpointError(f"{name} is not a readable checkpoint: PyTorch cannot read it, so it is damaged, "
+                              f"cut short or not a checkpoint. {_SAVE_HINT}") from err
+
+
+def _safetensors_load(data: bytes, name: str) -> object:
+    from safetensors.torch import load
+
+    if int.from_bytes(data[:8], "little") > MAX_SAFETENSORS_HEADER_BYTES:
+        raise CheckpointError(f"{name} is refused: its safetensors header would be larger than "
+                              f"{MAX_SAFETENSORS_HEADER_BYTES:,} bytes, far more than a state_dict needs.")
+    try:
+        return load(data)
+    except Exception as err:  # safetensors checks every offset against the bytes present
+        raise CheckpointError(f"{name} is not a readable checkpoint: it starts like a safetensors file, but "
+                              "its header or data is damaged or cut short. Save the weights again with "
+                              "safetensors.torch.save_file(model.state_dict(), path).") from err
+
+
+def parse_checkpoint(data: bytes, filename: str) -> object:
+    """The object stored in an uploaded file, read safely (no arbitrary unpickling, no bombs).
+
+    The format comes from the content (:func:`core.workloads.models.sniff_format`): a
+    ``torch.save`` zip (its directory checked by :func:`_check_zip` first), a legacy
+    ``torch.save`` pickle stream (its pickles' length checked first) or safetensors.
+    """
+    name = display_name(filename)
+    data = bytes(data)
+    kind = sniff_format(data)
+    if kind == "torch":
+        _check_zip(data, name)
+        return _torch_load(data, name)
+    if kind == "torch-legacy":
+        _check_legacy_pickles(data, name)
+        return _torch_load(data, name)
+    if kind == "safetensors":
+        return _safetensors_load(data, name)
+    raise CheckpointError(f"{name} is not a readable checkpoint: its content is neither a PyTorch file "
+                          f"(torch.save) nor a safetensors file, whatever its name says. {_SAVE_HINT}")
+
+
+def _check_size(data: object, name: str, max_bytes: int) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CheckpointError("The upload is not a file.")
+    if len(data) == 0:
+        raise CheckpointError(f"{name} is empty (0 bytes).")
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{name} is {_mb(len(data))}; the limit is {_mb(max_bytes)}.")
+
+
+def _bundle_fields(stored: object, name: str) -> tuple[str | None, dict, str | None]:
+    """An exported bundle's architecture, its constructor arguments and its settings JSON (or Nones)."""
+    if not (isinstance(stored, dict) and stored.get("format") == BUNDLE_FORMAT):
+        return None, {}, None
+    arch = stored.get("arch") if isinstance(stored.get("arch"), str) else None
+    settings = stored.get("settings") if isinstance(stored.get("settings"), str) else None
+    kwargs: object = {}
+    if "arch_kwargs" in stored:
+        text = stored["arch_kwargs"]
+        try:
+            kwargs = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"{name} is damaged: its architecture arguments are not a JSON object of "
+                                  "names and numbers. Export the model again from the Export page.")
+    return arch, kwargs, settings
+
+
+def _check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
+    """Plain dense tensors only (a sparse or other layout could expand when used)."""
+    for key, value in state.items():
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{name}: tensor '{printable(key, 80)}' is not a dense tensor "
+                                  f"({printable(value.layout, 40)}). {_SAVE_HINT}")
 
 
 def read_upload(data: bytes, filename: str, arch: str | None = None,
                 max_bytes: int = MAX_UPLOAD_BYTES) -> LoadedModel:
-    """A :class:`LoadedModel` from an uploaded state_dict (or an exported bundle of this app).
+    """A :class:`LoadedModel` from an uploaded state_dict (or an exported bundle or packed file of this app).
 
-    ``arch``: a registry name, or None to take it from an exported bundle. Every problem
-    (too large, empty, unreadable, not a state_dict, wrong architecture, non-finite
-    weights) raises :class:`CheckpointError` with a message meant for the user.
+    ``arch``: a registry name, or None to take it from an exported file. Every problem
+    (too large, empty, unreadable, a zip bomb, not a state_dict, wrong or oversized
+    architecture, non-finite weights) raises :class:`CheckpointError` with a message meant
+    for the user. ``max_bytes`` is inclusive: a file of exactly that size is read.
     """
-    if not isinstance(data, (bytes, bytearray)):
-        raise CheckpointError("the upload is not a file")
-    if len(data) == 0:
-        raise CheckpointError(f"{filename} is empty")
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{filename} is {fmt_bytes(len(data))}; the limit is {fmt_bytes(max_bytes)}")
-    if is_packed(bytes(data)):
-        return _read_packed(bytes(data), filename, arch)
-    stored = parse_checkpoint(bytes(data), filename)
-    bundle_arch = None
-    arch_kwargs: dict = {}
-    settings = None
-    if isinstance(stored, dict) and stored.get("format") == BUNDLE_FORMAT:
-        bundle_arch = stored.get("arch") if isinstance(stored.get("arch"), str) else None
-        settings = stored.get("settings") if isinstance(stored.get("settings"), str) else None
-        if isinstance(stored.get("arch_kwargs"), str):
-            try:
-                arch_kwargs = dict(json.loads(stored["arch_kwargs"]))
-            except (ValueError, TypeError):
-                arch_kwargs = {}
+    name = display_name(filename)
+    _check_size(data, name, max_bytes)
+    data = bytes(data)
+    if is_packed(data):
+        return _read_packed(data, name, arch)
+    stored = parse_checkpoint(data, name)
+    bundle_arch, bundle_kwargs, settings = _bundle_fields(stored, name)
     chosen = arch or bundle_arch
     if chosen is None:
-        raise CheckpointError(f"{filename} does not say which architecture it is for: pick one "
-                              f"({', '.join(REGISTRY)}) and upload it again")
-    if chosen not in REGISTRY:
-        raise CheckpointError(f"unknown architecture {chosen!r}; choose one of {', '.join(REGISTRY)}")
-    state = state_dict_from_object(stored, filename)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        raise CheckpointError(f"{name} does not say which architecture it is for. Pick its architecture "
+                              "above the uploader and upload it again.")
+    kwargs = check_arch_kwargs(chosen, bundle_kwargs if chosen == bundle_arch else {}, name, MAX_UPLOAD_PARAMS)
+    state = state_dict_from_object(stored, name)
+    _check_tensors(state, name)
+    model = load_state_dict_into(build(chosen, **kwargs), state, name)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{filename}: tensor '{bad[0]}' holds NaN or Inf values")
-    model = build(chosen, **arch_kwargs)
-    load_state_dict_into(model, state, filename)
+        raise CheckpointError(f"{name}: tensor '{bad[0]}' holds NaN or infinite values.")
     digest = hashlib.sha256(data).hexdigest()
     spec = REGISTRY[chosen]
-    note = f"uploaded {filename} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), loaded with weights_only=True"
+    note = f"uploaded {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), loaded with weights_only=True"
     if settings:
         note += "; exported by this app with settings " + _settings_summary(settings)
-    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {filename} ({spec.description})", chosen,
-                       model.eval(), spec.input_kind, True, note, source=filename, arch_kwargs=arch_kwargs)
+    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {name} ({spec.description})", chosen,
+                       model.eval(), spec.input_kind, True, note, source=name, arch_kwargs=kwargs)
 
 
 def is_packed(data: bytes) -> bool:
     """Whether ``data`` is a packed model file of :mod:`core.deploy.packing` (a safetensors file with its header)."""
-    if len(data) < 8:
+    from core.deploy.packing import MAX_HEADER_BYTES, METADATA_KEY
+
+    if sniff_format(data) != "safetensors":
         return False
     length = int.from_bytes(data[:8], "little")
-    if not 2 <= length <= min(len(data) - 8, 100 * 2 ** 20):
+    if length > MAX_HEADER_BYTES:
         return False
     try:
         header = json.loads(data[8:8 + length])
-        from core.deploy.packing import METADATA_KEY
-
-        return METADATA_KEY in (header.get("__metadata__") or {})
-    except (ValueError, AttributeError, ImportError):
+    except (ValueError, RecursionError):
         return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and METADATA_KEY in metadata
 
 
-def _read_packed(data: bytes, filename: str, arch: str | None) -> LoadedModel:
-    """A packed file (codes + scales per chunk), verified and decoded by :mod:`core.deploy.packing`."""
-    import tempfile
-    from pathlib import Path
+def _read_packed(data: bytes, name: str, arch: str | None) -> LoadedModel:
+    """A packed file (codes + scales per chunk), checked and decoded by :mod:`core.deploy.packing` from
+    memory (no temporary file)."""
+    from core.deploy.packing import parse_compressed
 
-    from core.deploy.packing import load_compressed, read_compressed
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / Path(filename).name
-        path.write_bytes(data)
-        try:
-            packed = read_compressed(path)
-            chosen = packed.arch or arch
-            if chosen is None:
-                raise CheckpointError(f"{filename} records no architecture: pick one ({', '.join(REGISTRY)}) "
-                                      "and upload it again")
-            if chosen not in REGISTRY:
-                raise CheckpointError(f"unknown architecture {chosen!r}; choose one of {', '.join(REGISTRY)}")
-            kwargs = dict(packed.header.get("arch_kwargs") or {})
-            model = load_compressed(path, None if packed.arch else build(chosen, **kwargs))
-        except CheckpointError:
-            raise
-        except (ValueError, TypeError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{filename} could not be unpacked ({err})") from err
+    packed = parse_compressed(data, name, MAX_UPLOAD_PARAMS)
+    chosen = packed.arch or arch
+    if chosen is None:
+        raise CheckpointError(f"{name} records no architecture. Pick its architecture above the uploader and "
+                              "upload it again.")
+    kwargs = check_arch_kwargs(chosen, packed.arch_kwargs, name, MAX_UPLOAD_PARAMS)
+    model = packed.load(None if packed.arch else build(chosen, **kwargs))
     model = model.float()  # the explorer works in fp32; the packed weights are exact fp32 values
     digest = hashlib.sha256(data).hexdigest()
-    config = packed.header.get("config", {})
     spec = REGISTRY[chosen]
-    note = (f"uploaded packed model {filename} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
-            f"τ={config.get('tau')}" + ("" if config.get("theta") is None else
-                                        f", θ={config.get('theta')} ({config.get('theta_mode')}), "
-                                        f"{config.get('b_low')}/{config.get('b_high')} bit"))
-    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {filename} ({spec.description})", chosen, model.eval(),
-                       spec.input_kind, True, note, source=filename, arch_kwargs=kwargs)
+    note = (f"uploaded packed model {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
+            + _config_summary(packed.config))
+    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {name} ({spec.description})", chosen, model.eval(),
+                       spec.input_kind, True, note, source=name, arch_kwargs=kwargs)
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
     """The result as a packed file of :mod:`core.deploy.packing` (codes + scales per chunk, bit-packed)."""
-    import tempfile
-    from pathlib import Path
+    from core.deploy.packing import compressed_bytes
 
-    from core.deploy.packing import save_compressed
+    return compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_compressed(result, Path(folder) / "model.safetensors", arch=loaded.arch,
-                               arch_kwargs=loaded.arch_kwargs)
-        return path.read_bytes()
+
+def _config_summary(config: CompressionConfig) -> str:
+    parts = [f"τ={config.tau:g}"]
+    if config.quantized:
+        parts.append(f"θ={config.theta:g} ({config.theta_mode}), {config.b_low}/{config.b_high} bit")
+    return ", ".join(parts)
 
 
 def _settings_summary(text: str) -> str:
     try:
-        config = json.loads(text).get("config", {})
-    except (ValueError, AttributeError):
+        return _config_summary(read_settings(text))
+    except ConfigError:
         return "(unreadable)"
-    parts = [f"τ={config.get('tau')}"]
-    if config.get("theta") is not None:
-        parts.append(f"θ={config.get('theta')} ({config.get('theta_mode')}), {config.get('b_low')}/{config.get('b_high')} bit")
-    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------- exports
 
-def read_settings(text: str | bytes) -> CompressionConfig:
-    """The setting stored in a settings JSON (or a bare config object); :class:`ConfigError` if unusable."""
+def read_settings(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> CompressionConfig:
+    """The setting stored in a settings JSON (or a bare config object); :class:`ConfigError` if unusable.
+
+    Files over ``max_bytes`` (1 MB) are refused before parsing; so is nesting too deep for
+    Python's JSON parser (a RecursionError).
+    """
+    size = len(text) if isinstance(text, (bytes, bytearray)) else len(str(text).encode("utf-8", "replace"))
+    if size > max_bytes:
+        raise ConfigError(f"the settings file is {size:,} bytes, and settings files are at most {max_bytes:,} "
+                          "(an export is a few kilobytes)")
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-        raise ConfigError(f"the settings file is not valid JSON ({type(err).__name__})") from err
+    except RecursionError as err:
+        raise ConfigError("the settings file is nested too deeply to be a settings file") from err
+    except ValueError as err:  # UnicodeDecodeError included
+        raise ConfigError("the settings file is not valid JSON") from err
     return CompressionConfig.from_dict(data)
 
 

@@ -11,9 +11,11 @@ safetensors; nothing is ever unpickled. Each shipped checkpoint has a JSON card 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.common.formatting import printable
 from core.common.paths import CHECKPOINT_DIR
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or does not fit the architecture it is loaded into."""
+
+
+
+
 
 
 # ---------------------------------------------------------------- architectures
@@ -133,28 +140,95 @@ def resnet18(num_classes: int = 10) -> CifarResNet:
 
 # ---------------------------------------------------------------- registry
 
+#: Constructor arguments a *file* may pass to a builder, per architecture, with inclusive bounds.
+#: A file (a packed header, an exported bundle, a checkpoint card) names an architecture and these
+#: arguments; anything else, or anything out of range, is refused before a single tensor is built.
+#: The ranges cover every model this project builds (the paper's MLPs up to 4096 wide, the
+#: benchmark's ``mlp4096``; CNN widths up to 8× the default) and keep each count small enough that
+#: building even the module *structure* is cheap; :data:`MAX_FILE_PARAMS` then bounds the total.
+MLP_KWARG_BOUNDS = {"layers": (1, 64), "in_dim": (1, 4096), "out_dim": (1, 4096), "hidden": (1, 4096)}
+CNN_KWARG_BOUNDS = {"num_classes": (1, 1000), "width": (1, 256)}
+RESNET_KWARG_BOUNDS = {"num_classes": (1, 1000)}
+#: The most parameters a model described by a file may have: 2**28 (1 GiB in fp32), above the
+#: benchmark's mlp4096 (101 M) and 24× ResNet-18 (11.2 M). A hard ceiling for every file; the app's
+#: uploads use the tighter :data:`core.services.uploads.MAX_UPLOAD_PARAMS`.
+MAX_FILE_PARAMS = 1 << 28
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
     description: str
     input_kind: str  # "cifar10" (N×3×32×32 images) or "vector" (N×in_dim)
+    kwarg_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # what a file may pass
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    "mlp": ModelSpec("mlp", MLP, "the paper's synthetic 6-layer MLP (128 wide)", "vector"),
-    "cifar_cnn": ModelSpec("cifar_cnn", CifarCNN, "compact VGG-style CIFAR-10 CNN", "cifar10"),
-    "resnet20": ModelSpec("resnet20", resnet20, "CIFAR ResNet-20 (He et al. 2016)", "cifar10"),
-    "resnet18": ModelSpec("resnet18", resnet18, "CIFAR ResNet-18", "cifar10"),
+    "mlp": ModelSpec("mlp", MLP, "the paper's synthetic 6-layer MLP (128 wide)", "vector", MLP_KWARG_BOUNDS),
+    "cifar_cnn": ModelSpec("cifar_cnn", CifarCNN, "compact VGG-style CIFAR-10 CNN", "cifar10", CNN_KWARG_BOUNDS),
+    "resnet20": ModelSpec("resnet20", resnet20, "CIFAR ResNet-20 (He et al. 2016)", "cifar10", RESNET_KWARG_BOUNDS),
+    "resnet18": ModelSpec("resnet18", resnet18, "CIFAR ResNet-18", "cifar10", RESNET_KWARG_BOUNDS),
 }
 PRETRAINED: tuple[str, ...] = ("cifar_cnn", "resnet20", "resnet18")
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """The untrained ``nn.Module`` for a registry name (kwargs go to its builder)."""
+    """The untrained ``nn.Module`` for a registry name (kwargs go to its builder).
+
+    For code that chooses the arguments itself; arguments read from a file go through
+    :func:`build_from_file`, which checks them first.
+    """
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
     return REGISTRY[name].builder(**kwargs)
+
+
+def check_arch_kwargs(name: object, kwargs: object, label: str = "the file",
+                      max_params: int = MAX_FILE_PARAMS) -> dict[str, int]:
+    """The constructor arguments a file gives for registry architecture ``name``, checked; nothing is built.
+
+    Each argument must be one the architecture accepts from files (:attr:`ModelSpec.kwarg_bounds`),
+    a whole number within its range; then the model they describe, laid out on PyTorch's
+    ``meta`` device (no memory), must have at most ``max_params`` parameters. Raises
+    :class:`CheckpointError` naming the argument and its allowed range.
+    """
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise CheckpointError(f"{label} is for an unknown architecture {printable(repr(name), 60)}; "
+                              f"this app builds {', '.join(REGISTRY)}.")
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{label} describes the {name} architecture with arguments that are not "
+                              f"a mapping of names to numbers ({type(kwargs).__name__}).")
+    bounds = REGISTRY[name].kwarg_bounds
+    checked: dict[str, int] = {}
+    for key, value in kwargs.items():
+        if key not in bounds:
+            allowed = ", ".join(bounds) or "none"
+            raise CheckpointError(f"{label} passes the argument {printable(repr(key), 60)} to the {name} "
+                                  f"architecture, which accepts only: {allowed}.")
+        low, high = bounds[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{label} sets the {name} argument '{key}' to {printable(repr(value), 40)}; "
+                                  f"it must be a whole number from {low} to {high}.")
+        checked[key] = value
+    params = count_params(meta_model(name, checked))
+    if params > max_params:
+        raise CheckpointError(f"{label} describes a {name} model of {params:,} parameters; "
+                              f"this app loads models of at most {max_params:,}.")
+    return checked
+
+
+def meta_model(name: str, kwargs: Mapping[str, int]) -> nn.Module:
+    """The module's structure on PyTorch's ``meta`` device: shapes and dtypes, no memory for values."""
+    with torch.device("meta"):
+        return build(name, **kwargs)
+
+
+def build_from_file(name: object, kwargs: object, label: str = "the file",
+                    max_params: int = MAX_FILE_PARAMS) -> nn.Module:
+    """:func:`build` with architecture and arguments read from a file, after :func:`check_arch_kwargs`."""
+    checked = check_arch_kwargs(name, kwargs, label, max_params)
+    return build(name, **checked)
 
 
 def count_params(model: nn.Module) -> int:
@@ -171,18 +245,42 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive
+PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # legacy torch.save: pickles
+
+
+def sniff_format(data: bytes) -> str:
+    """What a checkpoint's bytes are, from their content (never from a file name).
+
+    ``"safetensors"`` (an 8-byte little-endian header length that fits in the file, then a JSON
+    object), ``"torch"`` (a zip archive, ``PK\\x03\\x04``), ``"torch-legacy"`` (a pickle stream,
+    ``\\x80`` and a protocol number) or ``"unknown"``. Safetensors is tested first: its length
+    prefix may itself begin with ``\\x80\\x02`` (a 640-byte header), while the 9th byte of a zip or
+    legacy file is never a ``{`` whose length prefix fits.
+    """
+    if len(data) >= 10 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
+        return "safetensors"
+    if data[:4] == TORCH_ZIP_MAGIC:
+        return "torch"
+    if data[:2] in PICKLE_PROTOCOLS:
+        return "torch-legacy"
+    return "unknown"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a plain state_dict from ``.safetensors`` or a ``torch.save`` file, safely."""
+    """Read a plain state_dict from a safetensors or ``torch.save`` file (told apart by content), safely."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        data = path.read_bytes()
+        if sniff_format(data) == "safetensors":
+            from safetensors.torch import load
 
-            state = load_file(str(path))
+            state = load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or holds pickled objects
-        raise CheckpointError(f"{path.name} is not a readable state_dict ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{path.name} is not a readable state_dict ({type(err).__name__}: "
+                              f"{printable(err)})") from err
     return state_dict_from_object(state, path.name)
 
 
@@ -190,7 +288,7 @@ def state_dict_from_object(state: object, label: str = "checkpoint") -> dict[str
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{label} does not hold a state_dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{label} does not hold a state_dict (a mapping of names to tensors).")
     return dict(state)
 
 
@@ -199,15 +297,16 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], label
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise CheckpointError(f"{label} does not fit this architecture: key '{key}' is missing")
+            raise CheckpointError(f"{label} does not fit this architecture: key '{key}' is missing.")
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(
                 f"{label} does not fit this architecture: '{key}' has shape {tuple(state[key].shape)}, "
-                f"expected {tuple(value.shape)}"
+                f"expected {tuple(value.shape)}."
             )
     extra = [k for k in state if k not in own]
     if extra:
-        raise CheckpointError(f"{label} does not fit this architecture: unexpected key '{extra[0]}'")
+        raise CheckpointError(f"{label} does not fit this architecture: "
+                              f"unexpected key '{printable(extra[0], 80)}'.")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model
 
@@ -245,6 +344,6 @@ def load_pretrained(name: str) -> nn.Module:
     path = CHECKPOINT_DIR / card["file"]
     if sha256_file(path) != card["sha256"]:
         raise CheckpointError(f"{path} does not match the SHA256 in its card: the file is altered or truncated")
-    model = build(card["arch"], **card.get("arch_kwargs", {}))
+    model = build_from_file(card["arch"], card.get("arch_kwargs", {}), f"the card of {name}")
     load_state_dict_into(model, read_state_dict(path), path.name)
     return model.eval()

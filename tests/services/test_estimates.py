@@ -9,7 +9,6 @@ from core.method.config import CompressionConfig
 from core.services import estimates
 from core.services.choices import load_choice
 from core.services.session import ExploreSession
-from core.workloads.models import build
 
 
 @pytest.fixture
