@@ -5,6 +5,7 @@ import streamlit as st
 from core.common.formatting import fmt_bytes, fmt_pct
 from core.services.session import ACCURACY_TARGETS, CALIBRATION_IMAGES, LATENCY_BATCHES, ExploreRequest
 from ui.explore_view import estimate_done, show_accuracy, show_latency
+from ui.errors import literal
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
 from ui.state import PALETTE, current_config, device, footer, guard
@@ -14,8 +15,8 @@ loaded = session.loaded
 state = st.session_state
 
 st.title("Explore")
-st.caption(f"**{loaded.label}** · weights from {loaded.source}. Move the sliders: every number below is "
-           "recomputed for the new setting; the loaded model itself is never modified.")
+st.caption(f"**{literal(loaded.label)}** · weights from {literal(loaded.source)}. Move the sliders: every number "
+           "below is recomputed for the new setting; the loaded model itself is never modified.")
 
 # ---------------------------------------------------------------- controls
 c1, c2, c3 = st.columns(3)
@@ -38,6 +39,8 @@ with c2:
     if mode == "absolute":
         top = state.get("_theta_absolute_max", 1.0)
         if not 0 <= state.get("theta_absolute", 0) <= top:
+            st.warning(f"θ = {state.get('theta_absolute')} was outside the slider's range [0, {top:g}] for this "
+                       f"model; it is set to {round(0.3 * top, 4):g} (0.3 · max|W|).")
             state["theta_absolute"] = round(0.3 * top, 4)
         st.slider("θ — |W| ≥ θ takes the high-bit chunk", 0.0, top, step=max(top / 500, 1e-6),
                   format="%.4f", key="theta_absolute", disabled=not state["quantize"])

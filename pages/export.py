@@ -10,7 +10,7 @@ from core.services.uploads import (
     read_settings,
     settings_json,
 )
-from ui.errors import show_error, show_warning
+from ui.errors import literal, show_error, show_warning
 from ui.sidebar import page_setup
 from ui.state import apply_config, current_config, footer, guard
 
@@ -19,7 +19,7 @@ loaded = session.loaded
 state = st.session_state
 
 st.title("Export")
-st.caption(f"Current model: **{loaded.label}**. The export uses the setting of the Explore page.")
+st.caption(f"Current model: **{literal(loaded.label)}**. The export uses the setting of the Explore page.")
 
 with guard("Preparing the export"):
     config, notes = current_config(session)

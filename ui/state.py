@@ -198,6 +198,11 @@ def apply_config(config: CompressionConfig, session: ExploreSession | None = Non
     state["theta_mode"] = config.theta_mode
     if config.quantized:
         state[f"theta_{config.theta_mode}"] = config.theta
+        top = state.get("_theta_absolute_max", 1.0)
+        if config.theta_mode == "absolute" and config.theta > top:
+            state["_theta_absolute_max"] = float(f"{config.theta:.4g}")  # the slider reaches the value applied
+            notes.append(f"θ = {config.theta:g} (absolute) is above every weight of this model (max|W| = {top:g}): "
+                         "every kept weight takes the b_low chunk. The θ slider now reaches that value.")
     state["b_low"], state["b_high"] = config.b_low, config.b_high
     state["include_norm"] = config.include_norm
     state["layer_tau"] = overrides

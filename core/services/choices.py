@@ -27,7 +27,6 @@ from core.workloads.models import (
     load_pretrained,
 )
 
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # the app's limit for an uploaded checkpoint
 SYNTHETIC_SEED = 42
 BUNDLE_FORMAT = "boundary-explorer/state_dict+masks/v1"
 SETTINGS_FORMAT = "boundary-explorer/settings/v1"

@@ -186,6 +186,16 @@ def test_hostile_settings_on_the_export_page():
     assert "[evil](http://x.example)" in shown(warning) and "__class__" in shown(warning)
     assert_literal(warning.value)
     assert at.session_state["tau"] == 0.3 and at.session_state["layer_tau"] == {}
+    # an absolute θ above every weight is applied, and said so (not silently replaced by 0.3·max|W|)
+    text = json.dumps({"tau": 0.3, "theta": 1e6, "theta_mode": "absolute"}).encode()
+    at.file_uploader(key="settings_file").set_value(("theta.json", text, "application/json"))
+    at.button(key="apply_settings").click().run()
+    assert not at.exception and not at.error
+    assert any("above every weight" in unescape(w.value) for w in at.warning)
+    assert at.session_state["theta_absolute"] == 1e6
+    at.switch_page("pages/explore.py").run()
+    assert not at.exception and at.session_state["theta_absolute"] == 1e6
+    at.session_state["quantize"] = False
     # the Explore page runs with what was applied, and after the errors a slider move still updates
     at.switch_page("pages/explore.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
