@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import streamlit as st
 import torch
 
+from core.common.timing import percentile
 from core.services.choices import LoadedModel, load_choice, model_choices
 from core.services.uploads import read_upload
 from core.workloads.data import DataError
@@ -248,12 +249,6 @@ def record_update_time(page: str, ms: float, limit: int = 200) -> list[float]:
     return times
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 1])."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
-
-
 def footer(breakdown: dict[str, float] | None = None, page: str = "page", budget_s: float | None = None) -> None:
     """Server-side time of this run (script start → here), the breakdown, and p50/p95 on this page this session."""
     started = st.session_state.get("_run_started")
@@ -264,7 +259,7 @@ def footer(breakdown: dict[str, float] | None = None, page: str = "page", budget
     text = f"Server-side update time: {elapsed_ms:.0f} ms (this run, script start to footer)"
     if len(times) >= 2:
         text += (f" · {page} page, this session: p50 {statistics.median(times):.0f} ms, "
-                 f"p95 {percentile(times, 0.95):.0f} ms over {len(times)} runs (the first includes loading)")
+                 f"p95 {percentile(times, 95):.0f} ms over {len(times)} runs (the first includes loading)")
     if budget_s is not None:
         text += f" · budget for this model: {1e3 * budget_s:.0f} ms (p95)"
     if breakdown:
