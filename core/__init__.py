@@ -15,7 +15,11 @@ The packages, each importing only from those before it:
 * ``core.measure``   accuracy, sweeps, latency, realized savings, the paper's benchmark suite
 * ``core.services``  the Streamlit-free services behind the app's pages
 
-and the commands ``python -m core.train`` and ``python -m core.sweep``.
+and the commands ``python -m core.train``, ``python -m core.sweep`` and ``python -m core.tune``.
+Torchvision models: ``build_torchvision("resnet50", {"num_classes": 10})``,
+``load_torchvision_weights("resnet50", "weights.pt")`` (classes read from the file) and
+``load_torchvision_pretrained("resnet50")`` (local torch hub cache only); each returns the model
+first. ``save_compressed(result, path, arch="torchvision:resnet50", arch_kwargs=...)`` records it.
 """
 from core.common.timing import Timing, time_interleaved
 from core.deploy.packing import load_compressed, read_compressed, save_compressed
@@ -28,7 +32,11 @@ from core.method.engine import CompressionResult, Engine
 from core.method.pruning import BoundaryPruning, boundary_mask, boundary_prune, boundary_unstructured, prunable_layers
 from core.method.quantization import dequantize, quantize
 from core.workloads.data import load_cifar10
+from core.workloads.image_folder import read_image_folder
 from core.workloads.models import CheckpointError, build, load_pretrained
+from core.workloads.torchvision_models import build as build_torchvision
+from core.workloads.torchvision_models import load_pretrained as load_torchvision_pretrained
+from core.workloads.torchvision_models import read_weights_file as load_torchvision_weights
 
 __all__ = [
     # the method
@@ -42,4 +50,5 @@ __all__ = [
     "time_interleaved", "Timing",
     # models and data
     "build", "load_pretrained", "CheckpointError", "load_cifar10",
+    "build_torchvision", "load_torchvision_pretrained", "load_torchvision_weights", "read_image_folder",
 ]

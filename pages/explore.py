@@ -137,8 +137,9 @@ if full is not None:
     row3[2].metric("Accuracy · full test, measured", fmt_pct(full.accuracy, 2),
                    None if ref is None else f"{100 * (full.accuracy - ref.accuracy):+.2f} pts vs dense "
                                             f"{fmt_pct(ref.accuracy, 2)}",
-                   help=f"All 10,000 CIFAR-10 test images (JPEG copy), fp32. Dense reference: {view.full_dense_source}.")
-elif session.evaluates_cifar:
+                   help=f"All {full.n:,} images of {literal(session.data_label())}, fp32. Dense reference: "
+                        f"{view.full_dense_source}.")
+elif session.has_labels:
     row3[2].metric("Accuracy · full test", "not measured", help="Use the button below (seconds to a minute).")
 row3[3].metric("First paint · measured", f"{1e3 * view.timings['total']:.0f} ms",
                help="Server-side time of the engine step and the histogram for this view; accuracy and latency "
@@ -164,24 +165,30 @@ with right:
 # ---------------------------------------------------------------- accuracy, latency, details
 acc, perf = st.columns(2)
 with acc:
-    st.subheader("CIFAR-10 accuracy")
+    st.subheader("CIFAR-10 accuracy" if session.data is None else "Accuracy on your images")
+    if session.data is not None:
+        st.caption(f"Measured on {literal(session.data_label())}.")
     accuracy_detail = st.empty()
     if view.accuracy_available:
         st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
                          format_func=lambda t: "all 10,000 images" if t == 0 else f"±{100 * t:g} points",
                          help="After a slider move the estimate refines on its own, batch after batch, on a growing "
                               "class-balanced sample of the test set, until its paired 95 % interval is this narrow.")
-        if st.button("Measure the full 10,000-image accuracy (fp32)", key="full_eval"):
+        population = 10_000 if session.data is None else len(session.data)
+        if st.button(f"Measure the full {population:,}-image accuracy (fp32)", key="full_eval"):
             with guard("Measuring the full-test accuracy"):
-                with st.spinner("Running the compressed model on all 10,000 test images…"):
+                with st.spinner(f"Running the compressed model on all {population:,} images…"):
                     session.full_accuracy(result, bn, device())
                     if view.full_dense is None or view.full_dense_source.startswith("from"):
                         session.full_accuracy(None, False, device())
                 st.rerun()
         st.caption("The full-test figure is measured on request in fp32 (cached per model and setting)."
                    if view.full is None else f"Full test measured in {view.full.seconds:.1f} s (cached).")
-    elif session.evaluates_cifar:
+    elif session.has_labels:
         st.info("Accuracy is unavailable (see the note above).")
+    elif session.data is not None:
+        st.caption("Your images have no class folders: fidelity to the dense model (top-1 agreement and the mean "
+                   "KL divergence of the outputs) replaces accuracy.")
     else:
         st.caption("The synthetic MLP has no labelled data; the output deviation above shows how far the "
                    "compressed outputs move from the dense ones.")
@@ -259,17 +266,29 @@ else:
 if view.accuracy_available:
     estimate = view.estimate
     target = float(state["accuracy_target"])
-    show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn)
+    data_label = literal(session.data_label())
+    show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, data_label=data_label)
 
     def waiting_for_accuracy():
-        show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, waiting=session.queue_state())
+        show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, waiting=session.queue_state(),
+                      data_label=data_label)
 
     with guard("Estimating the accuracy"):
         while not estimate_done(estimate, target):
             estimate = session.refine_accuracy(result, bn, device(), poll=waiting_for_accuracy)
-            show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn)
-elif session.evaluates_cifar:
+            show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, data_label=data_label)
+elif session.has_labels:
     accuracy_slot.metric("Accuracy", "n/a", help="See the note above.")
+elif session.data is not None:
+    with guard("Measuring the fidelity to the dense model"):
+        measured = view.fidelity if view.fidelity is not None else session.fidelity(result, device())
+        accuracy_slot.metric("Top-1 agreement with dense · measured", f"{100 * measured.agreement:.1f} %",
+                             f"mean KL {measured.mean_kl:.4f} nats on {measured.n:,} images", delta_color="off",
+                             delta_arrow="off",
+                             help=f"The share of your (unlabelled) images on which the compressed and the dense model "
+                                  f"predict the same class (Wilson 95 % interval {100 * measured.agreement_low:.1f} to "
+                                  f"{100 * measured.agreement_high:.1f} %), and the mean KL(p_dense ‖ p_compressed) "
+                                  "of their softmax outputs.")
 else:
     with guard("Measuring the output deviation"):
         deviation = view.deviation if view.deviation is not None else session.deviation(result, device())

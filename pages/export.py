@@ -39,7 +39,7 @@ with guard("Preparing the export"):
         model = session.inference_model(result, bn) if bn else None
         return export_bundle(result, loaded, model, bn_recalibrated=bn)
 
-    stem = f"{loaded.arch}_tau{config.tau:g}" + ("" if config.theta is None else f"_theta{config.theta:g}")
+    stem = f"{loaded.arch.replace(':', '_')}_tau{config.tau:g}" + ("" if config.theta is None else f"_theta{config.theta:g}")
     a, b = st.columns(2)
     with a:
         st.subheader("Compressed model, packed")

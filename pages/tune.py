@@ -1,14 +1,21 @@
-"""Tune: accuracy and retention against τ (and θ), with BN recalibration and a magnitude baseline."""
+"""Tune: accuracy and retention against τ (and θ), with BN recalibration and a magnitude baseline; per-layer
+sensitivity and the automatic per-layer τ."""
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
+from core.measure.allocation import METHOD_LABELS as ALLOC_LABELS
+from core.measure.allocation import Target, compare_at_equal_retention, per_layer_tau, test_images
+from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
+from core.measure.sensitivity import SensitivityConfig, measure_sensitivity, resolve_precision
+from core.method.engine import Engine
 from core.services.session import CALIBRATION_IMAGES
 from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
 from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
-from ui.charts import curves_figure, pareto_figure
+from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap
 from ui.sidebar import page_setup
 from ui.state import PALETTE, apply_config, current_config, device, footer, guard
 
@@ -169,5 +176,144 @@ if parts and state.get("tune_key", (None,))[0] == loaded.key:
                "beats on both.")
 else:
     st.caption("Run a sweep above to fill this chart.")
+
+# ---------------------------------------------------------------- per-layer sensitivity
+st.subheader("Per-layer sensitivity")
+st.caption("Each Conv/Linear layer pruned **alone** (every other layer dense) at each τ of the grid; the cell is the "
+           "accuracy drop against the dense model on the same images (paired: newly wrong − newly right), in "
+           "points. The images are, by default, class-balanced **training** images without augmentation, so the "
+           "per-layer τ chosen from them is verified on test images it was not chosen on. Results are cached on "
+           "disk per model, images, grid and recipe.")
+SENS_TAUS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
+SENS_SOURCES = {"training images (not the test set)": "train", "test images": "test"}
+g, h, k = st.columns(3)
+sens_taus = g.multiselect("τ grid", SENS_TAUS, default=list(DEFAULT_SENS_TAUS), key="tune_sens_taus")
+sens_images = h.select_slider("images", [100, 200, 500, 1000, 2000, 5000], value=1000, key="tune_sens_images")
+sens_source = h.radio("measured on", list(SENS_SOURCES), key="tune_sens_source")
+sens_bn = k.toggle("recalibrate BN after pruning each layer (about 3× slower)", False, key="tune_sens_bn",
+                   disabled=not session.has_batchnorm,
+                   help=f"Re-estimate BatchNorm statistics on {SensitivityConfig().calibration_size:,} augmented "
+                        "training images after each pruning (and for the dense reference).")
+k.caption(f"Inference in {resolve_precision('auto', device())} (an estimate: bf16 where the CPU runs it natively; "
+          "the dense reference at the same precision).")
+if st.button("Measure sensitivity", key="tune_sens_run", type="primary", disabled=not sens_taus):
+    bar = st.progress(0.0, text="starting…")
+    with guard("The sensitivity measurement", "Pick fewer τ values or images."):
+        sens_config = SensitivityConfig(taus=tuple(sens_taus), n_images=int(sens_images),
+                                        source=SENS_SOURCES[sens_source], bn_recalibration=bool(sens_bn))
+
+        def sens_progress(done: int, total: int, label: str) -> None:
+            bar.progress(done / max(total, 1), text=f"{done}/{total}: {label}")
+
+        state["tune_sens"] = measure_sensitivity(loaded.model, sens_config, model_id=_model_id(), mean=loaded.mean,
+                                                 std=loaded.std, device=device(), on_progress=sens_progress)
+        state["tune_sens_key"] = loaded.key
+        state.pop("tune_alloc", None)
+    bar.empty()
+
+sensitivity = state.get("tune_sens") if state.get("tune_sens_key") == loaded.key else None
+if sensitivity is None:
+    st.info("Press **Measure sensitivity** to fill the layer × τ map (a second run of the same settings reads the "
+            "disk cache).")
+else:
+    st.plotly_chart(sensitivity_heatmap(100 * sensitivity.drops(), sensitivity.shares()), key="tune_sens_map")
+    st.caption(f"What you see: accuracy drop in points (red = worse) with only that layer pruned at τ; beside each "
+               f"layer, its share of the weights. Measured on {sensitivity.images} ({sensitivity.precision}"
+               + (", BN recalibrated" if sensitivity.bn_recalibration else "")
+               + f"); dense accuracy on them {100 * sensitivity.dense_accuracy:.2f} %. One cell is "
+                 f"{100 / sensitivity.n:.2g} points: smaller drops are below resolution. {sensitivity.seconds:.1f} s "
+                 f"({sensitivity.computed} layers measured, {sensitivity.cached} from the cache).")
+
+# ---------------------------------------------------------------- automatic per-layer τ
+st.subheader("Automatic per-layer τ")
+if sensitivity is None:
+    st.caption("Measure the sensitivity above first: the per-layer τ is chosen from it.")
+else:
+    st.caption("Per layer, a τ from the measured grid (interpolated) so that the summed estimated drop is smallest "
+               "for the target; then verified on test images in fp32 against uniform τ and global magnitude "
+               "pruning at the **same retention**, each with and without BN recalibration (on 2,000 augmented "
+               "training images).")
+    TARGETS = {"retention (% of Conv/Linear weights kept)": "retention", "stored size (KiB)": "bytes",
+               "largest estimated drop (points)": "max_drop"}
+    VERIFY = {"full test set (10,000 images)": None, "1,000 test images (faster)": 1000}
+    VERIFY_CALIBRATION = 2000
+    m1, m2, m3 = st.columns(3)
+    target_label = m1.radio("target", list(TARGETS), key="tune_alloc_kind")
+    kind = TARGETS[target_label]
+    if kind == "retention":
+        value = m2.number_input("retention (%)", 1.0, 100.0, 30.0, 1.0, key="tune_alloc_retention") / 100
+    elif kind == "bytes":
+        dense_kib = session.engine.dense_bytes / 1024
+        value = 1024 * m2.number_input("stored size (KiB)", 1.0, float(round(dense_kib, 1)),
+                                       float(round(dense_kib / 3, 1)), key="tune_alloc_bytes")
+    else:
+        value = m2.number_input("largest drop (points)", 0.0, 100.0, 1.0, 0.5, key="tune_alloc_drop") / 100
+    verify_label = m3.radio("verify on", list(VERIFY), key="tune_alloc_verify")
+    alloc_bn = m3.toggle("also with BN recalibration", True, key="tune_alloc_bn", disabled=not session.has_batchnorm)
+    if st.button("Find per-layer τ and verify", key="tune_alloc_run", type="primary"):
+        bar = st.progress(0.0, text="choosing τ per layer…")
+        with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
+            target = Target(kind, value)
+            engine = Engine(loaded.model)
+            allocation = per_layer_tau(sensitivity, engine, target)
+            test = test_images(VERIFY[verify_label], loaded.mean, loaded.std)
+
+            def alloc_progress(done: int, total: int, label: str) -> None:
+                bar.progress(done / max(total, 1), text=f"verifying {done}/{total}: {label}")
+
+            comparison = compare_at_equal_retention(
+                loaded.model, allocation, engine=engine, data=test, calibration_size=VERIFY_CALIBRATION,
+                bn_recalibration=bool(alloc_bn) and session.has_batchnorm, model_id=_model_id(), mean=loaded.mean,
+                std=loaded.std, device=device(), on_progress=alloc_progress)
+            state["tune_alloc"] = (allocation, comparison)
+            state["tune_alloc_key"] = loaded.key
+        bar.empty()
+
+    found = state.get("tune_alloc") if state.get("tune_alloc_key") == loaded.key else None
+    if found is not None:
+        allocation, comparison = found
+        frame = comparison.frame
+        shown = frame.assign(method=frame["method"].map(ALLOC_LABELS),
+                             **{"BN recal": frame["bn_recalibrated"].map({True: "yes", False: "no"}),
+                                "retention (%)": 100 * frame["retention"], "accuracy (%)": 100 * frame["accuracy"],
+                                "drop (points)": 100 * frame["drop"],
+                                "stored size (KiB)": frame["bytes"].astype("Float64") / 1024})
+        st.dataframe(shown[["method", "BN recal", "retention (%)", "kept", "stored size (KiB)", "accuracy (%)",
+                            "drop (points)", "newly_wrong", "newly_right"]],
+                     hide_index=True, key="tune_alloc_table",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
+                                    ("retention (%)", "accuracy (%)", "drop (points)", "stored size (KiB)")})
+        left, right = st.columns(2)
+        with left:
+            bars = go.Figure()
+            for flag, label in ((False, "as pruned"), (True, "with BN recalibration")):
+                part = frame[frame["bn_recalibrated"] == flag]
+                if not part.empty:
+                    bars.add_bar(x=part["method"].map(ALLOC_LABELS), y=100 * part["accuracy"], name=label,
+                                 text=(100 * part["accuracy"]).map("{:.2f}".format), textposition="outside")
+            bars.update_layout(barmode="group", height=380, margin=dict(l=10, r=10, t=30, b=10),
+                               yaxis_title="accuracy (%)", legend=dict(orientation="h", y=-0.2))
+            st.plotly_chart(bars, key="tune_alloc_chart")
+            st.caption(f"What you see: measured accuracy on {comparison.images} (fp32) at "
+                       f"{100 * allocation.retention:.2f} % retention; uniform τ = {comparison.uniform_tau:.4f}.")
+        with right:
+            taus = pd.Series(allocation.layer_tau)
+            per_layer = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
+            per_layer.add_hline(y=comparison.uniform_tau, line_dash="dash", line_color="black",
+                                annotation_text="uniform τ, same retention")
+            per_layer.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ",
+                                    xaxis_tickangle=-60)
+            st.plotly_chart(per_layer, key="tune_alloc_taus")
+            st.caption(f"What you see: the chosen τ of every layer. Estimated drop from the sensitivity (summed over "
+                       f"layers, without BN recalibration unless it was measured with it): "
+                       f"{100 * allocation.predicted_drop:.2f} points.")
+        apply_bn = bool(alloc_bn) and session.has_batchnorm
+        if st.button("Apply this per-layer τ in Explore", key="tune_alloc_apply", on_click=apply_config,
+                     args=(comparison.config, session), kwargs={"bn_recalibrate": apply_bn}):
+            st.switch_page("pages/explore.py")
+        st.caption("Applies the verified setting exactly: every Conv/Linear layer gets its own τ in Explore's per-layer "
+                   "table (the global τ slider goes to 0 and no longer acts on them), pruning only (no quantization)"
+                   + (f", BN recalibration on (Explore recalibrates on {CALIBRATION_IMAGES} images, the check above on "
+                      f"{VERIFY_CALIBRATION:,}, so its figure can differ)." if apply_bn else "."))
 
 footer(page="tune")

@@ -133,3 +133,17 @@ def paths_figure(paths: pd.DataFrame, batch: int, device: str) -> go.Figure:
                          xaxis_title="ms per forward pass (median; lower is faster)",
                          yaxis=dict(autorange="reversed"))
     return figure
+
+
+def sensitivity_heatmap(drops: pd.DataFrame, shares: pd.Series) -> go.Figure:
+    """Layer × τ map of accuracy drops (points; rows in module order, each labelled with its share of the weights)."""
+    labels = [f"{name} ({100 * shares.get(name, float('nan')):.1f} %)" for name in drops.index]
+    values = drops.to_numpy(dtype=float)
+    top = max(1.0, float(np.nanmax(values)) if values.size else 1.0)
+    fig = go.Figure(go.Heatmap(
+        z=values, x=[f"τ={t:g}" for t in drops.columns], y=labels, text=np.round(values, 1), texttemplate="%{text}",
+        colorscale="Reds", zmin=0, zmax=top, colorbar=dict(title="drop (points)"),
+        hovertemplate="%{y}<br>%{x}: %{z:.2f} points<extra></extra>"))
+    fig.update_layout(height=max(260, 22 * len(labels) + 90), margin=dict(l=10, r=10, t=30, b=10),
+                      yaxis=dict(autorange="reversed", title="layer (share of the weights)"), xaxis=dict(side="top"))
+    return fig

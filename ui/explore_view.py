@@ -26,7 +26,8 @@ def _waiting_text(waiting: QueueState | None) -> str:
 
 
 def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, bn: bool,
-                  waiting: QueueState | None = None) -> None:
+                  waiting: QueueState | None = None,
+                  data_label: str = "the CIFAR-10 test set (JPEG copy)") -> None:
     if estimate is None:
         slot.metric("Accuracy Δ vs dense · paired", "…", help=_waiting_text(waiting))
         detail.caption(f"Accuracy: {_waiting_text(waiting)}")
@@ -39,7 +40,7 @@ def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, 
                 f"{fmt_pct(estimate.accuracy)} vs dense {fmt_pct(estimate.dense_accuracy)} on {estimate.n:,} images",
                 delta_color="off", delta_arrow="off",
                 help="The compressed model's accuracy minus the dense model's, on the same test images (a growing, "
-                     "class-balanced sample of the CIFAR-10 test set, JPEG copy), with its paired 95 % interval "
+                     f"class-balanced sample of {data_label}), with its paired 95 % interval "
                      f"[{100 * low:+.2f}, {100 * high:+.2f}] points." + (" After BN recalibration." if bn else ""))
     share = estimate.n / estimate.population
     detail.markdown(

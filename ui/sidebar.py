@@ -7,7 +7,8 @@ from core.services.choices import model_choices
 from core.services.uploads import MAX_UPLOAD_MB
 from core.workloads.models import REGISTRY
 from ui.errors import literal, show_error
-from ui.state import UPLOAD_KEY, consume_pending_upload, devices, explorer, guard
+from ui.state import TORCHVISION_KEY, UPLOAD_KEY, consume_pending_upload, devices, explorer, guard
+from ui.user_inputs import consume_pending_torchvision, render_data_choice, render_torchvision
 
 AUTO_ARCH = "auto (from a file exported by this app)"
 
@@ -25,10 +26,12 @@ def render_sidebar():
     choices = model_choices()
     labels = {c.key: c.label for c in choices}
     labels[UPLOAD_KEY] = "Upload a state_dict…"
+    labels[TORCHVISION_KEY] = "torchvision model…"
     state = st.session_state
     if state.get("model_key") not in labels:
         state["model_key"] = choices[0].key
     consume_pending_upload()  # may switch model_key to the upload before the picker is drawn
+    consume_pending_torchvision()  # likewise for a torchvision model
     with st.sidebar:
         st.selectbox("Model", list(labels), format_func=labels.get, key="model_key",
                      help="Shipped checkpoints are listed only when their JSON card exists in assets/checkpoints.")
@@ -48,6 +51,8 @@ def render_sidebar():
                 show_error(f"Upload rejected: {state['upload_error']}")
             if "uploaded_model" not in state:
                 st.info("Nothing uploaded yet: the pages show the first model of the list meanwhile.")
+        elif state["model_key"] == TORCHVISION_KEY:
+            render_torchvision()
         st.radio("Device", devices(), key="device", horizontal=True,
                  help="Where inference (latency, accuracy) runs. The engine's weight bookkeeping stays on the CPU.")
         if "CUDA" not in devices():
@@ -62,6 +67,8 @@ def render_sidebar():
                 st.caption(literal(loaded.note))
             else:
                 st.warning(literal(loaded.note))
+            with guard("Reading your images", "Upload another archive, or pick the default data."):
+                render_data_choice(session)
     return session
 
 

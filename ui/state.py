@@ -26,6 +26,7 @@ from core.workloads.models import CheckpointError
 log = logging.getLogger("boundary_explorer")
 
 UPLOAD_KEY = "upload"
+TORCHVISION_KEY = "torchvision"
 PALETTE = (2, 3, 4, 8)
 #: every persistent setting and its default
 DEFAULTS: dict[str, object] = {
@@ -46,7 +47,8 @@ DEFAULTS: dict[str, object] = {
     "device": "CPU",
 }
 # widget keys whose state must survive page switches (Streamlit drops state of unrendered widgets)
-WIDGET_KEYS = tuple(DEFAULTS) + ("model_key", "hist_layer", "upload_arch")
+WIDGET_KEYS = tuple(DEFAULTS) + ("model_key", "hist_layer", "upload_arch", "tv_arch", "tv_weights",
+                                  "tv_own_transforms", "tv_image_size", "tv_mean", "tv_std", "data_source")
 
 
 def init_state() -> None:
@@ -135,9 +137,10 @@ def explorer() -> ExploreSession | None:
     if key is None:
         return None
     loaded = None
-    if key == UPLOAD_KEY:
-        if "uploaded_model" in state:
-            loaded = state["uploaded_model"]
+    if key in (UPLOAD_KEY, TORCHVISION_KEY):
+        held = state.get("uploaded_model" if key == UPLOAD_KEY else "torchvision_model")
+        if held is not None:
+            loaded = held
         else:
             key = model_choices()[0].key
     want = loaded.key if loaded is not None else key

@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from core.method.config import CompressionConfig
-from core.workloads.models import MAX_FILE_PARAMS, CheckpointError, build_from_file, load_state_dict_into
+from core.workloads.models import MAX_FILE_PARAMS, CheckpointError, load_state_dict_into
+from core.workloads.provenance import build_file_arch, known_arch
 from core.common.formatting import printable
 from core.method.quantization import (
     FLOAT_PASSTHROUGH_BITS,
@@ -365,21 +366,22 @@ def _digest(header: Mapping, table: bytes, data: np.ndarray) -> str:
 
 
 def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None, *,
-                     verify: bool = True) -> bytes:
+                     verify: bool = True, input_spec: Mapping | None = None) -> bytes:
     """``result`` (a :class:`core.method.engine.CompressionResult`) in the packed format, as bytes.
 
-    ``arch`` (a :mod:`core.workloads.models` registry name, with ``arch_kwargs`` for its builder) is
-    recorded so :func:`load_compressed` can rebuild the module; without it, loading needs a
-    ``model_template``. With ``verify`` the packed layers are decoded again and compared
-    with ``result.weights`` bit for bit first.
+    ``arch`` (a :mod:`core.workloads.models` registry name or ``torchvision:<name>``, with
+    ``arch_kwargs`` for its builder) is recorded so :func:`load_compressed` can rebuild the module;
+    without it, loading needs a ``model_template``. ``input_spec`` (the pre-processing,
+    :meth:`core.workloads.preprocess.Preprocess.to_dict`) is recorded under ``input`` when given.
+    With ``verify`` the packed layers are decoded again and compared with ``result.weights`` bit
+    for bit first.
     """
     from safetensors.torch import save
 
-    if arch is not None:
+    if arch is not None and not known_arch(arch):
         from core.workloads.models import REGISTRY
 
-        if arch not in REGISTRY:
-            raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(REGISTRY)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(REGISTRY)} or torchvision:<name>")
     records, parts = [], []
     for row in result.stats.to_dict("records"):
         record, layer_parts = _pack_layer(result, row["name"], row)
@@ -409,15 +411,18 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
         "model_bytes_fp32": int(result.model_bytes_fp32),
         "torch": torch.__version__,
     }
+    if input_spec is not None:
+        header["input"] = dict(input_spec)
     header["sha256"] = _digest(header, table_bytes, data)
     tensors = {"table": torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), "data": torch.from_numpy(data)}
     return save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
 
 
 def save_compressed(result, path: str | os.PathLike, arch: str | None = None,
-                    arch_kwargs: Mapping | None = None, *, verify: bool = True) -> Path:
+                    arch_kwargs: Mapping | None = None, *, verify: bool = True,
+                    input_spec: Mapping | None = None) -> Path:
     """Write ``result`` to ``path`` in the packed format (:func:`compressed_bytes`); returns the path."""
-    data = compressed_bytes(result, arch, arch_kwargs, verify=verify)
+    data = compressed_bytes(result, arch, arch_kwargs, verify=verify, input_spec=input_spec)
     path = Path(path)
     path.write_bytes(data)
     return path
@@ -522,6 +527,8 @@ def _header(metadata: dict, label: str) -> dict:
         raise PackedFileError(f"{label} is damaged: its architecture name is not text.")
     if not isinstance(header.get("arch_kwargs", {}), dict):
         raise PackedFileError(f"{label} is damaged: its architecture arguments are not a mapping.")
+    if not isinstance(header.get("input", {}), dict):
+        raise PackedFileError(f"{label} is damaged: its pre-processing record is not a mapping.")
     return header
 
 
@@ -663,6 +670,12 @@ class PackedFile:
     def config(self) -> CompressionConfig:
         return CompressionConfig.from_dict(self.header.get("config", {}))
 
+    @property
+    def input_spec(self) -> dict | None:
+        """The recorded pre-processing (``Preprocess.to_dict()``), or None (files without one, and older files)."""
+        value = self.header.get("input")
+        return dict(value) if isinstance(value, dict) else None
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every state_dict key the file holds, with the shape and dtype it declares."""
         shapes = {f"{r.name}.weight": (r.shape, _dtype(r.dtype)) for r in self.layers}
@@ -685,7 +698,7 @@ class PackedFile:
             with torch.no_grad():
                 model = copy.deepcopy(model_template)
         elif self.arch is not None:
-            model = build_from_file(self.arch, self.arch_kwargs, self.label, self.max_params)
+            model = build_file_arch(self.arch, self.arch_kwargs, self.label, self.max_params)
         else:
             raise ValueError(f"{self.label} records no architecture: pass model_template=<an instance of the model>")
         _check_fits(model, self.shapes(), self.label)
@@ -772,9 +785,9 @@ def read_compressed(path: str | os.PathLike) -> PackedModel:
 def load_compressed(path: str | os.PathLike, model_template: nn.Module | None = None) -> nn.Module:
     """The compressed model stored at ``path``, in eval mode; its weights equal the saved result's.
 
-    The module is rebuilt from the recorded registry architecture (its arguments checked by
-    :func:`core.workloads.models.check_arch_kwargs`), or from a deep copy of ``model_template``
-    (never modified) when given: needed for models outside the registry.
+    The module is rebuilt from the recorded architecture, a registry name or ``torchvision:<name>``
+    (its arguments checked by :func:`core.workloads.provenance.check_file_arch`), or from a deep copy
+    of ``model_template`` (never modified) when given: needed for models of neither kind.
     """
     return parse_compressed(_read_file(path), Path(path).name).load(model_template)
 

@@ -1,7 +1,8 @@
 """Progressive paired accuracy for the explorer, shared by every session of the server process.
 
 * :class:`EvaluationSet`: labelled images and their balanced order (:func:`core.measure.paired.balanced_order`);
-  one per data set and normalisation, decoded once.
+  one per data set and normalisation, decoded once: the CIFAR-10 test set (:func:`cifar_test_set`)
+  or the user's labelled images (:func:`image_set`, keyed by the images' digest).
 * Dense predictions are computed once per (model, data set, precision) and shared by all
   sessions; each setting's predictions are kept per (model, data set, setting, BN
   recalibration, precision), so a revisited setting resumes where it stopped, or is instant.
@@ -63,6 +64,22 @@ def estimate_precision(device: str) -> str:
     return "bf16" if native_bf16(torch.device(device).type) else "fp32"
 
 
+_IMAGE_SETS = LRUCache(4)  # ImageSet.key -> EvaluationSet (the tensors are the ImageSet's, not copies)
+
+
+def image_set(images) -> EvaluationSet:
+    """The user's labelled images (a :class:`core.workloads.image_folder.ImageSet` whose labels are the
+    model's outputs) as an evaluation set; its key is derived from the images' digest."""
+    if images.labels is None:
+        raise ValueError("an evaluation set needs labelled images")
+
+    def make() -> EvaluationSet:
+        order = balanced_order(images.labels, seed=ORDER_SEED)
+        return EvaluationSet(images.key, images.images, images.labels, order, images.labels[order])
+
+    return _IMAGE_SETS.get_or_create(images.key, make)
+
+
 _DENSE = LRUCache(16)  # (model key, set key, precision, device) -> PredictionStore
 _SETTINGS = LRUCache(4096)  # (model key, set key, config, bn, precision, device) -> PredictionStore (20 KB each)
 
@@ -70,6 +87,7 @@ _SETTINGS = LRUCache(4096)  # (model key, set key, config, bn, precision, device
 def clear() -> None:
     _DENSE.clear()
     _SETTINGS.clear()
+    _IMAGE_SETS.clear()
     cifar_test_set.cache_clear()
 
 

@@ -14,6 +14,11 @@ kinds:
   accuracy, the output deviation (models without labelled data), BN recalibration and the
   realized savings.
 
+The data is CIFAR-10 (its test set; BN recalibration on augmented training images) unless the
+user gives images (:meth:`ExploreSession.use_data`): labelled ones replace the test set (the
+paired estimate, the full accuracy and BN recalibration all run on them), unlabelled ones
+replace the output deviation by fidelity to the dense model (top-1 agreement, mean KL).
+
 What does not depend on the session is shared by all of them: the engine's ranked weights
 (:func:`shared_snapshot`), the histogram bins, the dense predictions and every setting's
 predictions (:mod:`core.services.estimates`), and measured latencies, full-test accuracies
@@ -45,6 +50,8 @@ from core.measure.accuracy import (
     evaluate,
     has_batchnorm,
 )
+from core.measure.accuracy import EvalData
+from core.measure.fidelity import Fidelity, fidelity
 from core.measure.latency import LatencyReport, measure_latency, output_deviation
 from core.measure.paired import PairedEstimate
 from core.measure.realized import RealizedSavings, measure_realized
@@ -55,6 +62,8 @@ from core.services import estimates
 from core.services.choices import LoadedModel
 from core.services.compute_queue import COMPUTE, QueueState
 from core.services.histogram import HIST_BINS, HistogramData, LayerBins
+from core.workloads.data import CLASSES
+from core.workloads.image_folder import ImageSet, for_model
 
 LATENCY_BATCHES: tuple[int, ...] = (1, 16, 64)
 #: how far the accuracy refines on its own after a slider move: half-width of the paired 95 % interval
@@ -64,6 +73,7 @@ DEFAULT_ACCURACY_TARGET = 0.01
 SMALL_MODEL_PARAMS = 2_000_000
 CALIBRATION_IMAGES = 512
 OUTPUT_CHECK_BATCH = 256
+FIDELITY_IMAGES = 256  # unlabelled images the fidelity to the dense model is measured on
 LATENCY_QUIET_WAIT_S = 1.0  # how long a latency measurement waits for the other jobs to finish
 REALIZED_BUDGET_S = 0.05  # timing effort per layer and kernel when measuring the execution paths
 
@@ -147,8 +157,9 @@ class ExploreView:
     last_theta_move: Move | None
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
-    accuracy_available: bool = False  # the model has labelled data here (CIFAR-10 found and readable)
+    accuracy_available: bool = False  # the model has labelled data here (CIFAR-10 found and readable, or the user's)
     realized: RealizedSavings | None = None
+    fidelity: Fidelity | None = None  # unlabelled user images: agreement and KL to the dense model, when measured
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +197,9 @@ class ExploreSession:
         self._lock = threading.RLock()
         self._has_bn = has_batchnorm(loaded.model)
         self.params = sum(p.numel() for p in loaded.model.parameters())
+        self.data: ImageSet | None = None  # the user's images, labels mapped to the model's outputs
+        self.data_warnings: list[str] = []
+        self._data_given: str | None = None  # the key of the set last given to use_data
         weakref.finalize(self, trim_heap)  # a closed tab's buffers go back to the OS, not only to the allocator
 
     # -------------------------------------------------------- facts
@@ -201,6 +215,45 @@ class ExploreSession:
     @property
     def evaluates_cifar(self) -> bool:
         return self.loaded.input_kind == "cifar10"
+
+    @property
+    def has_labels(self) -> bool:
+        """Accuracy can be measured: labelled user images, or (without user images) a CIFAR-10 model."""
+        return self.data.labelled if self.data is not None else self.evaluates_cifar
+
+    @property
+    def data_key(self) -> str:
+        return self.data.key if self.data is not None else "default"
+
+    def data_label(self) -> str:
+        """What the accuracy is measured on, in words."""
+        if self.data is not None:
+            return f"your images ({len(self.data):,}, {self.data.source})"
+        return "the CIFAR-10 test set (JPEG copy)"
+
+    def num_outputs(self) -> int:
+        """The model's number of outputs (classes), from one forward pass of the example input."""
+        with torch.inference_mode():
+            return int(self.loaded.model(self.loaded.example_input(1)).shape[-1])
+
+    def use_data(self, images: ImageSet | None) -> list[str]:
+        """Measure on ``images`` from now on (None: back to the default data); returns warnings (sentences).
+
+        Class folders are mapped to the model's outputs (:func:`core.workloads.image_folder.for_model`);
+        BN-recalibrated copies made on other data are dropped. The set last given is kept as is.
+        """
+        with self._lock:
+            given = None if images is None else images.key
+            if given == self._data_given:
+                return self.data_warnings
+            if images is None:
+                self.data, self.data_warnings = None, []
+            else:
+                categories = self.loaded.categories or (CLASSES if self.evaluates_cifar else ())
+                self.data, self.data_warnings = for_model(images, categories, self.num_outputs())
+            self._data_given = given
+            self._bn_models = LRUCache(2)
+            return self.data_warnings
 
     def layer_names(self, include_norm: bool = False) -> list[str]:
         return self.engine.layer_names + (self.engine.norm_layer_names if include_norm else [])
@@ -284,14 +337,17 @@ class ExploreSession:
         full_dense_source = ""
         estimate = deviation = None
         available = False
-        if self.evaluates_cifar:
+        found_fidelity = None
+        if self.has_labels:
             try:
                 estimate = self.accuracy_estimate(result, bn, request.device)
                 available = True
             except (OSError, RuntimeError) as err:  # DataError is a RuntimeError: the data is missing or damaged
-                notes.append(f"CIFAR-10 accuracy unavailable: {err}")
+                notes.append(f"{'CIFAR-10 a' if self.data is None else 'A'}ccuracy unavailable: {err}")
             full = self.cached_full(request.config, bn, request.device)
             full_dense, full_dense_source = self.dense_full_reference(request.device)
+        elif self.data is not None:
+            found_fidelity = ACCURACY_CACHE.get(self._accuracy_key("fidelity", request.config, False, request.device))
         else:
             deviation = ACCURACY_CACHE.get(self._accuracy_key("deviation", request.config, False, request.device))
         timings["total"] = sum(timings.values())
@@ -300,13 +356,18 @@ class ExploreSession:
             latency=LATENCY_CACHE.get((self.key, request.config, request.latency_batch, request.device)),
             estimate=estimate, full=full, full_dense=full_dense, full_dense_source=full_dense_source,
             deviation=deviation, last_move=self.last_move, last_theta_move=self.last_theta_move, timings=timings,
-            notes=notes, accuracy_available=available,
+            notes=notes, accuracy_available=available, fidelity=found_fidelity,
             realized=REALIZED_CACHE.get((self.key, request.config, request.latency_batch, request.device)))
 
     # -------------------------------------------------------- heavy: queued, shared, cached
 
     def _bn_applies(self, bn: bool) -> bool:
-        return bool(bn and self._has_bn and self.evaluates_cifar)
+        return bool(bn and self._has_bn and (self.evaluates_cifar or self.data is not None))
+
+    def _calibration_images(self) -> torch.Tensor:
+        if self.data is not None:
+            return self.data.images[:CALIBRATION_IMAGES]
+        return _calibration(CALIBRATION_IMAGES, self.loaded.mean, self.loaded.std)
 
     def inference_model(self, result: CompressionResult, bn: bool) -> nn.Module:
         """The compressed model for accuracy: ``result.model``, BN-recalibrated when asked (cached per setting).
@@ -317,14 +378,17 @@ class ExploreSession:
             return result.model
         cached = self._bn_models.get(result.config)
         if cached is None:
-            cached = bn_recalibrate(result.model, _calibration(CALIBRATION_IMAGES, self.loaded.mean, self.loaded.std))
+            cached = bn_recalibrate(result.model, self._calibration_images())
             self._bn_models.put(result.config, cached)
         return cached
 
     def _accuracy_key(self, kind: str, config: CompressionConfig | None, bn: bool, device: str) -> tuple:
-        return (self.key, kind, config, bool(self._bn_applies(bn) and config is not None), device)
+        return (self.key, self.data_key, kind, config, bool(self._bn_applies(bn) and config is not None), device)
 
     def evaluation_set(self) -> estimates.EvaluationSet:
+        """The labelled images of the paired estimate: the user's (key from their digest), else CIFAR-10's test set."""
+        if self.data is not None and self.data.labelled:
+            return estimates.image_set(self.data)
         return estimates.cifar_test_set(tuple(self.loaded.mean), tuple(self.loaded.std))
 
     def accuracy_estimate(self, result: CompressionResult, bn: bool, device: str) -> PairedEstimate | None:
@@ -353,7 +417,10 @@ class ExploreSession:
         cached = ACCURACY_CACHE.get(key)
         if cached is not None:
             return cached
-        data = eval_data("test", self.loaded.mean, self.loaded.std)
+        if self.data is not None and self.data.labelled:
+            data = EvalData(self.data.images, self.data.labels, "user")
+        else:
+            data = eval_data("test", self.loaded.mean, self.loaded.std)
         with COMPUTE.job():
             model = self.dense_model(device) if result is None else self.inference_model(result, bn).to(device)
             report = evaluate(model, data, device=device)
@@ -364,9 +431,9 @@ class ExploreSession:
         """The dense full-test accuracy if known: measured here (cached) or from the checkpoint's card."""
         measured = self.cached_full(None, False, device)
         if measured is not None:
-            return measured, "measured here on all 10,000 test images"
-        card = self.loaded.card or {}
-        accuracy = card.get("test_accuracy")
+            return measured, f"measured here on all {measured.n:,} {'test ' if self.data is None else ''}images"
+        card = self.loaded.card if self.data is None else None
+        accuracy = (card or {}).get("test_accuracy")
         if isinstance(accuracy, (int, float)):
             return AccuracyReport(float(accuracy), (), 10_000, 0.0), "from the checkpoint's card (measured when it was trained)"
         return None, ""
@@ -375,10 +442,28 @@ class ExploreSession:
         """‖f_c(x) − f(x)‖ / ‖f(x)‖ on fixed Gaussian inputs, for models without labelled data (queued; cached)."""
         key = self._accuracy_key("deviation", result.config, False, device)
         cached = ACCURACY_CACHE.get(key)
-        if cached is None:
-            inputs = self.loaded.example_input(OUTPUT_CHECK_BATCH, seed=1).to(device)
+        if cached is None:  # 256 inputs at 32 px; as many pixels in all at larger sizes (at least 8 inputs)
+            batch = OUTPUT_CHECK_BATCH if self.loaded.input_kind == "vector" else max(
+                8, OUTPUT_CHECK_BATCH * 32 * 32 // self.loaded.image_size ** 2)
+            inputs = self.loaded.example_input(min(OUTPUT_CHECK_BATCH, batch), seed=1).to(device)
             with COMPUTE.job():
                 cached = output_deviation(self.dense_model(device), result.model.to(device), inputs)
+            ACCURACY_CACHE.put(key, cached)
+        return cached
+
+    def fidelity(self, result: CompressionResult, device: str) -> Fidelity:
+        """Top-1 agreement and mean KL to the dense model on up to 256 of the user's unlabelled images.
+
+        Queued; cached per model, images, setting and device.
+        """
+        if self.data is None:
+            raise ValueError("fidelity is measured on your images: give a folder of images first")
+        key = self._accuracy_key("fidelity", result.config, False, device)
+        cached = ACCURACY_CACHE.get(key)
+        if cached is None:
+            with COMPUTE.job():
+                cached = fidelity(self.dense_model(device), result.model.to(device),
+                                  self.data.images[:FIDELITY_IMAGES], device=device)
             ACCURACY_CACHE.put(key, cached)
         return cached
 

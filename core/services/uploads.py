@@ -1,7 +1,8 @@
 """Safe uploads, and exports that load back.
 
-* :func:`read_upload` turns uploaded bytes into a model of a built-in architecture:
-  ``torch.load(weights_only=True)`` or safetensors, never unpickling objects; the format is
+* :func:`read_upload` turns uploaded bytes into a model of a built-in architecture or of any
+  torchvision classification architecture (``arch="torchvision:<name>"``, number of classes read
+  from the weights): ``torch.load(weights_only=True)`` or safetensors, never unpickling objects; the format is
   told from the content (never from the file name, which is only ever shown, never used as a
   path); a :class:`core.workloads.models.CheckpointError` whose message is whole sentences of
   this app (never a library's text) says what is wrong for every bad file.
@@ -9,7 +10,9 @@
   for download; an exported bundle is a ``torch.save`` dict of plain tensors and strings that
   :func:`read_upload` loads back (architecture recognised from the bundle). Settings are
   stored in the one serialised form, :meth:`CompressionConfig.to_dict`; :func:`read_settings`
-  reads them back.
+  reads them back. Every export records where the model came from (``arch``, ``arch_kwargs`` and,
+  for torchvision models, the pre-processing under ``input``), so that it loads back without a
+  template; files without ``input`` (older exports) take the defaults.
 
 A hostile file must cost the server no more than its size: every limit below is checked before
 anything of the size a file declares is allocated (the zip directory of a ``torch.save`` file
@@ -37,16 +40,16 @@ from torch import nn
 from core.common.formatting import fmt_bytes
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
-from core.services.choices import LoadedModel
+from core.services.choices import LoadedModel, model_inputs, torchvision_loaded
+from core.workloads import torchvision_models as tv
 from core.workloads.models import (
-    REGISTRY,
     CheckpointError,
-    build,
-    check_arch_kwargs,
     load_state_dict_into,
     sniff_format,
     state_dict_from_object,
 )
+from core.workloads.preprocess import Preprocess
+from core.workloads.provenance import build_file_arch, check_file_arch
 from core.common.formatting import printable
 
 BUNDLE_FORMAT = "boundary-explorer/state_dict+masks/v1"
@@ -141,6 +144,28 @@ def _check_zip(data: bytes, name: str) -> None:
                               f"uploads may unpack to at most {_mb(MAX_UNZIPPED_BYTES)}.")
 
 
+#: Entries that mark a ``torch.export.save`` archive (.pt2): the current format, and the one of PyTorch 2.7.
+_EXPORTED_PROGRAM_MARKERS = ("archive_format", "serialized_exported_program.json")
+
+
+def _refuse_exported_program(data: bytes, name: str) -> None:
+    """Refuse an exported program (``.pt2``): ``torch.export.load`` can run code from the file.
+
+    Read in torch 2.14 (``torch/export/pt2_archive/_package.py``, ``torch/_export/serde/serialize.py``):
+    weights and constants the archive's own config marks ``use_pickle`` are read with
+    ``torch.load(weights_only=False)``, "opaque" constants with ``pickle.loads`` and custom objects
+    with ``torch._C._pickle_load_obj``; ``deserialize_torch_artifact`` falls back to
+    ``weights_only=False`` when the safe load fails; its docstring says "Never load data from an
+    untrusted source". Unpickling arbitrary objects executes code, so the app never calls it.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+    if any(n.rsplit("/", 1)[-1] in _EXPORTED_PROGRAM_MARKERS for n in names):
+        raise CheckpointError(f"{name} is an exported program (torch.export.save, .pt2). Loading one runs "
+                              "torch.export.load, which unpickles objects from the file and can execute code, so "
+                              f"this app refuses it. {_SAVE_HINT}")
+
+
 def _check_legacy_pickles(data: bytes, name: str) -> None:
     """A legacy ``torch.save`` file is five pickles (magic number, protocol, system information,
     the object, storage keys) and then raw storages; the pickles must end within
@@ -200,6 +225,7 @@ def parse_checkpoint(data: bytes, filename: str) -> object:
     kind = sniff_format(data)
     if kind == "torch":
         _check_zip(data, name)
+        _refuse_exported_program(data, name)
         return _torch_load(data, name)
     if kind == "torch-legacy":
         _check_legacy_pickles(data, name)
@@ -217,6 +243,18 @@ def _check_size(data: object, name: str, max_bytes: int) -> None:
         raise CheckpointError(f"{name} is empty (0 bytes).")
     if len(data) > max_bytes:
         raise CheckpointError(f"{name} is {_mb(len(data))}; the limit is {_mb(max_bytes)}.")
+
+
+def _bundle_input(stored: dict, name: str) -> Preprocess | None:
+    """An exported bundle's recorded pre-processing (JSON text under ``input``), or None (older bundles)."""
+    text = stored.get("input")
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None
+    return Preprocess.from_dict(data, name)
 
 
 def _bundle_fields(stored: object, name: str) -> tuple[str | None, dict, str | None]:
@@ -246,12 +284,30 @@ def _check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
                                   f"({printable(value.layout, 40)}). {_SAVE_HINT}")
 
 
+def _max_params(arch: str) -> int:
+    """Uploads of registry models: :data:`MAX_UPLOAD_PARAMS`; of torchvision models: 100 M parameters."""
+    return tv.MAX_TORCHVISION_PARAMS if tv.is_torchvision(arch) else MAX_UPLOAD_PARAMS
+
+
+def _uploaded(digest: str, name: str, arch: str, model: nn.Module, kwargs: dict, preprocess: Preprocess | None,
+              note: str) -> LoadedModel:
+    description, _, preprocess = model_inputs(arch, kwargs, preprocess)
+    if preprocess is not None:
+        note += f"; input: {preprocess.describe()}"
+    return torchvision_loaded(f"upload:{digest[:16]}" + (f"@{preprocess.tag()}" if preprocess else ""),
+                              f"Uploaded: {name} ({description})", arch, model.eval(), kwargs, preprocess,
+                              note, name)
+
+
 def read_upload(data: bytes, filename: str, arch: str | None = None,
-                max_bytes: int = MAX_UPLOAD_BYTES) -> LoadedModel:
+                max_bytes: int = MAX_UPLOAD_BYTES, preprocess: Preprocess | None = None) -> LoadedModel:
     """A :class:`LoadedModel` from an uploaded state_dict (or an exported bundle or packed file of this app).
 
-    ``arch``: a registry name, or None to take it from an exported file. Every problem
-    (too large, empty, unreadable, a zip bomb, not a state_dict, wrong or oversized
+    ``arch``: a registry name or ``torchvision:<name>``, or None to take it from an exported file.
+    For torchvision architectures the number of classes (and a ViT's image size) is read from the
+    state_dict, and the architecture may hold up to 100 M parameters. ``preprocess``: the input
+    recipe of an image model (default: what the file records, else ImageNet's 224 px). Every
+    problem (too large, empty, unreadable, a zip bomb, not a state_dict, wrong or oversized
     architecture, non-finite weights) raises :class:`CheckpointError` with a message meant
     for the user. ``max_bytes`` is inclusive: a file of exactly that size is read.
     """
@@ -259,27 +315,32 @@ def read_upload(data: bytes, filename: str, arch: str | None = None,
     _check_size(data, name, max_bytes)
     data = bytes(data)
     if is_packed(data):
-        return _read_packed(data, name, arch)
+        return _read_packed(data, name, arch, preprocess)
     stored = parse_checkpoint(data, name)
     bundle_arch, bundle_kwargs, settings = _bundle_fields(stored, name)
     chosen = arch or bundle_arch
     if chosen is None:
         raise CheckpointError(f"{name} does not say which architecture it is for. Pick its architecture "
                               "above the uploader and upload it again.")
-    kwargs = check_arch_kwargs(chosen, bundle_kwargs if chosen == bundle_arch else {}, name, MAX_UPLOAD_PARAMS)
+    if preprocess is None and isinstance(stored, dict) and chosen == bundle_arch:
+        preprocess = _bundle_input(stored, name)
     state = state_dict_from_object(stored, name)
     _check_tensors(state, name)
-    model = load_state_dict_into(build(chosen, **kwargs), state, name)
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{name}: tensor '{bad[0]}' holds NaN or infinite values.")
+    notes: list[str] = []
+    if tv.is_torchvision(chosen):
+        extra = {k: v for k, v in bundle_kwargs.items() if k == "transform_input"} if chosen == bundle_arch else {}
+        model, kwargs, notes = tv.from_state_dict(chosen, state, name, tv.MAX_TORCHVISION_PARAMS, extra)
+    else:
+        kwargs = check_file_arch(chosen, bundle_kwargs if chosen == bundle_arch else {}, name, MAX_UPLOAD_PARAMS)
+        model = load_state_dict_into(build_file_arch(chosen, kwargs, name, MAX_UPLOAD_PARAMS), state, name)
+        tv.check_finite(model, name)
     digest = hashlib.sha256(data).hexdigest()
-    spec = REGISTRY[chosen]
     note = f"uploaded {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), loaded with weights_only=True"
+    if notes:
+        note += "; " + "; ".join(notes)
     if settings:
         note += "; exported by this app with settings " + _settings_summary(settings)
-    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {name} ({spec.description})", chosen,
-                       model.eval(), spec.input_kind, True, note, source=name, arch_kwargs=kwargs)
+    return _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
 
 
 def is_packed(data: bytes) -> bool:
@@ -299,32 +360,37 @@ def is_packed(data: bytes) -> bool:
     return isinstance(metadata, dict) and METADATA_KEY in metadata
 
 
-def _read_packed(data: bytes, name: str, arch: str | None) -> LoadedModel:
+def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preprocess | None = None) -> LoadedModel:
     """A packed file (codes + scales per chunk), checked and decoded by :mod:`core.deploy.packing` from
-    memory (no temporary file)."""
+    memory (no temporary file). The table may describe up to 100 M values (torchvision models); a
+    registry architecture is held to :data:`MAX_UPLOAD_PARAMS`, and the table must fit the model
+    built from checked arguments before anything is decoded."""
     from core.deploy.packing import parse_compressed
 
-    packed = parse_compressed(data, name, MAX_UPLOAD_PARAMS)
+    packed = parse_compressed(data, name, tv.MAX_TORCHVISION_PARAMS)
     chosen = packed.arch or arch
     if chosen is None:
         raise CheckpointError(f"{name} records no architecture. Pick its architecture above the uploader and "
                               "upload it again.")
-    kwargs = check_arch_kwargs(chosen, packed.arch_kwargs, name, MAX_UPLOAD_PARAMS)
-    model = packed.load(None if packed.arch else build(chosen, **kwargs))
+    limit = _max_params(chosen)
+    kwargs = check_file_arch(chosen, packed.arch_kwargs, name, limit)
+    model = packed.load(None if packed.arch else build_file_arch(chosen, kwargs, name, limit))
     model = model.float()  # the explorer works in fp32; the packed weights are exact fp32 values
+    tv.check_finite(model, name)
+    if preprocess is None and packed.input_spec is not None:
+        preprocess = Preprocess.from_dict(packed.input_spec, name)
     digest = hashlib.sha256(data).hexdigest()
-    spec = REGISTRY[chosen]
     note = (f"uploaded packed model {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
             + _config_summary(packed.config))
-    return LoadedModel(f"upload:{digest[:16]}", f"Uploaded: {name} ({spec.description})", chosen, model.eval(),
-                       spec.input_kind, True, note, source=name, arch_kwargs=kwargs)
+    return _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
     """The result as a packed file of :mod:`core.deploy.packing` (codes + scales per chunk, bit-packed)."""
     from core.deploy.packing import compressed_bytes
 
-    return compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+    return compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
+                            input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict())
 
 
 def _config_summary(config: CompressionConfig) -> str:
@@ -368,7 +434,7 @@ def settings_json(config: CompressionConfig, loaded: LoadedModel, result: Compre
     payload = {
         "format": SETTINGS_FORMAT,
         "model": {"key": loaded.key, "arch": loaded.arch, "label": loaded.label, "source": loaded.source,
-                  "trained": loaded.trained},
+                  "trained": loaded.trained, **loaded.provenance()},
         "config": config.to_dict(),
         "bn_recalibrated": bool(bn_recalibrated),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -399,6 +465,7 @@ def export_bundle(result: CompressionResult, loaded: LoadedModel, model: nn.Modu
         "format": BUNDLE_FORMAT,
         "arch": loaded.arch,
         "arch_kwargs": json.dumps(loaded.arch_kwargs),
+        **({"input": json.dumps(loaded.preprocess.to_dict())} if loaded.preprocess is not None else {}),
         "state_dict": state,
         "masks": masks,
         "settings": settings_json(result.config, loaded, result, bn_recalibrated),

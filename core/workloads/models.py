@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,11 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], label
     if extra:
         raise CheckpointError(f"{label} does not fit this architecture: "
                               f"unexpected key '{printable(extra[0], 80)}'.")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    converted = OrderedDict((k, v.to(own[k].dtype)) for k, v in state.items())
+    # The module's own version metadata: the keys and shapes were just checked against its current layout
+    # (modules such as torchvision's MNASNet refuse a state_dict without a version).
+    converted._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(converted)
     return model
 
 

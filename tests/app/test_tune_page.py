@@ -1,0 +1,82 @@
+"""The Tune page's per-layer sections, driven headless with AppTest (small settings: 2 τ values, 100 images)."""
+from __future__ import annotations
+
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+import core.measure.allocation
+import core.measure.sensitivity
+import core.services.session
+from core.method.config import CompressionConfig
+
+APP = "../../app.py"  # resolved against this file's folder
+TIMEOUT = 300
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path, monkeypatch):
+    """Fresh model caches, and the sensitivity and verification caches in a temporary folder."""
+    threads = torch.get_num_threads()
+    st.cache_resource.clear()
+    core.services.session.clear_caches()
+    monkeypatch.setattr(core.measure.sensitivity, "sensitivity_cache_dir", lambda: tmp_path / "sensitivity")
+    monkeypatch.setattr(core.measure.allocation, "allocation_cache_dir", lambda: tmp_path / "allocation")
+    yield
+    st.cache_resource.clear()
+    core.services.session.clear_caches()
+    torch.set_num_threads(threads)
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_sensitivity_map_per_layer_tau_and_apply_in_one_click(tmp_path):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/tune.py").run()
+    no_errors(at)
+    assert not [b for b in at.button if b.key == "tune_alloc_run"]  # the per-layer section waits for a sensitivity
+    at.multiselect(key="tune_sens_taus").set_value([0.1, 0.3]).run()
+    at.select_slider(key="tune_sens_images").set_value(100).run()
+    at.button(key="tune_sens_run").click().run()
+    no_errors(at)
+    sensitivity = at.session_state["tune_sens"]
+    assert sensitivity.taus == (0.1, 0.3) and sensitivity.n == 100 and sensitivity.computed == len(sensitivity.layers)
+    assert "training images" in sensitivity.images
+    charts = {c.proto.id for c in at.get("plotly_chart")}
+    assert any("tune_sens_map" in key for key in charts)
+    # a second measurement of the same settings is read from the disk cache
+    at.button(key="tune_sens_run").click().run()
+    assert at.session_state["tune_sens"].cached == len(sensitivity.layers)
+
+    for label, key in (("stored size (KiB)", "tune_alloc_bytes"), ("largest estimated drop (points)", "tune_alloc_drop")):
+        at.radio(key="tune_alloc_kind").set_value(label).run()
+        no_errors(at)
+        assert at.number_input(key=key).value > 0
+    at.radio(key="tune_alloc_kind").set_value("retention (% of Conv/Linear weights kept)").run()
+    at.number_input(key="tune_alloc_retention").set_value(50.0).run()
+    at.radio(key="tune_alloc_verify").set_value("1,000 test images (faster)").run()
+    at.button(key="tune_alloc_run").click().run()
+    no_errors(at)
+    allocation, comparison = at.session_state["tune_alloc"]
+    assert allocation.retention <= 0.5
+    frame = comparison.frame
+    assert set(frame["method"]) == {"dense", "uniform", "per_layer", "global_magnitude"}
+    assert set(frame["bn_recalibrated"]) == {False, True}
+    assert (frame["n"] == 1000).all()
+    table = next(t for t in at.dataframe if "accuracy (%)" in t.value.columns)
+    assert len(table.value) == 8
+    assert "automatic per-layer τ" in set(table.value["method"])
+    charts = {c.proto.id for c in at.get("plotly_chart")}
+    assert any("tune_alloc_chart" in key for key in charts) and any("tune_alloc_taus" in key for key in charts)
+
+    at.button(key="tune_alloc_apply").click().run()
+    no_errors(at)
+    applied = at.session_state["layer_tau"]
+    assert applied == allocation.layer_tau and len(applied) == len(sensitivity.layers)
+    assert at.session_state["tau"] == 0.0 and at.session_state["quantize"] is False
+    assert at.session_state["bn_recal"] is True
+    assert comparison.config == CompressionConfig(layer_tau=applied)
