@@ -14,6 +14,23 @@ def _libc():
         return None
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's per-thread malloc arenas (call before worker threads start); whether it applied.
+
+    A server runs every session's script in its own thread; by default glibc gives busy
+    threads their own arenas (up to 8 per core), and memory freed in one arena is not reused
+    by another nor always returned to the OS, so the process grows with the number of
+    sessions it has seen. Two arenas keep contention low on a small machine.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, arenas))
+
+
 def trim_heap() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; nothing elsewhere). Cheap: milliseconds."""
     libc = _libc()

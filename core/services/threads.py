@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from core.common.memory import limit_malloc_arenas
+
 THREADS_ENV = "BOUNDARY_TORCH_THREADS"
 
 
@@ -15,6 +17,7 @@ def configure_threads(default: int = 1) -> int:
     once) two OpenMP threads fighting for two busy cores made a ResNet-20 update 20× slower
     here, while one thread stays within the latency budget. Returns the thread count set.
     """
+    limit_malloc_arenas()  # before the sessions' threads allocate: see core.common.memory
     try:
         threads = int(os.environ.get(THREADS_ENV, default))
     except ValueError:
