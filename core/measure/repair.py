@@ -12,16 +12,23 @@ The methods, each including the ones before it (``RepairConfig.method``):
 * ``"none"``: the pruned model as it is (a copy, bit for bit);
 * ``"bn"``: BatchNorm running statistics re-estimated on the calibration images
   (:func:`core.measure.accuracy.bn_recalibrate`, exactly as the app's BN option);
-* ``"bias"``: BN recalibration, then, layer by layer in the order the forward pass runs,
-  each pruned layer's per-channel mean output on the calibration images restored to the
-  dense model's. Where a layer's output goes only into a BatchNorm (conv without bias → BN,
-  as in every registry CNN) the correction goes into that BN's shift β, and the mean
-  restored is that of the BN output; otherwise into the layer's own bias. β is the exact
-  place: the BN output is ``γ·(z − μ)/σ + β``, so adding ``Δ`` to β moves each channel's
-  mean by exactly ``Δ`` whatever γ and σ are (correcting ``running_mean`` instead would
-  divide by γ/σ, ill-posed for γ ≈ 0, and BN recalibration overwrites it). A layer with no
-  bias that does not feed a BatchNorm is left alone (its row in ``errors`` says so);
-* ``"reconstruct"``: layer-wise reconstruction. In forward order, each pruned layer's kept
+* ``"bias"``: one pass through the network in forward order (:class:`Lockstep`: the dense
+  model and the model under repair side by side, on the same calibration images). At every
+  BatchNorm the running mean and variance are re-estimated on the activations the repaired
+  model really feeds it in eval mode, *after* the corrections upstream (the same estimate as
+  ``bn_recalibrate``, which instead propagates batch statistics in train mode and runs
+  before any correction); then each pruned layer's per-channel mean output on the
+  calibration images is restored to the dense model's. Where a layer's output goes only
+  into a BatchNorm (conv without bias → BN, every registry CNN) the correction goes into
+  that BN's shift β and the mean restored is the BN output's; otherwise into the layer's own
+  bias. β is the exact place: the BN output is ``γ·(z − μ)/σ + β``, so adding ``Δ`` to β moves
+  each channel's mean by exactly ``Δ`` whatever γ and σ are (correcting ``running_mean``
+  instead divides by γ/σ, ill-posed for γ ≈ 0, and is what the re-estimation overwrites).
+  A layer with no bias that feeds no BatchNorm is left alone (its ``errors`` row says so).
+  Measured on the shipped ResNet-20: restoring the means on top of ``bn_recalibrate``'s
+  statistics *raised* the held-out logit error (the β corrections chase the mismatched
+  variances downstream); with the statistics re-estimated in the same pass it lowers it;
+* ``"reconstruct"``: layer-wise reconstruction, in the same pass. Each pruned layer's kept
   weights (the mask never changes) are re-solved so that, on the calibration images, its
   output *given the already-repaired model's inputs* matches the *dense model's* output:
   per output channel ``c`` the ridge least-squares problem over the kept columns ``S_c``
@@ -29,17 +36,19 @@ The methods, each including the ones before it (``RepairConfig.method``):
       min_w ‖X_S,c · w − y_c‖² + λ‖w‖²,   λ = ridge · mean(diag XᵀX / m)
 
   on the unfolded (im2col) inputs X, at ``positions`` randomly sampled output positions per
-  image (all positions of a linear layer). ``XᵀX`` and ``XᵀY`` are accumulated over batches
+  image (all positions of a linear layer: one row per image, so keep ``n_images`` well above
+  a linear layer's kept inputs per output). ``XᵀX`` and ``XᵀY`` are accumulated over batches
   (memory bounded by the layer's Gram matrix) and every channel is solved in float64, in
-  batches of channels padded to a common size (Cholesky). A layer with a bias solves it
-  too (not penalised). Then BatchNorm statistics after the layer are re-estimated on the
-  repaired activations and the bias correction above makes the means exact.
+  batches of channels padded to a common size (Cholesky, one thread per factorisation). A
+  layer with a bias solves it too (not penalised). Then the BatchNorm after it is
+  re-estimated and the means restored, as in ``"bias"``.
   With a bit-width per weight (``quant``, e.g. from :func:`bit_widths` of a quantized engine
   result), each channel is solved, then quantized column by column at each weight's
   assigned bit-width, the rounding error of every column compensated on the channel's
   columns not yet quantized through the inverse of its (regularised) Gram matrix (GPTQ);
   the scales are the engine's rule (``max|W_c| / q_max(b)`` per output channel and
-  bit-width) applied to the solved weights.
+  bit-width) applied to the solved weights, and :attr:`RepairResult.quantized` holds the
+  codes and scales (what a packed file needs).
 
 Guarantees: the inputs (``dense``, ``pruned``, an engine's snapshot, a result's model) are
 never modified; the repaired model is a new module; pruned weights stay exactly zero; the
@@ -71,7 +80,6 @@ from core.method.pruning import prunable_layers
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS, SUPPORTED_BITS, channel_scales, q_max
 
 METHODS: tuple[str, ...] = ("none", "bn", "bias", "reconstruct")
-_VARIANT: dict = {}
 _BN = nn.modules.batchnorm._BatchNorm
 _SOLVE_ELEMENTS = 1 << 23  # float64 entries of one batch of channel systems (64 MiB)
 
@@ -431,38 +439,51 @@ def _why_not(module: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------- the lock-step repair
 
-def _channel_mean(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over every dimension but 1 (channels), over all batches, in float64."""
-    total, count = None, 0
+def _channel_stats(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per channel (dim 1) mean and summed squared deviation over every other dimension and batch.
+
+    Each batch is reduced in its own dtype (pairwise sums), the batches are combined in float64
+    (Chan et al.'s parallel formula), so no float64 copy of the activations is made.
+    """
+    means, squares, counts = [], [], []
     for t in batches:
         dims = [d for d in range(t.ndim) if d != 1]
-        s = t.double().sum(dims) if dims else t.double()
-        total = s if total is None else total + s
-        count += t.numel() // t.shape[1]
-    return total / count
+        var, mean = torch.var_mean(t, dims, correction=0) if dims else (torch.zeros_like(t), t)
+        n = t.numel() // t.shape[1]
+        means.append(mean.double())
+        squares.append(var.double() * n)
+        counts.append(n)
+    total = sum(counts)
+    mean = sum(m * n for m, n in zip(means, counts)) / total
+    m2 = sum(q + n * (m - mean) ** 2 for q, m, n in zip(squares, means, counts))
+    return mean, m2, total
 
 
-def _add_channel(batches: list[torch.Tensor], delta: torch.Tensor) -> None:
+def _channel_mean(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over every dimension but 1 (channels), over all batches, in float64."""
+    means, total = 0, 0
     for t in batches:
-        t.add_(delta.to(t.dtype).view((1, -1) + (1,) * (t.ndim - 2)))
+        dims = [d for d in range(t.ndim) if d != 1]
+        n = t.numel() // t.shape[1]
+        means = means + (t.mean(dims) if dims else t).double() * n
+        total += n
+    return means / total
 
 
 class _Repair:
     """The hooks the lock-step runner calls at every pruned layer and every BatchNorm."""
 
     def __init__(self, config: RepairConfig, masks: dict[str, torch.Tensor], bits: dict[str, torch.Tensor] | None,
-                 order: list[str], on_progress, cancel, root: nn.Module, recalibrate: bool = True):
+                 order: list[str], on_progress, cancel, root: nn.Module):
         self.root = root
         self.config, self.masks, self.bits = config, masks, bits or {}
         self.order = [name for name in order if name in masks]
         self.on_progress, self.cancel = on_progress, cancel
-        self.recalibrate = recalibrate
         self.done = 0
         self.actions: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.quantized: dict[str, QuantizedLayer] = {}
         self.pending_bn: dict[str, str] = {}  # BN name → the pruned layer whose mean it restores
-        self.reconstructed: set[str] = set()
 
     def check_cancel(self) -> None:
         if self.cancel is None:
@@ -479,7 +500,6 @@ class _Repair:
             reason = _why_not(module)
             if reason is None:
                 self._reconstruct(step)
-                self.reconstructed.add(step.name)
                 actions.append("reconstructed" + (" + quantized (GPTQ)" if step.name in self.bits else ""))
             else:
                 actions.append(reason)
@@ -510,18 +530,10 @@ class _Repair:
 
     def batchnorm(self, step: Step) -> list[torch.Tensor]:
         bn = step.module
-        stale = step.input_from in self.masks and step.input_from not in self.reconstructed
-        if self.recalibrate and stale and bn.track_running_stats and bn.running_mean is not None:
-            mean = _channel_mean(step.inputs)
-            sq, count = None, 0
-            for t in step.inputs:
-                dims = [d for d in range(t.ndim) if d != 1]
-                centred = (t.double() - mean.view((1, -1) + (1,) * (t.ndim - 2))) ** 2
-                s = centred.sum(dims)
-                sq = s if sq is None else sq + s
-                count += t.numel() // t.shape[1]
+        if bn.track_running_stats and bn.running_mean is not None:
+            mean, m2, count = _channel_stats(step.inputs)
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-            bn.running_var.copy_((sq / max(count - 1, 1)).to(bn.running_var.dtype))
+            bn.running_var.copy_((m2 / max(count - 1, 1)).to(bn.running_var.dtype))
         outputs = step.forward()
         if step.name in self.pending_bn:
             delta = _channel_mean(step.dense_outputs) - _channel_mean(outputs)
@@ -623,10 +635,10 @@ def layer_errors(dense: nn.Module, models: Mapping[str, nn.Module], images: torc
                 for h in hooks:
                     h.remove()
             for name in names:
-                norms[name] += float(reference[name].double().pow(2).sum())
+                norms[name] += float(reference[name].pow(2).sum(dtype=torch.float64))
             for key, model in models.items():
                 def record(mod, args, out, name, key=key):
-                    sums[key][name] += float((out.double() - reference[name].double()).pow(2).sum())
+                    sums[key][name] += float((out - reference[name]).pow(2).sum(dtype=torch.float64))
                 hooks = [model.get_submodule(name).register_forward_hook(
                     lambda mod, args, out, name=name, record=record: record(mod, args, out, name)) for name in names]
                 try:
@@ -737,17 +749,13 @@ def repair(dense: nn.Module, pruned: nn.Module, images: torch.Tensor | None = No
         if on_progress is not None:
             on_progress(1, 1, "BatchNorm statistics")
     elif config.level >= METHODS.index("bias"):
-        variant = _VARIANT.get("bias", "c")
-        if config.method == "bias" and variant == "c":
-            model = bn_recalibrate(model, fit, batch_size=config.batch_size)
         batches = [_fast_layout(fit[i:i + config.batch_size]) for i in range(0, len(fit), config.batch_size)]
         runner = Lockstep(dense, model, batches)
         shared = [name for name in names if runner.calls.get(name, 0) > 1]
         if shared:
             raise TraceError(f"layer '{shared[0]}' is called more than once in the forward pass; "
                              "a shared layer cannot be fitted to each call")
-        repairer = _Repair(config, layer_masks, bits, runner.module_order(), on_progress, cancel, model,
-                           recalibrate=config.method == "reconstruct" or (config.method == "bias" and variant == "b"))
+        repairer = _Repair(config, layer_masks, bits, runner.module_order(), on_progress, cancel, model)
         hooks = {name: repairer.layer for name in names if name in runner.calls}
         hooks.update({name: repairer.batchnorm for name, m in model.named_modules()
                       if isinstance(m, _BN) and name in runner.calls})

@@ -109,6 +109,7 @@ def default_params(name: str) -> int:
     return count_params(meta_model(name, {}))
 
 
+@functools.lru_cache(maxsize=4)
 def architectures_within(max_params: int = MAX_TORCHVISION_PARAMS) -> tuple[str, ...]:
     """The architectures whose default weights (1000 classes) have at most ``max_params`` parameters.
 

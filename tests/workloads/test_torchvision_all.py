@@ -3,11 +3,12 @@
 Each architecture (random initialisation, 10 classes, the smallest input it runs on) is built,
 snapshotted by an :class:`core.method.engine.Engine`, compressed at τ = 0.2, θ = 0.3 (4/8 bit),
 written to a packed file that records ``torchvision:<name>``, read back without a template
-bit-exactly, and run. All 63 take about 20 minutes on a busy two-core machine (``benchmarks/torchvision_models.py``
-times each), so by default a representative subset runs (one per family, and every special case:
-SqueezeNet's convolutional head, RegNet's tensor arithmetic at construction, DenseNet, GoogLeNet's and
-Inception's auxiliary heads and minimum input, AlexNet's minimum input, attention in Swin and ViT,
-MaxViT's fixed 224 px); ``BOUNDARY_ALL_TORCHVISION=1`` runs every one.
+bit-exactly, and run. Every one of the 63 takes well over 3 minutes on a shared two-core machine
+(``benchmarks/torchvision_models.py`` times each), so by default a representative subset runs (about
+2 minutes: one per family, and every special case: SqueezeNet's convolutional head, RegNet's tensor
+arithmetic at construction, DenseNet, GoogLeNet's and Inception's auxiliary heads and minimum input,
+AlexNet's minimum input, attention in Swin and ViT, MaxViT's fixed 224 px);
+``BOUNDARY_ALL_TORCHVISION=1`` runs every one.
 """
 from __future__ import annotations
 
