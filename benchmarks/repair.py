@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from core.measure.accuracy import balanced_subset, eval_data, evaluate  # noqa: E402
+from core.measure.accuracy import EvalData, balanced_subset, eval_data, evaluate  # noqa: E402
 from core.measure.baselines import magnitude_baseline  # noqa: E402
 from core.measure.calibration import calibration_split  # noqa: E402
 from core.measure.repair import METHODS, RepairConfig, bit_widths, estimate_seconds, repair  # noqa: E402
@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure(dense, pruned, fit, held, test: EvalData, method: str, args, quant=None) -> dict:
     config = RepairConfig(method, n_images=args.n_images, n_holdout=args.n_holdout, ridge=args.ridge,
                           positions=args.positions)
-    estimate = estimate_seconds(pruned, config, masks={n: b != 0 for n, b in quant.items()} if quant else None)
+    estimate = estimate_seconds(pruned, config, masks={n: b != 0 for n, b in quant.items()} if quant else None,
+                                quantized=quant is not None and method == "reconstruct")
     cpu = time.process_time()
     fixed = repair(dense, pruned, fit, config, holdout=held, quant=quant)
     cpu = time.process_time() - cpu

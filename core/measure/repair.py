@@ -158,7 +158,10 @@ class QuantizedLayer:
 class RepairResult:
     """A repaired model and what the repair did.
 
+    ``seconds``: the repair's wall time (the held-out error table's is ``error_seconds``).
+    ``n_images`` / ``n_holdout``: the calibration images fitted / measured on.
     ``changed``: the state_dict entries whose values differ from the pruned model's.
+    ``quantized``: per reconstructed layer with bit-widths, its codes and scales.
     ``errors``: one row per pruned layer: ``name``, ``kind``, ``kept``, ``numel``, ``action``
     (what was done, or why not), ``err_before`` / ``err_after`` (relative squared error of the
     layer's output against the dense model's, ‖y − y_dense‖² / ‖y_dense‖², on the held-out
@@ -491,11 +494,7 @@ class _Repair:
         self.pending_bn: dict[str, str] = {}  # BN name → the pruned layer whose mean it restores
 
     def check_cancel(self) -> None:
-        if self.cancel is None:
-            return
-        stop = self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
-        if stop:
-            raise RepairCancelled(self.done, len(self.order))
+        _cancel_check(self.cancel, self.done, len(self.order))
 
     def layer(self, step: Step) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -802,7 +801,8 @@ def _cancel_check(cancel, done: int, total: int) -> None:
 
 # ---------------------------------------------------------------- time estimate
 
-_GATHER_RATE = 1.5e8  # float64 matrix entries gathered per second and thread (measured, 2-core EPYC)
+_GATHER_RATE = 1e8  # float64 matrix entries gathered per second and thread (measured, 2-core EPYC)
+_GPTQ_FACTOR = 1.6  # the quantized solves (inverse factor, column sweep) against the plain ones (measured)
 
 
 def _timed(work: Callable[[], object], repeat: int = 3) -> float:
@@ -865,7 +865,7 @@ def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
 
 
 def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
-                     masks: Mapping[str, torch.Tensor] | None = None,
+                     masks: Mapping[str, torch.Tensor] | None = None, quantized: bool = False,
                      input_shape: tuple[int, ...] | None = None) -> float:
     """An *estimate* of the seconds :func:`repair` will take for ``model`` under ``config``, before starting.
 
@@ -874,9 +874,10 @@ def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
     (``rows · K²`` per layer) at this machine's fp32 matmul rate; and the per-channel systems
     (``Σ_c k_c³/3`` for the Cholesky factorisations, ``Σ_c k_c²`` entries gathered), with the
     kept counts from ``masks``, else from ``model``'s zeros. The rates are measured once per
-    process (about 0.2 s); a machine that gets busier meanwhile takes longer. A quantized
-    reconstruction (GPTQ) costs about 1.5× the pruning-only one. ``input_shape`` (one sample)
-    defaults to 3×32×32 for a conv net.
+    process (about 0.2 s); a machine that gets busier meanwhile takes longer (on a 2-core
+    machine shared with other work, the repair's wall time was up to 3× this). ``quantized``:
+    the reconstruction respects bit-widths (GPTQ), whose solves cost about 1.6× more.
+    ``input_shape`` (one sample) defaults to 3×32×32 for a conv net.
     """
     if not isinstance(config, RepairConfig):
         raise TypeError(f"config must be a RepairConfig, got {type(config).__name__}")
@@ -894,5 +895,6 @@ def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
             seconds += 2 * rows * info["K"] * (0.6 * info["K"] + info["out"]) / gemm
             mask = torch.as_tensor(masks[info["name"]]).reshape(info["out"], -1)
             kept = mask.sum(1).double() + (info["K"] - mask.shape[1])
-            seconds += float((kept ** 3).sum()) / 3 / chol + float((kept ** 2).sum()) / (_GATHER_RATE * threads)
+            solves = float((kept ** 3).sum()) / 3 / chol + float((kept ** 2).sum()) / (_GATHER_RATE * threads)
+            seconds += solves * (_GPTQ_FACTOR if quantized else 1.0)
     return seconds

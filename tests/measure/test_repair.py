@@ -180,6 +180,25 @@ def test_bias_correction_restores_the_dense_means_on_the_calibration_set(pair, m
     assert "mean restored (bias)" in out.errors.set_index("name").loc["fc2", "action"]
 
 
+@pytest.mark.parametrize("method", ["bias", "reconstruct"])
+def test_batchnorm_statistics_are_those_of_the_repaired_activations(pair, method):
+    """In the layer-by-layer pass each BatchNorm is re-estimated on what the repaired model feeds it."""
+    dense, result = pair
+    x = images(64)
+    out = repair(dense, result.model, x, RepairConfig(method, n_images=64, n_holdout=0, batch_size=16)).model
+    seen = {}
+    hooks = [out.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+             for n in ("bn1", "bn2")]
+    with torch.no_grad():
+        out(x)
+    for h in hooks:
+        h.remove()
+    for name, z in seen.items():
+        bn = out.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean, z.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn.running_var, z.var((0, 2, 3)), atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- reconstruction
 
 def test_solve_matches_a_direct_masked_ridge_solve():
@@ -241,6 +260,7 @@ def test_wide_gram_blocks_equal_the_plain_product():
 
 
 @needs_data
+@pytest.mark.slow
 def test_reconstruction_lowers_every_layers_error_on_held_out_images():
     dense = load_pretrained("resnet20")
     pruned = Engine(dense).apply(CompressionConfig(tau=0.25)).model
