@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv, words", [
-    ([], "one of the arguments --sensitivity --per-layer is required"),
+    ([], "the sweep needs --out DIR"),
     (["--sensitivity", "--per-layer"], "not allowed with"),
     (["--sensitivity", "--model", "vgg99"], "unknown model 'vgg99'"),
     (["--sensitivity", "--taus", "0.2", "1.5"], "[0, 1]"),
@@ -60,9 +60,9 @@ def test_the_module_runs_as_a_command():
 
 
 def test_every_mode_is_one_function():
-    assert set(tune.MODES) == {"sensitivity", "per_layer"}
+    assert set(tune.MODES) == {"sensitivity", "per_layer", "sweep"}
     parser = tune.build_parser()
-    for mode in tune.MODES:
+    for mode in ("sensitivity", "per_layer"):  # the sweep is the mode without a flag
         assert getattr(parser.parse_args([f"--{mode.replace('_', '-')}"]), mode) is True
 
 
