@@ -6,7 +6,9 @@
 1. The per-layer sensitivity (:mod:`core.measure.sensitivity`, defaults: 6 τ values, 1,000
    class-balanced training images, bf16 where native) is measured twice: once into an empty
    cache (the first-run time) and once more (the cached-run time).
-2. The per-layer τ for the retention (:mod:`core.measure.allocation`) is verified on the full
+2. The per-layer τ for the retention (:mod:`core.measure.allocation`: the allocation from the
+   summed single-layer drops, or with the joint check the best of it, global magnitude's
+   per-layer τ and their blends on the sensitivity's images) is verified on the full
    test set in fp32 against uniform τ and global magnitude pruning of exactly as many weights,
    each with and without BN recalibration (2,000 augmented training images).
 3. The table, and per-layer τ minus each baseline on the same images with a paired 95 %
@@ -32,6 +34,8 @@ from core.measure.allocation import (  # noqa: E402
     Target,
     compare_at_equal_retention,
     format_comparison,
+    choose_jointly,
+    format_candidates,
     per_layer_tau,
 )
 from core.measure.sensitivity import DEFAULT_IMAGES, DEFAULT_TAUS, SensitivityConfig, measure_sensitivity  # noqa: E402
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES)
     parser.add_argument("--source", choices=("train", "test"), default="train")
     parser.add_argument("--bn-sensitivity", action="store_true", help="BN recalibration inside the sensitivity")
+    parser.add_argument("--additive-only", action="store_true",
+                        help="the allocation from summed single-layer drops, without the joint check")
     parser.add_argument("--calibration-size", type=int, default=2000)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -73,14 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     for run, seconds, computed, cached in timings:
         print(f"  {run:<10} {seconds:7.1f} s  ({computed} layers measured, {cached} read from the cache)")
 
-    allocation = per_layer_tau(sensitivity, engine, Target("retention", args.retention))
+    target = Target("retention", args.retention)
+    start = time.perf_counter()
+    if args.additive_only:
+        allocation = per_layer_tau(sensitivity, engine, target)
+    else:
+        allocation = choose_jointly(model, sensitivity, engine, target, model_id=model_id, mean=card["mean"],
+                                    std=card["std"], cache_root=root / "allocation")
+        print(f"\njoint check ({time.perf_counter() - start:.0f} s): candidates at the same budget, each run whole "
+              f"on the sensitivity's images" + (", BN recalibrated" if allocation.candidates.attrs["bn_recalibrated"]
+                                                else "") + ":")
+        print(format_candidates(allocation.candidates))
     start = time.perf_counter()
     comparison = compare_at_equal_retention(model, allocation, engine=engine, calibration_size=args.calibration_size,
                                             model_id=model_id, mean=card["mean"], std=card["std"],
                                             cache_root=root / "allocation")
     print(f"\nequal retention {100 * allocation.retention:.2f} % ({allocation.total_kept:,} of {allocation.numel:,} "
           f"weights), verified on {comparison.images} in fp32 ({time.perf_counter() - start:.0f} s); "
-          f"uniform τ = {comparison.uniform_tau:.4f}; estimated drop of the per-layer τ "
+          f"uniform τ = {comparison.uniform_tau:.4f}; per-layer τ from '{allocation.method}', summed single-layer drops "
           f"{100 * allocation.predicted_drop:.2f} points")
     print(format_comparison(comparison.frame))
     print("\nper-layer τ minus baseline, same images (paired 95 % interval):")

@@ -9,7 +9,9 @@
 one layer pruned at a time across a τ grid, the paired accuracy drop vs dense on a fixed
 class-balanced set of training images), cached on disk, with progress on stderr.
 ``--per-layer`` measures (or reads) the same table, chooses a τ per layer for the target
-(:mod:`core.measure.allocation`), verifies it on the full test set in fp32 against uniform τ
+(:mod:`core.measure.allocation`: the allocation from the summed single-layer drops, then the
+best of it, global magnitude's per-layer τ and blends of the two, run whole on the
+sensitivity's images; ``--additive-only`` skips that joint check), verifies it on the full test set in fp32 against uniform τ
 and global magnitude pruning at the same retention, with and without BN recalibration,
 prints the comparison and writes ``DIR/settings.json``: the setting in
 ``CompressionConfig.to_dict()`` form under ``"config"`` (``CompressionConfig.from_dict`` reads
@@ -90,7 +92,8 @@ def _measure(args, model, card, engine=None):
 
     return measure_sensitivity(model, _sensitivity_config(args), model_id=f"sha256:{card['sha256']}",
                                mean=card["mean"], std=card["std"], engine=engine, use_cache=not args.no_cache,
-                               cache_root=args.cache_dir, on_progress=_progress("sensitivity"))
+                               cache_root=None if args.cache_dir is None else args.cache_dir / "sensitivity",
+                               on_progress=_progress("sensitivity"))
 
 
 def _sensitivity_table(sensitivity) -> str:
@@ -134,8 +137,8 @@ def _target(args: argparse.Namespace):
 
 def run_per_layer(args: argparse.Namespace) -> int:
     """``--per-layer``: choose τ per layer for the target, verify, print the table, write DIR/settings.json."""
-    from core.measure.allocation import (compare_at_equal_retention, format_comparison, per_layer_tau,
-                                         smallest_reachable, test_images)
+    from core.measure.allocation import (choose_jointly, compare_at_equal_retention, format_candidates,
+                                         format_comparison, per_layer_tau, smallest_reachable, test_images)
     from core.method.engine import Engine
 
     target = _target(args)
@@ -157,7 +160,13 @@ def run_per_layer(args: argparse.Namespace) -> int:
         raise UsageError(f"--target-bytes {target.value:.0f} is below what the τ grid reaches "
                          f"({size} bytes with every layer at τ={max(config.taus):g}); add larger --taus")
     sensitivity = _measure(args, model, card, engine)
-    allocation = per_layer_tau(sensitivity, engine, target)
+    if args.additive_only or target.kind == "max_drop":
+        allocation = per_layer_tau(sensitivity, engine, target)
+    else:
+        allocation = choose_jointly(model, sensitivity, engine, target, model_id=f"sha256:{card['sha256']}",
+                                    mean=card["mean"], std=card["std"], use_cache=not args.no_cache,
+                                    cache_root=None if args.cache_dir is None else args.cache_dir / "allocation",
+                                    on_progress=_progress("joint check"))
     data = test_images(args.verify_images, card["mean"], card["std"])
     comparison = compare_at_equal_retention(
         model, allocation, engine=engine, data=data, calibration_size=args.calibration_size,
@@ -166,7 +175,12 @@ def run_per_layer(args: argparse.Namespace) -> int:
         cache_root=None if args.cache_dir is None else args.cache_dir / "allocation",
         on_progress=_progress("verification"))
     frame = comparison.frame
-    print(f"{args.model}: automatic per-layer τ for {target.label()} (estimated drop "
+    if allocation.candidates is not None:
+        attrs = allocation.candidates.attrs
+        print(f"candidates at the same budget, each run whole on {attrs['images']} ({attrs['precision']}"
+              + (", BN recalibrated" if attrs["bn_recalibrated"] else "") + "):")
+        print(format_candidates(allocation.candidates))
+    print(f"{args.model}: automatic per-layer τ ({allocation.method}) for {target.label()} (estimated drop "
           f"{100 * allocation.predicted_drop:.2f} points from the sensitivity on {sensitivity.images}); "
           f"verified on {comparison.images} in fp32"
           + ("" if args.no_bn else f", BN recalibration on {args.calibration_size} augmented training images"))
@@ -184,6 +198,9 @@ def run_per_layer(args: argparse.Namespace) -> int:
         "checkpoint_sha256": card["sha256"],
         "target": {"kind": target.kind, "value": target.value, "label": target.label()},
         "predicted_drop": allocation.predicted_drop,
+        "method": allocation.method,
+        "candidates": None if allocation.candidates is None else json.loads(
+            allocation.candidates.to_json(orient="records")),
         "sensitivity": {"images": sensitivity.images, "n": sensitivity.n, "taus": list(sensitivity.taus),
                         "precision": sensitivity.precision, "bn_recalibration": sensitivity.bn_recalibration},
         "verification": {"images": comparison.images, "precision": "fp32",
@@ -347,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
                        help="estimated accuracy drop at most POINTS percentage points")
     group.add_argument("--out", type=Path, default=None, metavar="DIR", help="where settings.json is written")
+    group.add_argument("--additive-only", action="store_true",
+                       help="take the allocation from the summed single-layer drops as it is (no joint check of "
+                            "candidates on the sensitivity images)")
     group.add_argument("--no-bn", action="store_true", help="verify without the BN-recalibrated rows")
     group.add_argument("--calibration-size", type=int, default=2000, help="training images for BN recalibration")
     group.add_argument("--verify-images", type=int, default=None, metavar="N",
@@ -375,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images read from a folder at most (a fixed class-balanced sample beyond)")
     parser.set_defaults(images=_ImagesDefault(parser.get_default("images")))
     parser.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where cached results live")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where cached results live (DIR/sensitivity, DIR/allocation; default: the project cache)")
     return parser
 
 

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.measure.allocation import METHOD_LABELS as ALLOC_LABELS
-from core.measure.allocation import Target, compare_at_equal_retention, per_layer_tau, test_images
+from core.measure.allocation import Target, choose_jointly, compare_at_equal_retention, per_layer_tau, test_images
 from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
 from core.measure.sensitivity import SensitivityConfig, measure_sensitivity, resolve_precision
 from core.method.engine import Engine
@@ -250,12 +250,21 @@ else:
         value = m2.number_input("largest drop (points)", 0.0, 100.0, 1.0, 0.5, key="tune_alloc_drop") / 100
     verify_label = m3.radio("verify on", list(VERIFY), key="tune_alloc_verify")
     alloc_bn = m3.toggle("also with BN recalibration", True, key="tune_alloc_bn", disabled=not session.has_batchnorm)
+    joint = m1.toggle("joint check of candidates", True, key="tune_alloc_joint", disabled=kind == "max_drop",
+                      help="Run the allocation, global magnitude's per-layer τ and blends of the two whole on the "
+                           "sensitivity's images and keep the most accurate (summed single-layer drops predict "
+                           "the joint effect poorly). Off: the allocation from the summed drops as it is.")
     if st.button("Find per-layer τ and verify", key="tune_alloc_run", type="primary"):
         bar = st.progress(0.0, text="choosing τ per layer…")
         with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
             target = Target(kind, value)
             engine = Engine(loaded.model)
-            allocation = per_layer_tau(sensitivity, engine, target)
+            if joint and kind != "max_drop":
+                bar.progress(0.0, text="running the candidates whole on the sensitivity's images…")
+                allocation = choose_jointly(loaded.model, sensitivity, engine, target, model_id=_model_id(),
+                                            mean=loaded.mean, std=loaded.std, device=device())
+            else:
+                allocation = per_layer_tau(sensitivity, engine, target)
             test = test_images(VERIFY[verify_label], loaded.mean, loaded.std)
 
             def alloc_progress(done: int, total: int, label: str) -> None:
@@ -307,6 +316,20 @@ else:
             st.caption(f"What you see: the chosen τ of every layer. Estimated drop from the sensitivity (summed over "
                        f"layers, without BN recalibration unless it was measured with it): "
                        f"{100 * allocation.predicted_drop:.2f} points.")
+        if allocation.candidates is not None:
+            candidates = allocation.candidates
+            st.dataframe(candidates.assign(**{"retention (%)": 100 * candidates["retention"],
+                                              "accuracy (%)": 100 * candidates["accuracy"],
+                                              "summed single-layer drops (points)": 100 * candidates["predicted_drop"]})
+                         [["candidate", "retention (%)", "accuracy (%)", "loss", "summed single-layer drops (points)",
+                           "chosen"]], hide_index=True, key="tune_alloc_candidates",
+                         column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
+                                        ("retention (%)", "accuracy (%)", "summed single-layer drops (points)")})
+            st.caption(f"The joint check: every candidate at the same budget run whole on {candidates.attrs['images']}"
+                       + (" after BN recalibration" if candidates.attrs["bn_recalibrated"] else "")
+                       + f"; the most accurate there (**{allocation.method}**) is the automatic per-layer τ. "
+                         "'magnitude' is global magnitude pruning written as per-layer τ; 'blend a' takes a share a "
+                         "of each layer's kept count from the sensitivity allocation, the rest from magnitude.")
         apply_bn = bool(alloc_bn) and session.has_batchnorm
         if st.button("Apply this per-layer τ in Explore", key="tune_alloc_apply", on_click=apply_config,
                      args=(comparison.config, session), kwargs={"bn_recalibrate": apply_bn}):

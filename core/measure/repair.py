@@ -806,14 +806,18 @@ _GPTQ_FACTOR = 1.6  # the quantized solves (inverse factor, column sweep) agains
 
 
 def _timed(work: Callable[[], object], repeat: int = 3) -> float:
-    """Median seconds of ``work()`` over ``repeat`` runs, after a warm-up run (kernel choice, allocation)."""
+    """Fastest seconds of ``work()`` over ``repeat`` runs, after a warm-up run (kernel choice, allocation).
+
+    The fastest, not the median: on a shared machine one run can be several times slower
+    than the machine's speed, and an estimate should not jump with it.
+    """
     work()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 @lru_cache(maxsize=4)

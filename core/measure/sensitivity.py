@@ -153,6 +153,7 @@ class Sensitivity:
     computed: int
     cached: int
     key: str = ""
+    config: SensitivityConfig | None = None
 
     def drops(self, metric: str = "drop") -> pd.DataFrame:
         """Layers × τ table of ``metric`` (default the accuracy drop, a fraction), layers in module order."""
@@ -258,6 +259,34 @@ def model_key(model: nn.Module, model_id: str | None) -> str:
 
 # ---------------------------------------------------------------- measuring
 
+def recipe_outputs(model: nn.Module, images: torch.Tensor, precision: str, calibration: torch.Tensor | None = None,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, fp32 log-probabilities) of ``model`` on ``images`` at ``precision``.
+
+    With ``calibration``, a copy of ``model`` first gets its BatchNorm statistics re-estimated on
+    those images (under bf16 autocast when ``precision`` is bf16). ``model`` may be moved to
+    ``device`` and to channels_last: pass a model of your own (an engine result's, for example).
+    """
+    device_type = torch.device(device).type
+    bf16 = precision == "bf16"
+    if calibration is not None and has_batchnorm(model):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            model = bn_recalibrate(model.to(device), calibration)
+    run = model.to(device).eval()
+    channels_last = any(isinstance(m, nn.Conv2d) for m in run.modules()) and device_type == "cpu"
+    if channels_last:
+        run = run.to(memory_format=torch.channels_last)
+    parts = []
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(images), BATCH):
+            x = images[start:start + BATCH].to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            parts.append(torch.log_softmax(run(x).float(), dim=1).cpu())
+    log_probs = torch.cat(parts) if parts else torch.empty(0, 0)
+    return log_probs.argmax(1), log_probs
+
+
 class _Runner:
     """Everything a computed cell needs, built on first use (a fully cached run builds nothing)."""
 
@@ -284,24 +313,8 @@ class _Runner:
 
     def outputs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted classes, log-probabilities in fp32) of ``model`` on the images, after the recipe."""
-        device_type = torch.device(self.device).type
-        bf16 = self.precision == "bf16"
-        if self.config.bn_recalibration and has_batchnorm(model):
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                model = bn_recalibrate(model.to(self.device), self.calibration)
-        run = model.to(self.device).eval()
-        channels_last = any(isinstance(m, nn.Conv2d) for m in run.modules()) and device_type == "cpu"
-        if channels_last:
-            run = run.to(memory_format=torch.channels_last)
-        parts = []
-        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            for start in range(0, len(self.images), BATCH):
-                x = self.images.images[start:start + BATCH].to(self.device)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                parts.append(torch.log_softmax(run(x).float(), dim=1).cpu())
-        log_probs = torch.cat(parts)
-        return log_probs.argmax(1), log_probs
+        calibration = self.calibration if self.config.bn_recalibration and has_batchnorm(model) else None
+        return recipe_outputs(model, self.images.images, self.precision, calibration, self.device)
 
     @property
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,7 +440,7 @@ def measure_sensitivity(
         frame=frame, taus=config.taus, layers=tuple(layers), dense_accuracy=dense_correct / len(images),
         n=len(images), images=description, precision=precision,
         bn_recalibration=bool(context["recipe"]["bn_recalibration"]), seconds=time.perf_counter() - start,
-        computed=computed, cached=cached, key=_hash(context))
+        computed=computed, cached=cached, key=_hash(context), config=config)
 
 
 def monotone_drops(drops: Sequence[float]) -> np.ndarray:

@@ -207,3 +207,52 @@ def test_comparison_at_equal_retention_on_a_small_model(tmp_path):
     assert again.frame["accuracy"].tolist() == comparison.frame["accuracy"].tolist()
     text = alloc.format_comparison(comparison.frame)
     assert "automatic per-layer τ" in text and "global magnitude" in text
+
+
+def test_candidates_share_the_budget_and_magnitude_is_global_magnitude(tmp_path):
+    from core.measure.baselines import magnitude_baseline
+
+    model = small_model()
+    engine = Engine(model)
+    sensitivity = measure_sensitivity(model, SensitivityConfig(taus=(0.1, 0.3, 0.6), precision="fp32", n_images=100),
+                                      data=fake_data(model), engine=engine, cache_root=tmp_path)
+    found = alloc.candidate_allocations(sensitivity, engine, Target("retention", 0.4))
+    assert [c.method for c in found] == ["sensitivity", "magnitude", "blend 0.25", "blend 0.5", "blend 0.75"]
+    total = found[0].total_kept
+    for candidate in found:
+        assert candidate.total_kept == total  # no ties in random weights: every count is reachable
+        assert engine_kept(engine, candidate.config(), sensitivity.layers) == total
+    pruned, _ = magnitude_baseline(model, "global_magnitude", found[0].numel - total)
+    for name, kept in found[1].kept.items():
+        assert kept == int(torch.count_nonzero(pruned.get_submodule(name).weight))
+    assert [c.method for c in alloc.candidate_allocations(sensitivity, engine, Target("max_drop", 0.05))] == \
+        ["sensitivity"]
+    dense = engine.apply(CompressionConfig()).model_bytes_compressed
+    for candidate in alloc.candidate_allocations(sensitivity, engine, Target("bytes", dense // 2)):
+        assert engine.apply(candidate.config()).model_bytes_compressed <= dense // 2
+
+
+def test_choose_jointly_keeps_the_most_accurate_candidate_and_caches(tmp_path, monkeypatch):
+    import core.measure.sensitivity as sens
+
+    model = small_model()
+    data = fake_data(model)
+    engine = Engine(model)
+    calibration = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    config = SensitivityConfig(taus=(0.1, 0.3, 0.6), precision="fp32", n_images=100)
+    sensitivity = measure_sensitivity(model, config, data=data, engine=engine, cache_root=tmp_path / "s")
+    chosen = alloc.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
+                                  calibration=calibration, cache_root=tmp_path / "a")
+    frame = chosen.candidates
+    assert len(frame) == 5 and frame["chosen"].sum() == 1
+    best = frame[frame["chosen"]].iloc[0]
+    assert best["candidate"] == chosen.method and best["accuracy"] == frame["accuracy"].max()
+    # the figure is the candidate run whole on the sensitivity's images, BN recalibrated
+    images, _, _ = sens.sensitivity_images(config, data)
+    predicted, _ = sens.recipe_outputs(engine.apply(chosen.config()).model, images.images, "fp32", calibration)
+    assert best["accuracy"] == pytest.approx(float((predicted == images.labels).float().mean()))
+    monkeypatch.setattr(sens, "recipe_outputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached")))
+    again = alloc.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
+                                 calibration=calibration, cache_root=tmp_path / "a")
+    assert again.layer_tau == chosen.layer_tau
+    assert "◀" in alloc.format_candidates(frame)
