@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -283,6 +284,12 @@ def taus_for(index: int, users: int) -> list[float]:
 
 # ---------------------------------------------------------------- the run
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of ``process`` so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, metavar="TEXT",
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(warm_up())
         time.sleep(20)  # the warm-up session's TTL (15 s) passes
         rss_before = sampler.rss()
+        cpu_before = _cpu_seconds(sampler.process), _cpu_seconds(psutil.Process())
         users = [User(i, url, taus_for(i, args.users), args.seed + i, args.model) for i in range(args.users)]
         started = time.time()
         if args.sync:
@@ -325,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 await asyncio.gather(*(paced(u, args.duration, tuple(args.pace), args.reload_share) for u in users))
             asyncio.run(everyone())
         left = time.time()
+        cpu_server = _cpu_seconds(sampler.process) - cpu_before[0]
+        cpu_driver = _cpu_seconds(psutil.Process()) - cpu_before[1]
         rss_peak = max((rss for t, rss in sampler.samples if t >= started), default=sampler.rss())
         time.sleep(args.after)
         rss_after = sampler.rss()
@@ -349,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
           f"accuracy converged for {sum(bool(u.stats.converged) for u in users)}/{len(users)} users")
     for error in errors[:5]:
         print(f"    {error}")
+    print(f"  CPU while users were on: server {cpu_server:.0f} s, this driver {cpu_driver:.0f} s "
+          f"({100 * cpu_driver / max(cpu_server + cpu_driver, 1e-9):.0f} % of the two; "
+          f"{os.cpu_count()} cores × {left - started:.0f} s = {(os.cpu_count() or 1) * (left - started):.0f} s available)")
     print(f"  server RSS: at start {rss_start / mib:.0f} MiB, with the model loaded {rss_before / mib:.0f} MiB, "
           f"peak {rss_peak / mib:.0f} MiB, {args.after:g} s after all users left {rss_after / mib:.0f} MiB "
           f"({100 * (rss_after / rss_before - 1):+.1f} % vs before)")

@@ -3,8 +3,10 @@ import pandas as pd
 import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
-from core.services.session import ACCURACY_TARGETS, CALIBRATION_IMAGES, LATENCY_BATCHES, ExploreRequest
+from core.services.repairs import JOB_LEVELS
+from core.services.session import ACCURACY_TARGETS, LATENCY_BATCHES, ExploreRequest
 from ui.explore_view import estimate_done, show_accuracy, show_latency
+from ui.repair_view import await_repair, repair_choice, show_repair
 from ui.errors import literal
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
@@ -25,10 +27,7 @@ with c1:
     st.checkbox("Paper pseudocode: also prune BatchNorm/LayerNorm scales", key="include_norm",
                 help="The paper's `hasattr(layer, 'weight')` also prunes normalisation scales, which switches "
                      "channels off and collapses a trained CNN's accuracy. Off by default.")
-    st.toggle("BN recalibration", key="bn_recal", disabled=not session.has_batchnorm,
-              help=f"Re-estimate BatchNorm running statistics of the compressed model on {CALIBRATION_IMAGES} "
-                   "training images (no retraining; weights untouched). Takes a few seconds per new setting "
-                   "(cached); applies to the accuracy figures.")
+    repair_choice(session)
 with c2:
     st.toggle("Quantize with θ (on-the-fly chunk switching)", key="quantize")
     st.radio("θ mode", ["relative", "absolute", "fraction"], key="theta_mode", horizontal=True,
@@ -80,12 +79,12 @@ with guard("Updating the view"):
     for note in notes:
         st.warning(note)
     request = ExploreRequest(config=config, layer=state["hist_layer"], latency_batch=int(state["latency_batch"]),
-                             bn_recalibrate=bool(state["bn_recal"]), device=device())
+                             repair=state["repair"], device=device())
     view = session.update(request)
 if view is None:
     st.stop()
 result = view.result
-bn = bool(state["bn_recal"]) and session.has_batchnorm
+level = view.repair_level  # the repair the accuracy figures are for
 for note in view.notes:
     st.info(note)
 
@@ -114,7 +113,8 @@ row2[1].metric("Memory · this session, counted", fmt_bytes(memory.session),
                delta_color="off", delta_arrow="off",
                help="Counted bytes this session holds on its own: the engine's working buffer, which is also the "
                     f"compressed model's weights, and BN-recalibrated copies. Shared by every session on this model: "
-                    f"{fmt_bytes(memory.shared)} of ranked weights, rank orders and quantized chunks, and the model "
+                    f"{fmt_bytes(memory.shared)} of ranked weights, rank orders, quantized chunks and repaired "
+                    f"models, and the model "
                     f"itself ({fmt_bytes(memory.model)} of parameters and buffers). The server process's resident "
                     "memory (psutil) covers every session and PyTorch itself.")
 move = view.last_theta_move
@@ -169,6 +169,9 @@ with acc:
     if session.data is not None:
         st.caption(f"Measured on {literal(session.data_label())}.")
     accuracy_detail = st.empty()
+    repair_box = st.container()
+    if view.repair is not None:
+        show_repair(view.repair, repair_box)
     if view.accuracy_available:
         st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
                          format_func=lambda t: "all 10,000 images" if t == 0 else f"±{100 * t:g} points",
@@ -178,7 +181,7 @@ with acc:
         if st.button(f"Measure the full {population:,}-image accuracy (fp32)", key="full_eval"):
             with guard("Measuring the full-test accuracy"):
                 with st.spinner(f"Running the compressed model on all {population:,} images…"):
-                    session.full_accuracy(result, bn, device())
+                    session.full_accuracy(result, level, device())
                     if view.full_dense is None or view.full_dense_source.startswith("from"):
                         session.full_accuracy(None, False, device())
                 st.rerun()
@@ -267,16 +270,24 @@ if view.accuracy_available:
     estimate = view.estimate
     target = float(state["accuracy_target"])
     data_label = literal(session.data_label())
-    show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, data_label=data_label)
+    show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, data_label=data_label)
 
     def waiting_for_accuracy():
-        show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, waiting=session.queue_state(),
+        show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, waiting=session.queue_state(),
                       data_label=data_label)
 
-    with guard("Estimating the accuracy"):
-        while not estimate_done(estimate, target):
-            estimate = session.refine_accuracy(result, bn, device(), poll=waiting_for_accuracy)
-            show_accuracy(accuracy_slot, accuracy_detail, estimate, target, bn, data_label=data_label)
+    repaired = True  # the model the estimate needs is there (a job level's repair first, with its progress)
+    if level in JOB_LEVELS and view.repair is None:
+        repaired = None
+        with guard("Repairing the model"):
+            repaired = await_repair(session, result, level, repair_box)
+            if repaired is not None:
+                show_repair(repaired, repair_box)
+    if repaired is not None:
+        with guard("Estimating the accuracy"):
+            while not estimate_done(estimate, target):
+                estimate = session.refine_accuracy(result, level, device(), poll=waiting_for_accuracy)
+                show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, data_label=data_label)
 elif session.has_labels:
     accuracy_slot.metric("Accuracy", "n/a", help="See the note above.")
 elif session.data is not None:

@@ -2,11 +2,11 @@
 import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
+from core.services import export_repair
 from core.services.uploads import (
     MAX_SETTINGS_MB,
     display_name,
     export_bundle,
-    packed_bytes,
     read_settings,
     settings_json,
 )
@@ -46,24 +46,59 @@ with guard("Preparing the export"):
         st.caption("The real savings on disk: per layer the keep-mask (or kept indices), the integer codes of each "
                    "chunk bit-packed at their bit-width, per-channel scales and the 1-bit chunk selector, in one "
                    "checksummed safetensors file (`core.deploy.packing`). Upload it back in the sidebar.")
-        packed = state.setdefault("_packed", {})
-        key = (loaded.key, config)
+        why_not = export_repair.unavailable(session)
+        levels = list(export_repair.LABELS)
+        explored = state.get("repair", "none")  # the Explore page's repair level, the default here
+        method = st.radio(
+            "Repair before packing", levels, format_func=export_repair.LABELS.get, key="export_repair",
+            index=levels.index(explored) if explored in levels else 0, horizontal=True, disabled=why_not is not None,
+            help="Without retraining, on augmented CIFAR-10 training images (never the test images): BatchNorm "
+                 "statistics re-estimated; + each pruned layer's per-channel mean restored; + the kept weights "
+                 "re-solved layer by layer (least squares against the dense model; quantized at the same "
+                 "bit-widths). The mask, the bit-widths and the file's size stay.")
+        reason = why_not or export_repair.unavailable(session, method)
+        if reason is not None:
+            st.caption(reason)
+            method = "none"
+        elif method != "none":
+            with st.spinner("Estimating the repair time…"):
+                seconds = export_repair.estimate(session, result, method)
+            st.caption(f"Repair time · estimated: about {seconds:.0f} s on this server now (from a few timed "
+                       "forward passes; a busy server takes longer; a repair made before is reused at once).")
+        packed = state.setdefault("_packed", {})  # key → the file's bytes
+        repaired = state.setdefault("_packed_repair", {})  # key → the same file, with its repair
+        key = (loaded.key, config, method)
         if key not in packed and st.button("Pack the model", key="pack_model"):
-            with st.spinner("Packing and verifying every layer…"):
+            bar = st.progress(0.0, text="Repairing…") if method != "none" else None
+
+            def progress(done: int, total: int, layer: str) -> None:
+                bar.progress(done / max(total, 1), text=f"Repairing: {done}/{total} layers ({literal(layer)})")
+
+            with st.spinner("Repairing, packing and verifying every layer…"):
                 packed.clear()  # keep only the latest packed file in the session
-                packed[key] = packed_bytes(result, loaded)
-        if key in packed:
-            data = packed[key]
-            st.metric("File size · measured", fmt_bytes(len(data)),
+                repaired.clear()
+                repaired[key] = export_repair.repaired_packed(session, result, method, on_progress=progress)
+                packed[key] = repaired[key].data
+            if bar is not None:
+                bar.empty()
+        if key in packed and key in repaired:
+            file = repaired[key]
+            st.metric("File size · measured", fmt_bytes(len(file.data)),
                       f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
                       f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
                       help="The file's bytes; the difference to the computed size is the container (header, "
                            "table, safetensors framing).")
-            st.download_button("Download packed model (.safetensors)", data, file_name=f"{stem}.packed.safetensors",
+            if file.method != "none":
+                st.caption(f"Carries the repair “{export_repair.LABELS[file.method]}” (fitted on {file.n_images} "
+                           f"training images in {file.seconds:.1f} s · measured; {file.changed} tensors changed, "
+                           "recorded in the file's header).")
+            suffix = "" if file.method == "none" else f"_{file.method}"
+            st.download_button("Download packed model (.safetensors)", file.data,
+                               file_name=f"{stem}{suffix}.packed.safetensors",
                                mime="application/octet-stream", key="download_packed", on_click="ignore")
-            if bn:
-                st.caption("Note: the packed file holds the compressed weights with the BatchNorm statistics as "
-                           "loaded, without the BN recalibration (use the .pt below for that).")
+            if bn and file.method == "none":
+                st.caption("Note: this packed file holds the BatchNorm statistics as loaded, without the BN "
+                           "recalibration: choose a repair above to carry it (or use the .pt below).")
         st.subheader("Compressed model, state_dict")
         st.download_button("Download model (.pt: state_dict + masks + settings)", bundle, file_name=f"{stem}.pt",
                            mime="application/octet-stream", key="download_model", on_click="ignore")

@@ -1,9 +1,11 @@
-"""Learn: the method's formulas, the paper's pseudocode beside ours, and a worked 8×8 example."""
+"""Learn: the method's formulas, the paper's pseudocode beside ours, a worked 8×8 example, and why accuracy
+collapses after pruning and how repair without retraining brings it back (measured figures, from a CSV)."""
 import numpy as np
 import streamlit as st
 
-from core.services.teaching import OUR_CODE, PAPER_PSEUDOCODE, worked_example
+from core.services.teaching import OUR_CODE, PAPER_PSEUDOCODE, REPAIR_CSVS, worked_example
 from ui.charts import heatmap_figure
+from ui.learn_repair import render_repair_story
 from ui.sidebar import page_setup
 from ui.state import PALETTE, footer, guard
 
@@ -70,5 +72,11 @@ with guard("The worked example"):
                "from the high-bit chunk (|W| ≥ θ), or kept in full precision when quantization is off. "
                "The chunks are quantized per row (the output channel), so the same value can round differently "
                "in different rows.")
+
+st.subheader("Why the paper's CNN fell to 10.09 % and how repair brings it back")
+model = st.radio("Measured on", list(REPAIR_CSVS), horizontal=True, key="learn_repair_model",
+                 format_func={"resnet18": "ResNet-18 (shipped)", "resnet20": "ResNet-20 (shipped)"}.get)
+with guard("The repair figures", "Produce the CSV again with the command shown."):
+    render_repair_story(model)
 
 footer(page="learn")

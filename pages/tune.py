@@ -1,5 +1,11 @@
 """Tune: accuracy and retention against τ (and θ), with BN recalibration and a magnitude baseline; per-layer
-sensitivity and the automatic per-layer τ."""
+sensitivity and the automatic per-layer τ.
+
+On CIFAR-10 (a CIFAR-10 model without images of the user) every section below runs. With the user's
+own images in the sidebar (any image model: a registry checkpoint, a torchvision model with pretrained
+or uploaded weights), the τ and θ sweeps run on those images instead (:mod:`ui.tune_user_data`:
+accuracy with labels, fidelity to the dense model without), and the sections that need a training
+split say why they do not apply."""
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +22,8 @@ from core.services.session import CALIBRATION_IMAGES
 from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
 from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
 from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap
+from ui import tune_user_data
+from ui.errors import literal
 from ui.sidebar import page_setup
 from ui.state import PALETTE, apply_config, current_config, device, footer, guard
 
@@ -24,15 +32,26 @@ loaded = session.loaded
 state = st.session_state
 
 st.title("Tune: accuracy curves for choosing τ and θ")
-st.caption(f"Model: **{loaded.label}**. Every point is a measured CIFAR-10 accuracy (JPEG copy of the test set) "
-           "with its Wilson 95 % interval; results are cached on disk, so a repeated sweep is instant.")
-
-if not session.evaluates_cifar:
-    st.info("Tuning needs a CIFAR-10 model (this one has no labelled data set). Pick a CIFAR-10 model in the sidebar.")
+if not loaded.trained:
+    st.warning(literal(loaded.note))
+if session.data is not None:  # the user's images, for whatever model the sidebar loaded
+    with guard("The Tune page on your images", "Upload another archive, or pick the default data in the sidebar."):
+        tune_user_data.render(session)
     footer(page="tune")
     st.stop()
-if not loaded.trained:
-    st.warning(loaded.note)
+if not session.evaluates_cifar:
+    if loaded.input_kind == "vector":
+        st.info("Tuning needs images with labels: this model takes vectors and has no data set. Pick an image "
+                "model in the sidebar.")
+    else:
+        st.info("Tuning needs images for this model: it has no labelled data set here (it is not a 10-class "
+                "CIFAR-10 model at 32 px). In the sidebar, choose **Evaluation data → my images** and upload a "
+                ".zip of class folders (class_name/image.jpg) to measure accuracy, or of images alone to measure "
+                "fidelity to the dense model (top-1 agreement and mean KL divergence).")
+    footer(page="tune")
+    st.stop()
+st.caption(f"Model: **{literal(loaded.label)}**. Every point is a measured CIFAR-10 accuracy (JPEG copy of the test "
+           "set) with its Wilson 95 % interval; results are cached on disk, so a repeated sweep is instant.")
 
 config_now, _ = current_config(session)
 SUBSETS = {"50 per class (500 images, fast)": 50, "100 per class (1,000 images)": 100,

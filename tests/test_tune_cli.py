@@ -60,10 +60,13 @@ def test_the_module_runs_as_a_command():
 
 
 def test_every_mode_is_one_function():
-    assert set(tune.MODES) == {"sensitivity", "per_layer", "sweep"}
+    assert set(tune.MODES) == {"sensitivity", "per_layer", "setting", "sweep"}
     parser = tune.build_parser()
     for mode in ("sensitivity", "per_layer"):  # the sweep is the mode without a flag
         assert getattr(parser.parse_args([f"--{mode.replace('_', '-')}"]), mode) is True
+        assert tune._mode(parser.parse_args([f"--{mode.replace('_', '-')}"])) == mode
+    assert tune._mode(parser.parse_args(["--tau", "0"])) == "setting"  # τ = 0 is a setting too
+    assert tune._mode(parser.parse_args([])) == "sweep"
 
 
 SMALL = ["--model", "resnet20", "--taus", "0.1", "0.3", "--images", "50", "--precision", "fp32"]

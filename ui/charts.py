@@ -147,3 +147,37 @@ def sensitivity_heatmap(drops: pd.DataFrame, shares: pd.Series) -> go.Figure:
     fig.update_layout(height=max(260, 22 * len(labels) + 90), margin=dict(l=10, r=10, t=30, b=10),
                       yaxis=dict(autorange="reversed", title="layer (share of the weights)"), xaxis=dict(side="top"))
     return fig
+
+
+def repair_errors_figure(errors: pd.DataFrame) -> go.Figure:
+    """Per-layer output error before and after a repair (grouped bars, log scale), layers in module order.
+
+    ``errors``: :attr:`core.measure.repair.RepairResult.errors` (``name``, ``err_before``, ``err_after``).
+    """
+    names = errors["name"].tolist()
+    fig = go.Figure()
+    for column, label, color in (("err_before", "before repair", PRUNED), ("err_after", "after repair", HIGH)):
+        fig.add_bar(x=names, y=errors[column].tolist(), name=label, marker_color=color,
+                    hovertemplate="%{x}<br>" + label + ": %{y:.3g}<extra></extra>")
+    fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10), xaxis_tickangle=-60,
+                      yaxis=dict(type="log", title="output error vs dense"), legend=dict(orientation="h", y=1.12),
+                      meta={"kind": "repair_errors"})
+    return fig
+
+
+def repair_accuracy_figure(curves: pd.DataFrame, dense: float | None, model: str) -> go.Figure:
+    """Measured accuracy against retention, one line per repair level (``label``), dense as a dotted line.
+
+    ``curves``: ``retention``, ``accuracy`` (fractions) and ``label`` per row
+    (:func:`core.services.teaching.repair_curves`).
+    """
+    fig = curves_figure(curves, "retention", "accuracy", "label", x_title="retention ρ (share of weights kept)",
+                        y_title="test accuracy (%)")
+    fig.update_xaxes(tickformat=".0%")
+    if dense is not None:
+        fig.add_hline(y=100 * dense, line_dash="dot", line_color="black", annotation_text="dense",
+                      annotation_position="bottom right")
+    fig.add_hline(y=10, line_dash="dash", line_color=BETA, annotation_text="chance (10 classes)",
+                  annotation_position="top right")
+    fig.update_layout(title=f"{model}: accuracy vs retention, per repair (measured)", meta={"kind": "repair_accuracy"})
+    return fig

@@ -10,6 +10,7 @@ from core.common.formatting import fmt_pct
 from core.measure.latency import LatencyReport
 from core.measure.paired import PairedEstimate
 from core.services.compute_queue import QueueState
+from core.services.repairs import LABELS as REPAIR_LABELS
 
 
 def estimate_done(estimate: PairedEstimate | None, target: float) -> bool:
@@ -25,12 +26,16 @@ def _waiting_text(waiting: QueueState | None) -> str:
     return f"waiting for the shared CPU ({waiting.running} job(s) running, {waiting.waiting} waiting)…"
 
 
-def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, bn: bool,
+def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, repair: bool | str = "none",
                   waiting: QueueState | None = None,
                   data_label: str = "the CIFAR-10 test set (JPEG copy)") -> None:
+    """Fill the accuracy metric and its detail line; ``repair``: the repair level of the figures (True: ``"bn"``)."""
+    level = "bn" if repair is True else ("none" if repair is False else repair)
+    repaired = "" if level == "none" else f" After repair: {REPAIR_LABELS[level]}."
     if estimate is None:
-        slot.metric("Accuracy Δ vs dense · paired", "…", help=_waiting_text(waiting))
-        detail.caption(f"Accuracy: {_waiting_text(waiting)}")
+        slot.metric("Accuracy Δ vs dense · paired", "…", help=_waiting_text(waiting) + repaired)
+        detail.caption(f"Accuracy{'' if level == 'none' else ' (' + REPAIR_LABELS[level] + ')'}: "
+                       f"{_waiting_text(waiting)}")
         return
     low, high = estimate.delta_interval
     status = ("all images" if estimate.complete else
@@ -41,13 +46,14 @@ def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, 
                 delta_color="off", delta_arrow="off",
                 help="The compressed model's accuracy minus the dense model's, on the same test images (a growing, "
                      f"class-balanced sample of {data_label}), with its paired 95 % interval "
-                     f"[{100 * low:+.2f}, {100 * high:+.2f}] points." + (" After BN recalibration." if bn else ""))
+                     f"[{100 * low:+.2f}, {100 * high:+.2f}] points." + repaired)
     share = estimate.n / estimate.population
     detail.markdown(
         f"**Δ = {100 * estimate.delta:+.2f} points** (95 % interval {100 * low:+.2f} to {100 * high:+.2f}), "
         f"measured on {estimate.n:,} of {estimate.population:,} test images ({fmt_pct(share)}): "
         f"{estimate.newly_wrong:,} newly wrong, {estimate.newly_right:,} newly right. Accuracy "
-        f"{fmt_pct(estimate.accuracy, 2)} compressed, {fmt_pct(estimate.dense_accuracy, 2)} dense on the same images. "
+        + ("" if level == "none" else f"(repair: {REPAIR_LABELS[level]}) ")
+        + f"{fmt_pct(estimate.accuracy, 2)} compressed, {fmt_pct(estimate.dense_accuracy, 2)} dense on the same images. "
         f"Inference in {estimate.precision}" + (" (its predictions agree with fp32 on ≥ 99.5 % of the test set)"
                                                 if estimate.precision != "fp32" else "") + f". Status: {status}.")
 

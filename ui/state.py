@@ -4,6 +4,11 @@ Everything a user sets lives in ``st.session_state`` under the keys of :data:`DE
 browser tabs and users never share settings. Models loaded for the picker are cached with
 ``st.cache_resource`` and shared between sessions: they are only ever read (the engine
 snapshots them; inference runs them in eval mode).
+
+The accuracy repair is the level under ``"repair"`` (:data:`core.services.repairs.LEVELS`).
+``"bn_recal"``, the BN-recalibration toggle it replaced, is kept as a mirror (true for every
+level above ``"none"``, all of which recalibrate BatchNorm) for the pages and settings that
+still read or write it; :func:`sync_repair` maps a change made to it alone onto the level.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 
 from core.common.timing import percentile
 from core.services.choices import LoadedModel, load_choice, model_choices
+from core.services.repairs import check_level
 from core.services.uploads import read_upload
 from core.workloads.data import DataError
 from core.method.config import CompressionConfig
@@ -38,7 +44,8 @@ DEFAULTS: dict[str, object] = {
     "theta_absolute": 0.05,
     "b_low": 4,
     "b_high": 8,
-    "bn_recal": False,
+    "repair": "none",
+    "bn_recal": False,  # mirror of "repair" != "none" (the old toggle's key; see sync_repair)
     "include_norm": False,
     "hist_log": False,
     "latency_on": True,
@@ -177,16 +184,20 @@ def current_config(session: ExploreSession) -> tuple[CompressionConfig, list[str
 
 
 def apply_config(config: CompressionConfig, session: ExploreSession | None = None, *,
-                 bn_recalibrate: bool | None = None) -> list[str]:
+                 bn_recalibrate: bool | None = None, repair: str | None = None) -> list[str]:
     """Write ``config`` into the widgets' state, so that :func:`current_config` gives it back.
 
     ``session``: the model it is applied to; per-layer τ for layers that model does not have
     are left out, and listed in the returned notes (nothing is dropped silently).
-    ``bn_recalibrate``: also set the BN-recalibration toggle. Raises ``ValueError`` for
-    bit-widths outside the app's palette.
+    ``repair``: also set the repair level (:data:`core.services.repairs.LEVELS`);
+    ``bn_recalibrate`` (the old toggle, used when ``repair`` is None): True sets the
+    ``"bn"`` level, False ``"none"``. Raises ``ValueError`` for bit-widths outside the app's
+    palette or an unknown level.
     """
     if config.quantized and not {config.b_low, config.b_high} <= set(PALETTE):
         raise ValueError(f"bit-widths {config.b_low}/{config.b_high} are not in the app's palette {PALETTE}")
+    if repair is not None:
+        check_level(repair)
     state = st.session_state
     overrides = dict(config.layer_tau)
     notes = []
@@ -211,9 +222,47 @@ def apply_config(config: CompressionConfig, session: ExploreSession | None = Non
     state["include_norm"] = config.include_norm
     state["layer_tau"] = overrides
     state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
-    if bn_recalibrate is not None:
-        state["bn_recal"] = bool(bn_recalibrate)
+    if repair is None and bn_recalibrate is not None:
+        repair = "bn" if bn_recalibrate else "none"
+    if repair is not None:
+        set_repair(repair)
     return notes
+
+
+_REPAIR_WRITTEN = "_repair_written"  # the (level, bn_recal) pair set_repair wrote last
+
+
+def set_repair(level: str) -> None:
+    """Set the repair level and its ``bn_recal`` mirror (``ValueError`` for an unknown level)."""
+    state = st.session_state
+    state["repair"] = check_level(level)
+    state["bn_recal"] = level != "none"
+    state[_REPAIR_WRITTEN] = (state["repair"], state["bn_recal"])
+
+
+def sync_repair() -> str:
+    """Reconcile the repair level with the old ``bn_recal`` key; return the level.
+
+    Whichever of the two changed since :func:`set_repair` last wrote them wins: a new level
+    as it is; ``bn_recal`` alone (code that predates the levels, an old session) gives ``"bn"``
+    when true and ``"none"`` when false. Before anything was written, a level other than
+    ``"none"`` wins, else ``bn_recal``. An unknown level stored in the state is ``"none"``.
+    """
+    state = st.session_state
+    level = state.get("repair", "none")
+    try:
+        check_level(level)
+    except ValueError:
+        level = "none"
+    bn = bool(state.get("bn_recal", False))
+    written = state.get(_REPAIR_WRITTEN)
+    if written is None:
+        if level == "none" and bn:
+            level = "bn"
+    elif level == written[0] and bn != written[1]:
+        level = "bn" if bn else "none"
+    set_repair(level)
+    return level
 
 
 # ---------------------------------------------------------------- errors and the footer

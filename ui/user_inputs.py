@@ -17,6 +17,7 @@ import streamlit as st
 
 from core.services.choices import LoadedModel, load_torchvision_pretrained
 from core.services.session import ExploreSession
+from core.services.user_tuning import class_mapping
 from core.services.uploads import MAX_UPLOAD_MB, display_name, read_upload
 from core.workloads import torchvision_models as tv
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, DataError
@@ -171,6 +172,10 @@ def render_data_choice(session: ExploreSession) -> None:
         shown = session.data.preview(PREVIEW_IMAGES) if session.data is not None else []
         if shown:
             st.image([pixels for pixels, _ in shown], caption=[literal(c) for _, c in shown], width=64)
+        if session.data is not None and session.data.labelled:  # which output each class folder became
+            mapped = [n for n in session.data.notes if n.startswith("Class folders map")]
+            show_caption(mapped[-1] if mapped else "Class folders → model outputs:")
+            st.dataframe(class_mapping(session.data), hide_index=True, key="data_class_map")
 
 
 def prepare_data(session: ExploreSession) -> ImageSet | None:

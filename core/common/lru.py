@@ -45,6 +45,10 @@ class LRUCache:
         with self._lock:
             return list(self._data.values())
 
+    def items(self) -> list[tuple]:
+        with self._lock:
+            return list(self._data.items())
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -8,7 +8,8 @@ Format (version :data:`FORMAT_VERSION`): a safetensors file with two uint8 tenso
 one metadata entry.
 
 * metadata ``boundary_explorer``: a JSON header — format name and version, architecture
-  name and kwargs, the compression settings, the engine's byte accounting, and the
+  name and kwargs, the compression settings, the engine's byte accounting, for a repaired
+  model the ``repair`` it carries (method, calibration images, ridge, seed), and the
   SHA256 of everything (header, table, data);
 * ``table``: zlib-compressed JSON — one record per packed layer ``[name, shape, dtype,
   kept, n_high, n_low, b_high, b_low, mask kind]`` and one per state_dict entry stored
@@ -30,6 +31,10 @@ one metadata entry.
 
   Then every other state_dict entry (biases, BatchNorm statistics, layers not pruned in
   this setting), unchanged.
+
+A *repaired* model (``repaired=``, :mod:`core.measure.repair`) is stored in the same layout
+under the same records: the repair's values (or, quantized, its codes and scales) of the same
+kept weights, and the other entries as the repair left them; so its data is exactly as large.
 
 So the data is exactly what :func:`core.method.quantization.layer_storage` and the engine's
 ``model_bytes_compressed`` count (at most a byte less per layer where b_high = b_low; and
@@ -58,6 +63,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -265,8 +271,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
 
 
-def _pack_layer(result, name: str, row: Mapping) -> tuple[LayerRecord, list[np.ndarray]]:
-    """The layer's record and its byte parts, in blob order: mask, (codes, scales) per stream, selector."""
+def _pack_layer(result, name: str, row: Mapping, repaired_weight: torch.Tensor | None = None,
+                quantized: "QuantizedCodes | None" = None) -> tuple[LayerRecord, list[np.ndarray]]:
+    """The layer's record and its byte parts, in blob order: mask, (codes, scales) per stream, selector.
+
+    ``repaired_weight`` (with ``quantized``, its codes and scales, for a quantized setting): the
+    values a repair gave the kept weights, stored under the engine's mask and bit-widths; see
+    :func:`_repaired_layer`.
+    """
+    if repaired_weight is not None:
+        return _repaired_layer(result, name, row, repaired_weight, quantized)
     engine = result._engine
     weight = result.weights[name]
     shape, numel = tuple(weight.shape), weight.numel()
@@ -296,6 +310,121 @@ def _pack_layer(result, name: str, row: Mapping) -> tuple[LayerRecord, list[np.n
     if record.mixed:
         parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
     return record, parts
+
+
+# ---------------------------------------------------------------- a repaired model
+
+class QuantizedCodes(Protocol):
+    """A repaired layer's quantized form (:class:`core.measure.repair.QuantizedLayer` is one):
+    ``bits`` per weight (0 where pruned), int8 ``codes`` and per bit-width fp32 ``scales`` per output
+    channel, so that the weight is ``codes · scales[bits]`` (at 16 bits the weight's float16 value)."""
+
+    bits: torch.Tensor
+    codes: torch.Tensor
+    scales: Mapping[int, torch.Tensor]
+
+
+class Repaired(Protocol):
+    """What :func:`compressed_bytes` needs of a repair (:class:`core.measure.repair.RepairResult` is one).
+
+    ``model``: the repaired module (same architecture and dtypes as the result's model, the same
+    kept weights nonzero at most); ``quantized``: per re-quantized layer its codes and scales;
+    ``config``: ``method``, ``n_images``, ``ridge``, ``seed``, ``positions``; ``n_images`` the
+    calibration images fitted, ``seconds`` the repair's time, ``changed`` the state_dict keys it changed.
+    """
+
+    model: nn.Module
+    method: str
+    seconds: float
+    changed: tuple[str, ...]
+    n_images: int
+    config: object
+    quantized: Mapping[str, QuantizedCodes]
+
+
+def repair_record(repaired: Repaired) -> dict:
+    """The header's ``repair`` entry: which repair the stored weights carry, and on what."""
+    config = repaired.config
+    return {"method": str(repaired.method), "n_images": int(repaired.n_images), "ridge": float(config.ridge),
+            "seed": int(config.seed), "positions": int(config.positions),
+            "seconds": round(float(repaired.seconds), 3), "changed": len(repaired.changed)}
+
+
+def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
+                    quantized: QuantizedCodes | None) -> tuple[LayerRecord, list[np.ndarray]]:
+    """A packed layer holding a repair's values of the kept weights, under the *engine's* mask and chunks.
+
+    The record (mask kind, counts, bit-widths) is the unrepaired one's, so the bytes are the same
+    size. Pruning only: the repaired values of the kept weights, in their dtype. Quantized: the
+    repair's codes and scales (``quantized``), which must use exactly the engine's kept weights and
+    high/low split; at 16 bits the repaired weight's float16 value. Raises ``ValueError`` when the
+    repair does not fit the setting (a nonzero weight outside the mask, other bit-widths, or a
+    quantized layer whose weights changed without codes).
+    """
+    engine = result._engine
+    original = result.weights[name]
+    shape, numel = tuple(original.shape), original.numel()
+    if tuple(weight.shape) != shape or weight.dtype != original.dtype:
+        raise ValueError(f"the repaired '{name}.weight' is {weight.dtype} {tuple(weight.shape)}, the result's "
+                         f"{original.dtype} {shape}: a repair of another model")
+    kept, n_high, n_low = int(row["kept"]), int(row["n_high"]), int(row["n_low"])
+    config = result.config
+    record = LayerRecord(
+        name=name, shape=shape, dtype=_dtype_name(original.dtype), kept=kept, n_high=n_high, n_low=n_low,
+        b_high=config.b_high if config.quantized else None, b_low=config.b_low if config.quantized else None,
+        mask=_mask_kind(numel, kept))
+    order = engine.rank_order(name)
+    keep = torch.zeros(numel, dtype=torch.bool)
+    keep[order[numel - kept:]] = True
+    flat = weight.detach().cpu().reshape(-1)
+    if bool((flat[~keep] != 0).any()):
+        raise ValueError(f"the repair changed pruned weights of '{name}': the packed file keeps the setting's mask")
+    parts = [_encode_mask(keep, record.mask)]
+    if record.b_high is None:
+        parts.append(_tensor_bytes(flat[keep]))
+        return record, parts
+    if quantized is None:
+        raise ValueError(f"the repair changed the quantized layer '{name}' without giving its codes: repair a "
+                         "quantized result with quant=bit_widths(engine, result)")
+    bits = torch.as_tensor(quantized.bits).cpu().reshape(-1)
+    high = torch.zeros(numel, dtype=torch.bool)
+    high[order[numel - n_high:]] = True
+    wanted = torch.where(high, config.b_high, torch.where(keep, config.b_low, 0)).to(bits.dtype)
+    if bits.numel() != numel or not torch.equal(bits, wanted):
+        raise ValueError(f"the repair of '{name}' used other bit-widths than the setting's "
+                         f"({config.b_low}/{config.b_high} bit on the engine's kept weights)")
+    codes = torch.as_tensor(quantized.codes).cpu().reshape(-1)
+    for suffix, _, b in record.streams:
+        select = keep if not record.mixed else (keep & high if suffix == "hi" else keep & ~high)
+        if b == FLOAT_PASSTHROUGH_BITS:
+            parts.append(_encode_codes(flat[select], b))
+            continue
+        if b not in quantized.scales:
+            raise ValueError(f"the repair of '{name}' gives no scales for {b} bits")
+        scales = torch.as_tensor(quantized.scales[b]).cpu().to(torch.float32).reshape(-1)
+        if scales.numel() != record.channels:
+            raise ValueError(f"the repair of '{name}' gives {scales.numel()} scales for {b} bits, the layer has "
+                             f"{record.channels} output channels")
+        parts.append(_encode_codes(codes[select], b))
+        parts.append(_tensor_bytes(scales))
+    if record.mixed:
+        parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
+    return record, parts
+
+
+def _repaired_state(result, repaired: Repaired) -> dict[str, torch.Tensor]:
+    """The repaired model's state_dict (on the CPU), checked to have the result's keys, shapes and dtypes."""
+    own = result.model.state_dict()
+    state = {k: v.detach().cpu() for k, v in repaired.model.state_dict().items()}
+    if state.keys() != own.keys():
+        extra = sorted(set(state) ^ set(own))
+        raise ValueError(f"the repaired model and the result differ in their tensors (e.g. '{extra[0]}'): "
+                         "a repair of another model")
+    for key, value in own.items():
+        if state[key].shape != value.shape or state[key].dtype != value.dtype:
+            raise ValueError(f"the repaired '{key}' is {state[key].dtype} {tuple(state[key].shape)}, the result's "
+                             f"{value.dtype} {tuple(value.shape)}: a repair of another model")
+    return state
 
 
 class _Reader:
@@ -366,15 +495,26 @@ def _digest(header: Mapping, table: bytes, data: np.ndarray) -> str:
 
 
 def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None, *,
-                     verify: bool = True, input_spec: Mapping | None = None) -> bytes:
+                     verify: bool = True, input_spec: Mapping | None = None,
+                     repaired: Repaired | None = None) -> bytes:
     """``result`` (a :class:`core.method.engine.CompressionResult`) in the packed format, as bytes.
 
     ``arch`` (a :mod:`core.workloads.models` registry name or ``torchvision:<name>``, with
     ``arch_kwargs`` for its builder) is recorded so :func:`load_compressed` can rebuild the module;
     without it, loading needs a ``model_template``. ``input_spec`` (the pre-processing,
     :meth:`core.workloads.preprocess.Preprocess.to_dict`) is recorded under ``input`` when given.
-    With ``verify`` the packed layers are decoded again and compared with ``result.weights`` bit
-    for bit first.
+
+    ``repaired`` (a :class:`core.measure.repair.RepairResult` of ``result.model``; quantized
+    settings repaired with ``quant=bit_widths(engine, result)``): the file stores the repaired
+    model instead, under the same mask and bit-widths: the repaired values (or codes and scales)
+    of the kept weights and every other tensor as the repair left it (biases, BatchNorm shift and
+    statistics), so :func:`load_compressed` gives a model whose state equals ``repaired.model``'s
+    bit for bit. The data is exactly as large as without the repair (same records, same tensors);
+    the header grows by the ``repair`` entry (:func:`repair_record`). ``ValueError`` when the
+    repair does not fit the setting.
+
+    With ``verify`` the packed layers are decoded again and compared with ``result.weights`` (the
+    repaired weights) bit for bit first.
     """
     from safetensors.torch import save
 
@@ -382,13 +522,22 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
         from core.workloads.models import REGISTRY
 
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(REGISTRY)} or torchvision:<name>")
-    records, parts = [], []
+    source = result.model.state_dict() if repaired is None else _repaired_state(result, repaired)
+    quantized = {} if repaired is None else dict(repaired.quantized)
+    records, parts, expected = [], [], {}
     for row in result.stats.to_dict("records"):
-        record, layer_parts = _pack_layer(result, row["name"], row)
+        name = row["name"]
+        weight = None
+        if repaired is not None:
+            weight = source[f"{name}.weight"]
+            if name not in quantized and torch.equal(weight, result.weights[name].cpu()):
+                weight = None  # not changed by the repair: the engine's own chunks
+        record, layer_parts = _pack_layer(result, name, row, weight, quantized.get(name))
         records.append(record)
         parts.extend(layer_parts)
+        expected[name] = result.weights[name] if weight is None else weight
     packed_keys = {f"{r.name}.weight" for r in records}
-    state = {k: v for k, v in result.model.state_dict().items() if k not in packed_keys}
+    state = {k: v for k, v in source.items() if k not in packed_keys}
     state_table = [[key, _dtype_name(value.dtype), list(value.shape)] for key, value in state.items()]
     parts.extend(_tensor_bytes(value) for value in state.values())
     data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
@@ -398,9 +547,11 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
     table_bytes = zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)
     if verify:
         reader = _Reader(data)
-        weights = result.weights
         for record in records:
-            if not torch.equal(_unpack_layer(record, reader), weights[record.name].cpu()):
+            if not torch.equal(_unpack_layer(record, reader), expected[record.name].cpu()):
+                if repaired is not None and record.name in quantized:
+                    raise ValueError(f"the repaired '{record.name}.weight' is not its codes · scales: the repair's "
+                                     "quantized form does not describe its weights")
                 raise RuntimeError(f"packing layer '{record.name}' is not lossless (a bug: please report it)")
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -413,6 +564,8 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
     }
     if input_spec is not None:
         header["input"] = dict(input_spec)
+    if repaired is not None:
+        header["repair"] = repair_record(repaired)
     header["sha256"] = _digest(header, table_bytes, data)
     tensors = {"table": torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), "data": torch.from_numpy(data)}
     return save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
@@ -420,9 +573,10 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
 
 def save_compressed(result, path: str | os.PathLike, arch: str | None = None,
                     arch_kwargs: Mapping | None = None, *, verify: bool = True,
-                    input_spec: Mapping | None = None) -> Path:
-    """Write ``result`` to ``path`` in the packed format (:func:`compressed_bytes`); returns the path."""
-    data = compressed_bytes(result, arch, arch_kwargs, verify=verify, input_spec=input_spec)
+                    input_spec: Mapping | None = None, repaired: Repaired | None = None) -> Path:
+    """Write ``result`` (or its repair, ``repaired``) to ``path`` in the packed format
+    (:func:`compressed_bytes`); returns the path."""
+    data = compressed_bytes(result, arch, arch_kwargs, verify=verify, input_spec=input_spec, repaired=repaired)
     path = Path(path)
     path.write_bytes(data)
     return path
@@ -446,6 +600,12 @@ class PackedModel:
     def config(self) -> CompressionConfig:
         """The setting the file was compressed with (also from files that stored ``layer_tau`` as pairs)."""
         return CompressionConfig.from_dict(self.header.get("config", {}))
+
+    @property
+    def repair(self) -> dict | None:
+        """The repair the stored weights carry (see :attr:`PackedFile.repair`), or None."""
+        value = self.header.get("repair")
+        return dict(value) if isinstance(value, dict) else None
 
 
 # ---------------------------------------------------------------- reading: every declared size checked first
@@ -529,6 +689,8 @@ def _header(metadata: dict, label: str) -> dict:
         raise PackedFileError(f"{label} is damaged: its architecture arguments are not a mapping.")
     if not isinstance(header.get("input", {}), dict):
         raise PackedFileError(f"{label} is damaged: its pre-processing record is not a mapping.")
+    if not isinstance(header.get("repair", {}), dict):
+        raise PackedFileError(f"{label} is damaged: its repair record is not a mapping.")
     return header
 
 
@@ -676,6 +838,13 @@ class PackedFile:
         value = self.header.get("input")
         return dict(value) if isinstance(value, dict) else None
 
+    @property
+    def repair(self) -> dict | None:
+        """The repair the stored weights carry (:func:`repair_record`: method, n_images, ridge, seed, …),
+        or None (an unrepaired file). Read from the header as written: shown, never acted on."""
+        value = self.header.get("repair")
+        return dict(value) if isinstance(value, dict) else None
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every state_dict key the file holds, with the shape and dtype it declares."""
         shapes = {f"{r.name}.weight": (r.shape, _dtype(r.dtype)) for r in self.layers}
@@ -801,9 +970,11 @@ def state_dict_file_bytes(model: nn.Module, path: str | os.PathLike) -> int:
     return os.path.getsize(path)
 
 
-def packed_file_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None) -> int:
-    """The size of ``result``'s packed file: exactly the bytes :func:`save_compressed` writes."""
-    return len(compressed_bytes(result, arch, arch_kwargs, verify=False))
+def packed_file_bytes(result, arch: str | None = None, arch_kwargs: Mapping | None = None, *,
+                      repaired: Repaired | None = None) -> int:
+    """The size of ``result``'s packed file (with ``repaired``: of its repair's): exactly the bytes
+    :func:`save_compressed` writes."""
+    return len(compressed_bytes(result, arch, arch_kwargs, verify=False, repaired=repaired))
 
 
 def expected_layer_bytes(record: LayerRecord) -> int:

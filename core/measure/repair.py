@@ -86,6 +86,7 @@ _SOLVE_ELEMENTS = 1 << 23  # float64 entries of one batch of channel systems (64
 __all__ = [
     "METHODS", "RepairConfig", "RepairResult", "QuantizedLayer", "RepairCancelled", "TraceError",
     "repair", "bit_widths", "masks_from_zeros", "estimate_seconds", "layer_errors",
+    "levels", "repair_setting", "estimate_setting_seconds",
 ]
 
 
@@ -902,3 +903,33 @@ def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
             solves = float((kept ** 3).sum()) / 3 / chol + float((kept ** 2).sum()) / (_GATHER_RATE * threads)
             seconds += solves * (_GPTQ_FACTOR if quantized else 1.0)
     return seconds
+
+
+# ---------------------------------------------------------------- an engine's result, as the front ends repair it
+
+def levels(method: str) -> tuple[str, ...]:
+    """The methods up to and including ``method``, in order (``"bias"`` → none, bn, bias)."""
+    if method not in METHODS:
+        raise ValueError(f"repair method must be one of {', '.join(METHODS)}; got {method!r}")
+    return METHODS[:METHODS.index(method) + 1]
+
+
+def repair_setting(dense: nn.Module, engine, result, images: torch.Tensor | None = None,
+                   config: RepairConfig = RepairConfig(), *,
+                   on_progress: Callable[[int, int, str], None] | None = None,
+                   cancel: threading.Event | Callable[[], bool] | None = None) -> RepairResult:
+    """:func:`repair` of an engine result (``engine.apply(...)``) against ``dense``, the engine's model.
+
+    The masks are the engine's; a quantized result is repaired with its bit-widths
+    (:func:`bit_widths`), so :attr:`RepairResult.quantized` holds the codes and scales a packed
+    file of the same size needs (``core.deploy.packing.compressed_bytes(result, repaired=...)``).
+    Neither ``dense`` nor the result is modified.
+    """
+    quant = bit_widths(engine, result) if result.config.quantized else None
+    return repair(dense, result.model, images, config, quant=quant, on_progress=on_progress, cancel=cancel)
+
+
+def estimate_setting_seconds(result, config: RepairConfig = RepairConfig(), *,
+                             input_shape: tuple[int, ...] | None = None) -> float:
+    """:func:`estimate_seconds` of :func:`repair_setting` for an engine result (an estimate, see there)."""
+    return estimate_seconds(result.model, config, quantized=result.config.quantized, input_shape=input_shape)

@@ -13,6 +13,11 @@
   95 % interval and the size of its packed file. The interval treats the images as a sample of a
   larger population (no finite-population correction), so it does not close on the full set.
 * :func:`choose`: the largest τ whose accuracy is at most ``max_drop`` points below dense.
+* Repair (:mod:`core.measure.repair`): :func:`repair_calibration` draws the calibration images
+  (CIFAR-10's *training* split, or the user's folder: never the evaluation images);
+  :func:`run_tuning_sweep` with ``repair`` adds, per setting, a row after that repair;
+  :func:`evaluate_setting` evaluates one setting at every repair level up to the chosen one and
+  packs the last (:func:`core.deploy.packing.compressed_bytes` with ``repaired``).
 
 The model is never modified; all inference is fp32 under ``torch.inference_mode``.
 """
@@ -31,7 +36,9 @@ from torch import nn
 
 from core.deploy.packing import compressed_bytes
 from core.measure.accuracy import bn_recalibrate, calibration_images, eval_data, has_batchnorm, predict
+from core.measure.calibration import calibration_split
 from core.measure.paired import balanced_order, paired_interval
+from core.measure.repair import RepairConfig, RepairResult, estimate_setting_seconds, levels, repair_setting
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
 from core.workloads import torchvision_models as tv
@@ -52,7 +59,9 @@ from core.workloads.preprocess import Preprocess
 #: the columns of ``sweep.csv``, in order
 COLUMNS: tuple[str, ...] = ("tau", "theta", "theta_mode", "b_low", "b_high", "bn_recalibrated", "retention",
                             "accuracy", "accuracy_dense", "delta", "delta_low", "delta_high", "newly_wrong",
-                            "newly_right", "n", "packed_bytes", "seconds")
+                            "newly_right", "n", "packed_bytes", "seconds", "repair", "repair_seconds")
+#: the largest calibration set a repair draws (``--repair-images``)
+MAX_REPAIR_IMAGES = 4096
 _NO_CORRECTION = 10**15  # population for the paired interval: the images are a sample, not the whole population
 
 
@@ -202,6 +211,26 @@ def calibration_set(spec: str | None, tuned: TuneModel, data: TuneData, n: int) 
     return read_image_folder(spec, tuned.preprocess, max_images=n).images
 
 
+def repair_calibration(spec: str | None, tuned: TuneModel, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """(images, description) to fit a repair on: never the evaluation images.
+
+    ``None`` or ``cifar10``: ``n`` augmented images of CIFAR-10's *training* split
+    (:func:`core.measure.calibration.calibration_split`, fixed by ``seed``), normalised for the model
+    and resized when its input is not 32 px; a folder: at most ``n`` of its images (no labels used).
+    """
+    if not 1 <= n <= MAX_REPAIR_IMAGES:
+        raise ValueError(f"a repair draws 1 to {MAX_REPAIR_IMAGES} calibration images, got {n}")
+    preprocess = tuned.preprocess
+    if spec in (None, "cifar10"):
+        images, _ = calibration_split(n, 0, seed=seed, mean=preprocess.mean, std=preprocess.std)
+        if preprocess.image_size != 32:
+            pixels = preprocess.denormalize(images)
+            images = preprocess.normalize(torch.stack([preprocess.resize_crop(p) for p in pixels]))
+        return images, f"{len(images):,} augmented CIFAR-10 training images (seed {seed})"
+    images = read_image_folder(spec, preprocess, max_images=n).images
+    return images, f"{len(images):,} images of {spec}"
+
+
 def settings(taus: Iterable[float], thetas: Sequence[float] | None, b_low: int, b_high: int,
              theta_mode: str = "relative") -> list[CompressionConfig]:
     """Every (τ, θ) setting of the sweep: pruning only, or each θ at each τ."""
@@ -216,7 +245,8 @@ def settings(taus: Iterable[float], thetas: Sequence[float] | None, b_low: int, 
 
 
 def _row(config: CompressionConfig | None, bn: bool, result: CompressionResult, truth: torch.Tensor,
-         dense: torch.Tensor, predicted: torch.Tensor, packed: int, seconds: float) -> dict:
+         dense: torch.Tensor, predicted: torch.Tensor, packed: int, seconds: float,
+         repaired: RepairResult | None = None) -> dict:
     n = len(truth)
     dense_right, right = dense == truth, predicted == truth
     wrong = int((dense_right & ~right).sum())
@@ -230,29 +260,58 @@ def _row(config: CompressionConfig | None, bn: bool, result: CompressionResult, 
             "bn_recalibrated": bn, "retention": float(result.retention),
             "accuracy": int(right.sum()) / n, "accuracy_dense": int(dense_right.sum()) / n,
             "delta": (new_right - wrong) / n, "delta_low": low, "delta_high": high,
-            "newly_wrong": wrong, "newly_right": new_right, "n": n, "packed_bytes": packed, "seconds": seconds}
+            "newly_wrong": wrong, "newly_right": new_right, "n": n, "packed_bytes": packed, "seconds": seconds,
+            "repair": "none" if repaired is None else repaired.method,
+            "repair_seconds": 0.0 if repaired is None else float(repaired.seconds)}
 
 
-def packed(result: CompressionResult, tuned: TuneModel, model: nn.Module | None = None) -> bytes:
-    """The packed file of ``result`` with ``tuned``'s provenance; ``model``: BN-recalibrated statistics to store."""
+def packed(result: CompressionResult, tuned: TuneModel, model: nn.Module | None = None,
+           repaired: RepairResult | None = None) -> bytes:
+    """The packed file of ``result`` with ``tuned``'s provenance; ``model``: BN-recalibrated statistics to store;
+    ``repaired``: a repair of ``result`` to store instead (same mask and bit-widths)."""
     if model is not None:
         result = dataclasses.replace(result, _model=model)  # same weights, the recalibrated BN statistics
-    return compressed_bytes(result, tuned.arch, tuned.arch_kwargs, input_spec=tuned.input_spec)
+    return compressed_bytes(result, tuned.arch, tuned.arch_kwargs, input_spec=tuned.input_spec, repaired=repaired)
+
+
+def make_engine(tuned: TuneModel) -> Engine:
+    """The engine over ``tuned``'s model (ranks every weight once: seconds for a ResNet-18; share it)."""
+    return Engine(tuned.model, example_input=torch.zeros(1, 3, tuned.preprocess.image_size,
+                                                          tuned.preprocess.image_size))
+
+
+def estimate_repair_seconds(tuned: TuneModel, configs: Sequence[CompressionConfig], repair: RepairConfig, *,
+                            engine: Engine | None = None) -> float:
+    """Estimated seconds of ``repair`` at every setting in all (:func:`core.measure.repair.estimate_seconds`;
+    it times a few forward passes, seconds for a ResNet-18)."""
+    engine = engine or make_engine(tuned)
+    size = tuned.preprocess.image_size
+    return sum(estimate_setting_seconds(engine.apply(config), repair, input_shape=(3, size, size))
+               for config in configs)
 
 
 def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[CompressionConfig],
                      calibration: torch.Tensor | None = None, batch_size: int = 100,
-                     on_progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
+                     on_progress: Callable[[int, int, str], None] | None = None, *,
+                     repair: RepairConfig | None = None, repair_images: torch.Tensor | None = None,
+                     keep_packed: dict | None = None,
+                     on_repair_progress: Callable[[int, int, str], None] | None = None,
+                     engine: Engine | None = None) -> pd.DataFrame:
     """One row per evaluated setting (see :data:`COLUMNS`); the dense model is the row with τ 0 and no θ.
 
     ``calibration``: images for BN recalibration; with them (and a model with BatchNorm) every
     setting is also evaluated after recalibration (``bn_recalibrated`` true).
+    ``repair`` (with ``repair_images``, the calibration images; method other than ``none``): every
+    setting is also evaluated after that repair (``repair`` names it, ``repair_seconds`` its time);
+    ``keep_packed`` (a dict) receives those rows' packed files under ``(config, method)``.
     """
+    repairing = repair is not None and repair.method != "none"
+    if repairing and repair_images is None:
+        raise ValueError("a repair needs its calibration images (repair_images)")
     recalibrate = calibration is not None and has_batchnorm(tuned.model)
-    total = 1 + len(configs) * (2 if recalibrate else 1)
+    total = 1 + len(configs) * (1 + int(recalibrate) + int(repairing))
     report = on_progress or (lambda done, total, label: None)
-    engine = Engine(tuned.model, example_input=torch.zeros(1, 3, tuned.preprocess.image_size,
-                                                             tuned.preprocess.image_size))
+    engine = engine or make_engine(tuned)
     start = time.perf_counter()
     report(0, total, "dense")
     dense = predict(tuned.model, data.images, batch_size)
@@ -273,7 +332,77 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
             rows.append(_row(config, True, result, data.labels, dense, predicted, len(packed(result, tuned, model)),
                              time.perf_counter() - start))
             report(len(rows), total, _label(config, True))
+        if repairing:
+            start = time.perf_counter()
+            fixed = repair_setting(tuned.model, engine, result, repair_images, repair, on_progress=on_repair_progress)
+            predicted = predict(fixed.model, data.images, batch_size)
+            file = packed(result, tuned, repaired=fixed)
+            if keep_packed is not None:
+                keep_packed[(config, repair.method)] = file
+            rows.append(_row(config, False, result, data.labels, dense, predicted, len(file),
+                             time.perf_counter() - start, fixed))
+            report(len(rows), total, _label(config, False) + f" +{repair.method}")
+    return _frame(rows)
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS)).astype({"b_low": "Int64", "b_high": "Int64"})
+
+
+@dataclass(frozen=True)
+class SettingRun:
+    """One setting at every repair level: the rows (dense first), the last level's packed file and repair."""
+
+    frame: pd.DataFrame
+    packed: bytes
+    config: CompressionConfig
+    repaired: RepairResult | None  # the last level's repair (None: the method is "none")
+
+
+def evaluate_setting(tuned: TuneModel, data: TuneData, config: CompressionConfig, repair: RepairConfig,
+                     repair_images: torch.Tensor | None = None, batch_size: int = 100,
+                     on_progress: Callable[[int, int, str], None] | None = None,
+                     on_repair_progress: Callable[[int, int, str], None] | None = None,
+                     on_estimate: Callable[[str, float], None] | None = None) -> SettingRun:
+    """``config`` evaluated at every repair level up to ``repair.method`` (each level repaired on its own,
+    on ``repair_images``, with ``repair``'s images, ridge and seed).
+
+    The frame: the dense row, then one row per level (``repair`` = ``none``, ``bn``, …), each with
+    its accuracy, Δ vs dense with the paired 95 % interval, retention, packed size and repair seconds.
+    ``packed``: the file of the last level (carrying its repair). ``on_estimate(method, seconds)``
+    is called before each repair with :func:`core.measure.repair.estimate_seconds`' estimate of it.
+    """
+    methods = levels(repair.method)
+    if len(methods) > 1 and repair_images is None:
+        raise ValueError("a repair needs its calibration images (repair_images)")
+    report = on_progress or (lambda done, total, label: None)
+    total = 1 + len(methods)
+    engine = make_engine(tuned)
+    size = tuned.preprocess.image_size
+    start = time.perf_counter()
+    report(0, total, "dense")
+    dense = predict(tuned.model, data.images, batch_size)
+    base = engine.apply(CompressionConfig(tau=0.0))
+    rows = [_row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)]
+    report(1, total, "dense")
+    result = engine.apply(config)
+    file, fixed = b"", None
+    for method in methods:
+        start = time.perf_counter()
+        if method == "none":
+            fixed, model = None, result.model
+        else:
+            level = dataclasses.replace(repair, method=method)
+            if on_estimate is not None:
+                on_estimate(method, estimate_setting_seconds(result, level, input_shape=(3, size, size)))
+            fixed = repair_setting(tuned.model, engine, result, repair_images, level, on_progress=on_repair_progress)
+            model = fixed.model
+        predicted = predict(model, data.images, batch_size)
+        file = packed(result, tuned, repaired=fixed)
+        rows.append(_row(config, False, result, data.labels, dense, predicted, len(file),
+                         time.perf_counter() - start, fixed))
+        report(len(rows), total, _label(config, False) + ("" if method == "none" else f" +{method}"))
+    return SettingRun(_frame(rows), file, config, fixed)
 
 
 def _label(config: CompressionConfig, bn: bool) -> str:
@@ -291,9 +420,12 @@ class Choice:
 
 
 def choose(frame: pd.DataFrame, max_drop_points: float, bn: bool, theta: float | None = None,
-           theta_mode: str = "relative", b_low: int = 4, b_high: int = 8) -> Choice | None:
-    """The largest swept τ whose accuracy is at most ``max_drop_points`` below dense's (None when none is)."""
+           theta_mode: str = "relative", b_low: int = 4, b_high: int = 8, repair: str = "none") -> Choice | None:
+    """The largest swept τ whose accuracy is at most ``max_drop_points`` below dense's (None when none is),
+    among the rows with that BN variant and ``repair``."""
     rows = frame[(frame["bn_recalibrated"] == bn) & (frame["tau"] > 0)]
+    if "repair" in rows:
+        rows = rows[rows["repair"] == repair]
     rows = rows[rows["theta"].isna()] if theta is None else rows[rows["theta"] == theta]
     passing = rows[rows["accuracy"] >= rows["accuracy_dense"] - max_drop_points / 100 - 1e-12]
     if passing.empty:
@@ -306,16 +438,18 @@ def choose(frame: pd.DataFrame, max_drop_points: float, bn: bool, theta: float |
 
 def pack_choice(tuned: TuneModel, choice: Choice, calibration: torch.Tensor | None) -> bytes:
     """The packed file of the chosen setting (its BN statistics recalibrated when the choice was)."""
-    engine = Engine(tuned.model, example_input=torch.zeros(1, 3, tuned.preprocess.image_size,
-                                                             tuned.preprocess.image_size))
-    result = engine.apply(choice.config)
+    result = make_engine(tuned).apply(choice.config)
     if choice.bn_recalibrated and calibration is not None:
         return packed(result, tuned, bn_recalibrate(result.model, calibration))
     return packed(result, tuned)
 
 
-def format_sweep(frame: pd.DataFrame) -> str:
-    """The sweep as a table: τ, θ, BN, retention, accuracy, Δ with its interval (points), packed size."""
+def format_sweep(frame: pd.DataFrame, repair_columns: bool | None = None) -> str:
+    """The sweep as a table: τ, θ, BN, retention, accuracy, Δ with its interval (points), packed size;
+    with ``repair_columns`` (None: when a row was repaired) the repair and its seconds too."""
+    repairs = frame["repair"] if "repair" in frame else pd.Series("none", index=frame.index)
+    if repair_columns is None:
+        repair_columns = bool((repairs != "none").any())
     out = pd.DataFrame({
         "tau": frame["tau"].map("{:g}".format),
         "theta": frame["theta"].map(lambda v: "" if pd.isna(v) else f"{v:g}"),
@@ -327,4 +461,8 @@ def format_sweep(frame: pd.DataFrame) -> str:
                                                                                 frame["delta_high"])],
         "packed_MB": (frame["packed_bytes"] / 1e6).map("{:.3f}".format),
     })
+    if repair_columns:
+        out.insert(3, "repair", repairs)
+        out["packed_bytes"] = frame["packed_bytes"].map("{:,}".format)
+        out["repair_s"] = frame["repair_seconds"].map("{:.1f}".format)
     return out.to_string(index=False)

@@ -12,14 +12,23 @@ appear at once however busy the server is.
 * :meth:`ComputeQueue.exclusive` waits for a quiet moment (no other job running) and holds
   every slot, for measurements that other work would disturb (latency); it says whether it
   got one.
+* Background priority: while a job's body runs, its thread's scheduling priority is lowered
+  (Linux nice +:data:`JOB_NICENESS`, a per-thread setting), so the sliders' fast work (the
+  engine step, the histogram, Streamlit's own messages) of every session takes the CPU from
+  queued inference the moment it needs it, instead of sharing two cores with it. Only where
+  the process may raise it back afterwards (root or ``CAP_SYS_NICE``, or an ``RLIMIT_NICE``
+  that allows it): a thread Streamlit reuses for the next run must not stay slow. Elsewhere
+  jobs run at normal priority (:func:`background_priority_available` says which).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-from collections import deque
+import resource
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 POLL_S = 0.1  # how often a waiting job calls its poll (the page's chance to be interrupted)
+JOB_NICENESS = 10  # how much lower a queued job's thread runs than the interactive work (Linux nice units)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +132,7 @@ class ComputeQueue:
         """Run the body as one queued job; its torch thread count is chosen from the load."""
         _, waited = self._acquire(1, None, poll)
         threads = self.slots if self._running == 1 and not self._line else 1
-        with _torch_threads(threads):
+        with _torch_threads(threads), _background_priority():
             try:
                 yield JobTicket(waited_s=waited, threads=threads, exclusive=False)
             finally:
@@ -147,6 +157,74 @@ class ComputeQueue:
                 yield JobTicket(waited_s=waited, threads=threads, exclusive=True)
             finally:
                 self._release(self.slots)
+
+
+def _thread_niceness() -> int | None:
+    """This thread's nice value (Linux: per thread), or None where there is no such thing."""
+    if not hasattr(os, "getpriority") or not hasattr(threading, "get_native_id"):
+        return None
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except OSError:
+        return None
+
+
+@functools.cache
+def background_priority_available() -> bool:
+    """Whether a job's thread may be lowered by :data:`JOB_NICENESS` and raised back afterwards.
+
+    Raising a thread's priority back needs root, ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` soft
+    limit of at least ``20 − nice`` (see setrlimit(2)); checked on this process's own limits
+    and then tried once on a scratch thread, so a false answer costs nothing later.
+    """
+    base = _thread_niceness()
+    if base is None:
+        return False
+    limit = resource.getrlimit(resource.RLIMIT_NICE)[0] if hasattr(resource, "RLIMIT_NICE") else 0
+    if os.geteuid() != 0 and limit != resource.RLIM_INFINITY and limit < 20 - base:
+        return False
+    outcome = []
+
+    def attempt() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, base + JOB_NICENESS)
+            os.setpriority(os.PRIO_PROCESS, tid, base)
+            outcome.append(os.getpriority(os.PRIO_PROCESS, tid) == base)
+        except OSError:
+            outcome.append(False)
+
+    scratch = threading.Thread(target=attempt, name="priority-probe")
+    scratch.start()
+    scratch.join()
+    return bool(outcome and outcome[0])
+
+
+@contextmanager
+def _background_priority() -> Iterator[None]:
+    """Run the body with this thread's nice value raised by :data:`JOB_NICENESS`, then restore it.
+
+    A no-op where :func:`background_priority_available` is false. torch's intra-op worker
+    threads (a job alone may use every core) keep their own priority: only then is no other
+    session waiting for the CPU.
+    """
+    before = _thread_niceness() if background_priority_available() else None
+    if before is None:
+        yield
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + JOB_NICENESS))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:  # checked possible above; should it fail now, the thread stays low-priority
+            pass
 
 
 @contextmanager

@@ -4,8 +4,10 @@
   one per data set and normalisation, decoded once: the CIFAR-10 test set (:func:`cifar_test_set`)
   or the user's labelled images (:func:`image_set`, keyed by the images' digest).
 * Dense predictions are computed once per (model, data set, precision) and shared by all
-  sessions; each setting's predictions are kept per (model, data set, setting, BN
-  recalibration, precision), so a revisited setting resumes where it stopped, or is instant.
+  sessions; each setting's predictions are kept per (model, data set, setting, repair
+  variant, precision), so a revisited setting resumes where it stopped, or is instant. The
+  variant (``bn``) is False (no repair), True (BN recalibration) or any hashable key of a
+  repair (:meth:`core.services.session.ExploreSession._variant`).
 * :func:`refine` extends one setting's predictions by one batch, sized so that a batch takes
   about :data:`BATCH_TARGET_S` (a new slider move interrupts the page between batches).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import Callable
 
 import torch
@@ -91,7 +94,7 @@ def clear() -> None:
     cifar_test_set.cache_clear()
 
 
-def stores(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool,
+def stores(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool | Hashable,
            device: str) -> tuple[PredictionStore, PredictionStore, str]:
     """The dense and the setting's prediction stores (shared process-wide), and the precision used."""
     precision = estimate_precision(device)
@@ -101,7 +104,7 @@ def stores(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: b
     return dense, setting, precision
 
 
-def current(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool,
+def current(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool | Hashable,
             device: str) -> PairedEstimate | None:
     """What is known for this setting now, without computing anything (None before the first batch)."""
     dense, setting, precision = stores(model_key, data, config, bn, device)
@@ -118,12 +121,12 @@ def _next_stop(store: PredictionStore) -> int:
     return store.done + size
 
 
-def refine(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool, device: str,
+def refine(model_key: str, data: EvaluationSet, config: CompressionConfig, bn: bool | Hashable, device: str,
            dense_model: nn.Module, model: Callable[[], nn.Module]) -> PairedEstimate:
     """One refinement step: the dense predictions, then this setting's, for the next batch.
 
     ``model`` is called only when the setting needs more predictions (building a
-    BN-recalibrated copy is itself work). Callers run this inside a queued job.
+    BN-recalibrated copy or a repaired model is itself work). Callers run this inside a queued job.
     """
     dense, setting, precision = stores(model_key, data, config, bn, device)
     stop = _next_stop(setting)

@@ -12,19 +12,31 @@ kinds:
   (:meth:`ExploreSession.refine_accuracy`), the latency of dense vs compressed
   (:meth:`ExploreSession.latency`, in a quiet moment or marked as disturbed), the full-test
   accuracy, the output deviation (models without labelled data), BN recalibration and the
-  realized savings.
+  realized savings;
+* **repairs** above BN recalibration (bias correction, reconstruction: :mod:`core.services.repairs`),
+  tens of seconds on ResNet-18: a cancellable :class:`core.services.repairs.RepairJob` in a worker
+  thread, itself a queued job, started by :meth:`ExploreSession.start_repair` and released by the
+  next slider move (:meth:`ExploreSession.update`) or :meth:`ExploreSession.stop_repair`.
 
-The data is CIFAR-10 (its test set; BN recalibration on augmented training images) unless the
-user gives images (:meth:`ExploreSession.use_data`): labelled ones replace the test set (the
-paired estimate, the full accuracy and BN recalibration all run on them), unlabelled ones
-replace the output deviation by fidelity to the dense model (top-1 agreement, mean KL).
+The data is CIFAR-10 (its test set; every repair, BN recalibration included, on augmented
+training images) unless the user gives images (:meth:`ExploreSession.use_data`): labelled ones
+replace the test set (the paired estimate and the full accuracy run on them), unlabelled ones
+replace the output deviation by fidelity to the dense model (top-1 agreement, mean KL). The
+user's images are never calibration images: they are what the repair is measured on, so a
+model without a training split here (not a CIFAR-10 model) offers no repair
+(:meth:`ExploreSession.repair_unavailable` says why).
 
 What does not depend on the session is shared by all of them: the engine's ranked weights
 (:func:`shared_snapshot`), the histogram bins, the dense predictions and every setting's
 predictions (:mod:`core.services.estimates`), and measured latencies, full-test accuracies
-and realized savings (process-wide caches). A session holds its engine's working buffer,
-its current result (which *is* that buffer: ``lend_buffers=True``) and up to two
-BN-recalibrated copies.
+and realized savings (process-wide caches), and repaired models (:data:`core.services.repairs.REPAIR_CACHE`).
+A session holds its engine's working buffer, its current result (which *is* that buffer:
+``lend_buffers=True``) and up to two BN-recalibrated copies.
+
+Every accuracy figure is kept per *repair level* (``"none"``, ``"bn"``, ``"bias"``,
+``"reconstruct"``; the old boolean BN flag is accepted wherever a level is: True is ``"bn"``),
+so turning a repair off shows the unrepaired figures again, unchanged. Repairs never change
+the shared model, the engine's snapshot or a result: they run on private copies.
 """
 from __future__ import annotations
 
@@ -54,14 +66,17 @@ from core.measure.accuracy import EvalData
 from core.measure.fidelity import Fidelity, fidelity
 from core.measure.latency import LatencyReport, measure_latency, output_deviation
 from core.measure.paired import PairedEstimate
+from core.measure.repair import RepairResult, bit_widths, estimate_seconds
+from core.measure.repair import repair as run_repair
 from core.measure.realized import RealizedSavings, measure_realized
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
 from core.method.snapshot import WeightSnapshot
-from core.services import estimates
+from core.services import estimates, repairs
 from core.services.choices import LoadedModel
 from core.services.compute_queue import COMPUTE, QueueState
 from core.services.histogram import HIST_BINS, HistogramData, LayerBins
+from core.services.repairs import JOB_LEVELS, LABELS as REPAIR_LABELS, REPAIR_CACHE, RepairJob, check_level, level_of
 from core.workloads.data import CLASSES
 from core.workloads.image_folder import ImageSet, for_model
 
@@ -92,6 +107,7 @@ def clear_caches() -> None:
     for cache in (ACCURACY_CACHE, LATENCY_CACHE, REALIZED_CACHE, _BINS):
         cache.clear()
     estimates.clear()
+    repairs.clear()
     _calibration.cache_clear()
 
 
@@ -120,8 +136,17 @@ class ExploreRequest:
     layer: str | None = None
     bins: int = HIST_BINS
     latency_batch: int = 1
-    bn_recalibrate: bool = False
+    bn_recalibrate: bool = False  # the explorer's old flag: True asks for the "bn" level when ``repair`` is "none"
+    repair: str = "none"  # a level of core.services.repairs.LEVELS
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_level(self.repair)
+
+    @property
+    def level(self) -> str:
+        """The repair level asked for: ``repair``, or ``"bn"`` from the old flag."""
+        return self.repair if self.repair != "none" else level_of(bool(self.bn_recalibrate))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +185,9 @@ class ExploreView:
     accuracy_available: bool = False  # the model has labelled data here (CIFAR-10 found and readable, or the user's)
     realized: RealizedSavings | None = None
     fidelity: Fidelity | None = None  # unlabelled user images: agreement and KL to the dense model, when measured
+    repair_level: str = "none"  # the repair level the accuracy figures are for (what was asked, if it applies)
+    repair: RepairResult | None = None  # the finished repair of this setting at a job level, when known
+    repair_estimate_s: float | None = None  # its time estimate, when made
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +219,8 @@ class ExploreSession:
         self.engine = Engine.sharing(shared_snapshot(loaded), lend_buffers=True)
         self._dense_on: dict[str, nn.Module] = {}
         self._bn_models = LRUCache(2)
+        self._repaired_on = LRUCache(1)  # (repair key, device) -> a private copy of a shared repaired model
+        self._repair_job: RepairJob | None = None  # the repair this session waits for
         self._last_config: CompressionConfig | None = None
         self.last_move: Move | None = None
         self.last_theta_move: Move | None = None
@@ -279,9 +309,11 @@ class ExploreSession:
         return COMPUTE.state()
 
     def memory(self) -> MemoryReport:
-        bn_bytes = sum(_module_bytes(m) for m in self._bn_models.values())
-        return MemoryReport(model=_module_bytes(self.loaded.model), session=self.engine.working_bytes() + bn_bytes,
-                            shared=self.engine.snapshot.nbytes, process_rss=process_rss_bytes())
+        """Counted bytes; repaired models of this model (shared by every session) count as shared."""
+        own = sum(_module_bytes(m) for m in self._bn_models.values() + self._repaired_on.values())
+        repaired = sum(_module_bytes(r.model) for key, r in REPAIR_CACHE.items() if key[0] == self.key)
+        return MemoryReport(model=_module_bytes(self.loaded.model), session=self.engine.working_bytes() + own,
+                            shared=self.engine.snapshot.nbytes + repaired, process_rss=process_rss_bytes())
 
     # -------------------------------------------------------- fast: every slider move
 
@@ -330,9 +362,14 @@ class ExploreSession:
         layer = request.layer if request.layer in names else result.stats["name"].iloc[0]
         histogram = self.histogram(result, layer, request.bins)
         timings["histogram"] = time.perf_counter() - t
-        bn = self._bn_applies(request.bn_recalibrate)
-        if request.bn_recalibrate and not self._has_bn:
-            notes.append("This model has no BatchNorm layer: BN recalibration does not apply.")
+        asked = request.level
+        level = self.applied_level(asked)
+        if level != asked:
+            notes.append(f"Repair '{REPAIR_LABELS[asked]}' does not apply here: "
+                         f"{self.repair_unavailable().get(asked, '')} The figures are without it.")
+        repair_key = self.repair_key(request.config, level) if level in JOB_LEVELS else None
+        self.release_repair(keep=repair_key)  # a slider move cancels the repair of the setting before
+        repaired = REPAIR_CACHE.get(repair_key) if repair_key is not None else None
         full = full_dense = None
         full_dense_source = ""
         estimate = deviation = None
@@ -340,11 +377,11 @@ class ExploreSession:
         found_fidelity = None
         if self.has_labels:
             try:
-                estimate = self.accuracy_estimate(result, bn, request.device)
+                estimate = self.accuracy_estimate(result, level, request.device)
                 available = True
             except (OSError, RuntimeError) as err:  # DataError is a RuntimeError: the data is missing or damaged
                 notes.append(f"{'CIFAR-10 a' if self.data is None else 'A'}ccuracy unavailable: {err}")
-            full = self.cached_full(request.config, bn, request.device)
+            full = self.cached_full(request.config, level, request.device)
             full_dense, full_dense_source = self.dense_full_reference(request.device)
         elif self.data is not None:
             found_fidelity = ACCURACY_CACHE.get(self._accuracy_key("fidelity", request.config, False, request.device))
@@ -357,33 +394,227 @@ class ExploreSession:
             estimate=estimate, full=full, full_dense=full_dense, full_dense_source=full_dense_source,
             deviation=deviation, last_move=self.last_move, last_theta_move=self.last_theta_move, timings=timings,
             notes=notes, accuracy_available=available, fidelity=found_fidelity,
-            realized=REALIZED_CACHE.get((self.key, request.config, request.latency_batch, request.device)))
+            realized=REALIZED_CACHE.get((self.key, request.config, request.latency_batch, request.device)),
+            repair_level=level, repair=repaired,
+            repair_estimate_s=repairs.ESTIMATE_CACHE.get(repair_key) if repair_key is not None else None)
 
     # -------------------------------------------------------- heavy: queued, shared, cached
 
-    def _bn_applies(self, bn: bool) -> bool:
-        return bool(bn and self._has_bn and (self.evaluates_cifar or self.data is not None))
-
     def _calibration_images(self) -> torch.Tensor:
-        if self.data is not None:
-            return self.data.images[:CALIBRATION_IMAGES]
+        """BN recalibration's images: augmented CIFAR-10 *training* images (never the evaluation images)."""
+        if not self.evaluates_cifar:
+            raise ValueError(self.repair_unavailable().get("bn") or "this model has no calibration images here")
         return _calibration(CALIBRATION_IMAGES, self.loaded.mean, self.loaded.std)
 
-    def inference_model(self, result: CompressionResult, bn: bool) -> nn.Module:
-        """The compressed model for accuracy: ``result.model``, BN-recalibrated when asked (cached per setting).
+    # -------------------------------------------------------- repair levels
 
-        Recalibrating runs the model on training images: call it inside a queued job.
+    def repair_unavailable(self) -> dict[str, str]:
+        """Why each repair level that does not apply here does not (a sentence per level); others apply.
+
+        * every level above ``"none"`` needs labelled images to show its effect on;
+        * every one needs unlabelled calibration images that are not the images the accuracy is
+          measured on: the CIFAR-10 training split, so only CIFAR-10 models (also when the user's
+          images replace the test set); the user's images are never used to repair;
+        * ``"bn"`` needs a BatchNorm layer.
         """
-        if not self._bn_applies(bn):
+        if not self.has_labels:
+            why = ("repair changes the accuracy figures, and there are no labelled images to measure them on here"
+                   + (" (your images have no class folders)." if self.data is not None else "."))
+            return {level: why for level in repairs.LEVELS[1:]}
+        if not self.evaluates_cifar:
+            why = ("repair fits the model on unlabelled calibration images, which must not be the images its "
+                   "accuracy is measured on. For CIFAR-10 models they come from the CIFAR-10 training split; this "
+                   "model has no training images here (your images are its evaluation set).")
+            return {level: why for level in repairs.LEVELS[1:]}
+        reasons = {}
+        if not self._has_bn:
+            reasons["bn"] = "this model has no BatchNorm layer, so there are no statistics to recalibrate."
+        return reasons
+
+    def repair_levels(self) -> list[str]:
+        """The repair levels that apply to this model and data, ``"none"`` first."""
+        unavailable = self.repair_unavailable()
+        return [level for level in repairs.LEVELS if level not in unavailable]
+
+    def applied_level(self, repair: bool | str | None) -> str:
+        """The level the figures are for when ``repair`` is asked: it, or ``"none"`` where it does not apply."""
+        level = level_of(repair)
+        return level if level in self.repair_levels() else "none"
+
+    def _variant(self, level: str) -> object:
+        """How a level keys the shared prediction stores and accuracies (False / True: as before the levels)."""
+        if level in JOB_LEVELS:
+            return ("repair", repairs.repair_config(level))
+        return level == "bn"
+
+    def repair_key(self, config: CompressionConfig, level: str) -> tuple:
+        """The process-wide key of a repair: (model, setting, :class:`RepairConfig`)."""
+        return (self.key, config, repairs.repair_config(level))
+
+    def cached_repair(self, config: CompressionConfig, level: str) -> RepairResult | None:
+        """The finished repair of ``config`` at ``level`` if any session made it (and it is still cached)."""
+        return REPAIR_CACHE.get(self.repair_key(config, level)) if level in JOB_LEVELS else None
+
+    def _check_job_level(self, level: str) -> str:
+        level = check_level(level)
+        if level not in JOB_LEVELS:
+            raise ValueError(f"repair level {level!r} runs no repair job "
+                             f"(the levels with one: {', '.join(JOB_LEVELS)})")
+        reason = self.repair_unavailable().get(level)
+        if reason is not None:
+            raise ValueError(f"{REPAIR_LABELS[level]} does not apply here: {reason}")
+        return level
+
+    def _repair(self, result: CompressionResult, level: str, *, queued: bool,
+                on_progress: Callable[[int, int, str], None] | None = None,
+                cancel: Callable[[], bool] | None = None,
+                poll: Callable[[], object] | None = None) -> RepairResult:
+        """Repair ``result`` at ``level`` on private copies of the dense and the compressed model.
+
+        ``queued``: take a turn on the compute queue (``poll`` while waiting); False inside a job already.
+        """
+        config = repairs.repair_config(level)
+
+        def work() -> RepairResult:
+            fit, held = repairs.calibration(config.n_images, config.n_holdout, config.seed,
+                                            tuple(self.loaded.mean), tuple(self.loaded.std))
+            with torch.no_grad():  # private copies: the repair runs and hooks both models' modules
+                dense = copy.deepcopy(self.loaded.model).cpu().eval()
+                pruned = copy.deepcopy(result.model).cpu().eval()
+            quant = bit_widths(self.engine, result) if result.config.quantized else None
+            return run_repair(dense, pruned, fit, config, holdout=held, quant=quant,
+                              on_progress=on_progress, cancel=cancel)
+
+        if not queued:
+            return work()
+        with COMPUTE.job(poll):
+            return work()
+
+    def repair(self, result: CompressionResult, level: str, *,
+               on_progress: Callable[[int, int, str], None] | None = None,
+               cancel: threading.Event | Callable[[], bool] | None = None,
+               poll: Callable[[], object] | None = None) -> RepairResult:
+        """The repair of ``result`` at ``level`` (``"bias"`` or ``"reconstruct"``), in the calling thread.
+
+        From :data:`REPAIR_CACHE` if made before, else made now as one queued job and cached.
+        ``cancel`` (an Event or a callable) stops it before the next layer
+        (:class:`core.measure.repair.RepairCancelled`; nothing is cached).
+        """
+        level = self._check_job_level(level)
+        key = self.repair_key(result.config, level)
+        cached = REPAIR_CACHE.get(key)
+        if cached is None:
+            stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
+            cached = self._repair(result, level, queued=True, on_progress=on_progress, cancel=stop, poll=poll)
+            REPAIR_CACHE.put(key, cached)
+        return cached
+
+    def repair_estimate(self, result: CompressionResult, level: str,
+                        poll: Callable[[], object] | None = None) -> float:
+        """Estimated seconds of the repair, before it starts (:func:`core.measure.repair.estimate_seconds`).
+
+        A queued job (it times a few forward passes on a private copy); cached per repair key.
+        """
+        level = self._check_job_level(level)
+        key = self.repair_key(result.config, level)
+        cached = repairs.ESTIMATE_CACHE.get(key)
+        if cached is None:
+            with COMPUTE.job(poll):
+                with torch.no_grad():
+                    model = copy.deepcopy(result.model).cpu()
+                cached = estimate_seconds(model, repairs.repair_config(level),
+                                          quantized=result.config.quantized and level == "reconstruct",
+                                          input_shape=tuple(self.loaded.example_input(1).shape[1:]))
+            repairs.ESTIMATE_CACHE.put(key, cached)
+        return cached
+
+    def start_repair(self, result: CompressionResult, level: str) -> RepairJob:
+        """Start the repair of ``result`` at ``level`` in a worker thread, or join the one running.
+
+        The job takes its turn on the compute queue, reports per layer (``job.done`` of
+        ``job.total``) and is cancelled by the next slider move (:meth:`update` with another
+        setting or level), by :meth:`stop_repair`, or after nobody watched it for a while
+        (:data:`core.services.repairs.UNWATCHED_GRACE_S`). When it ends, ``job.result`` is cached
+        for every session. Check :meth:`cached_repair` first: a finished repair is not re-run.
+        """
+        level = self._check_job_level(level)
+        key = self.repair_key(result.config, level)
+
+        def work(job: RepairJob) -> RepairResult:
+            return self._repair(result, level, queued=True, on_progress=job.progress,
+                                cancel=lambda: job.cancelled, poll=job.check)
+
+        job = repairs.submit(key, work, id(self), repairs.ESTIMATE_CACHE.get(key))
+        with self._lock:
+            previous, self._repair_job = self._repair_job, job
+        if previous is not None and previous is not job:
+            previous.unwatch(id(self), now=True)
+        return job
+
+    def release_repair(self, keep: tuple | None = None) -> None:
+        """Stop waiting for this session's repair unless it is ``keep``'s; nobody else waiting: it is cancelled."""
+        with self._lock:
+            job = self._repair_job
+            if job is None or (keep is not None and job.key == keep and not job.finished):
+                return
+            self._repair_job = None  # a finished job is dropped too: its result lives in the cache
+        if not job.finished:
+            job.unwatch(id(self), now=True)
+
+    def stop_repair(self) -> None:
+        """The user's Stop: this session no longer waits for its repair (cancelled unless another session waits)."""
+        self.release_repair()
+
+    def leave_repair(self, job: RepairJob) -> None:
+        """The page stopped waiting for ``job`` (interrupted): it keeps running for a short grace period."""
+        job.unwatch(id(self))
+
+    # -------------------------------------------------------- models for inference
+
+    def _shared_on(self, key: tuple, model: nn.Module, device: str) -> nn.Module:
+        """A shared (read-only) model on ``device``: itself on CPU, a private copy elsewhere (never moved)."""
+        if device == "cpu":
+            return model
+        found = self._repaired_on.get((key, device))
+        if found is None:
+            with torch.no_grad():
+                found = copy.deepcopy(model).to(device).eval()
+            self._repaired_on.put((key, device), found)
+        return found
+
+    def inference_model(self, result: CompressionResult, bn: bool | str) -> nn.Module:
+        """The compressed model for accuracy at repair level ``bn`` (a level, or the old BN flag).
+
+        ``"none"``: ``result.model``. ``"bn"``: BN-recalibrated (a per-session copy, cached per
+        setting). ``"bias"``/``"reconstruct"``: the shared repaired model (run it, never change it),
+        repaired now inside the caller's queued job if no session has it cached.
+        Recalibrating or repairing runs the model on training images: call it inside a queued job.
+        """
+        level = self.applied_level(bn)
+        if level == "none":
             return result.model
+        if level in JOB_LEVELS:
+            key = self.repair_key(result.config, level)
+            cached = REPAIR_CACHE.get(key)
+            if cached is None:
+                cached = self._repair(result, level, queued=False)
+                REPAIR_CACHE.put(key, cached)
+            return cached.model
         cached = self._bn_models.get(result.config)
         if cached is None:
             cached = bn_recalibrate(result.model, self._calibration_images())
             self._bn_models.put(result.config, cached)
         return cached
 
-    def _accuracy_key(self, kind: str, config: CompressionConfig | None, bn: bool, device: str) -> tuple:
-        return (self.key, self.data_key, kind, config, bool(self._bn_applies(bn) and config is not None), device)
+    def _inference_on(self, result: CompressionResult, level: str, device: str) -> nn.Module:
+        model = self.inference_model(result, level)
+        if level in JOB_LEVELS:
+            return self._shared_on(self.repair_key(result.config, level), model, device)
+        return model.to(device)
+
+    def _accuracy_key(self, kind: str, config: CompressionConfig | None, bn: bool | str, device: str) -> tuple:
+        variant = self._variant(self.applied_level(bn)) if config is not None else False
+        return (self.key, self.data_key, kind, config, variant, device)
 
     def evaluation_set(self) -> estimates.EvaluationSet:
         """The labelled images of the paired estimate: the user's (key from their digest), else CIFAR-10's test set."""
@@ -391,27 +622,30 @@ class ExploreSession:
             return estimates.image_set(self.data)
         return estimates.cifar_test_set(tuple(self.loaded.mean), tuple(self.loaded.std))
 
-    def accuracy_estimate(self, result: CompressionResult, bn: bool, device: str) -> PairedEstimate | None:
-        """The paired estimate known for this setting (from any session), without computing."""
-        return estimates.current(self.key, self.evaluation_set(), result.config, self._bn_applies(bn), device)
+    def accuracy_estimate(self, result: CompressionResult, bn: bool | str, device: str) -> PairedEstimate | None:
+        """The paired estimate known for this setting and repair level (from any session), without computing."""
+        level = self.applied_level(bn)
+        return estimates.current(self.key, self.evaluation_set(), result.config, self._variant(level), device)
 
-    def refine_accuracy(self, result: CompressionResult, bn: bool, device: str,
+    def refine_accuracy(self, result: CompressionResult, bn: bool | str, device: str,
                         poll: Callable[[], object] | None = None) -> PairedEstimate:
         """One queued refinement step of the paired estimate (about ``estimates.BATCH_TARGET_S`` of inference).
 
+        ``bn``: the repair level (or the old BN flag); a job level's repair is made first if no
+        session has it (better: :meth:`start_repair`, which shows progress and can be cancelled).
         ``poll`` is called while the job waits for its turn (see :meth:`ComputeQueue.job`).
         """
         data = self.evaluation_set()
-        bn = self._bn_applies(bn)
+        level = self.applied_level(bn)
         with COMPUTE.job(poll):
-            return estimates.refine(self.key, data, result.config, bn, device, self.dense_model(device),
-                                    lambda: self.inference_model(result, bn).to(device))
+            return estimates.refine(self.key, data, result.config, self._variant(level), device,
+                                    self.dense_model(device), lambda: self._inference_on(result, level, device))
 
-    def cached_full(self, config: CompressionConfig | None, bn: bool, device: str) -> AccuracyReport | None:
+    def cached_full(self, config: CompressionConfig | None, bn: bool | str, device: str) -> AccuracyReport | None:
         return ACCURACY_CACHE.get(self._accuracy_key("full", config, bn, device))
 
-    def full_accuracy(self, result: CompressionResult | None, bn: bool, device: str) -> AccuracyReport:
-        """Accuracy on all 10,000 test images in fp32 (seconds to tens of seconds; queued; cached)."""
+    def full_accuracy(self, result: CompressionResult | None, bn: bool | str, device: str) -> AccuracyReport:
+        """Accuracy on all 10,000 test images in fp32 at repair level ``bn`` (seconds to a minute; queued; cached)."""
         config = None if result is None else result.config
         key = self._accuracy_key("full", config, bn, device)
         cached = ACCURACY_CACHE.get(key)
@@ -422,7 +656,8 @@ class ExploreSession:
         else:
             data = eval_data("test", self.loaded.mean, self.loaded.std)
         with COMPUTE.job():
-            model = self.dense_model(device) if result is None else self.inference_model(result, bn).to(device)
+            model = (self.dense_model(device) if result is None
+                     else self._inference_on(result, self.applied_level(bn), device))
             report = evaluate(model, data, device=device)
         ACCURACY_CACHE.put(key, report)
         return report

@@ -41,6 +41,7 @@ from core.common.formatting import fmt_bytes
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
 from core.services.choices import LoadedModel, model_inputs, torchvision_loaded
+from core.services.repairs import check_level, level_from_settings
 from core.workloads import torchvision_models as tv
 from core.workloads.models import (
     CheckpointError,
@@ -428,15 +429,38 @@ def read_settings(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> Com
     return CompressionConfig.from_dict(data)
 
 
+def read_settings_repair(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> str | None:
+    """The repair level a settings JSON asks for, or None when it names none (a bare config).
+
+    Backward compatible: a file from before the levels, with ``"bn_recalibrated": true``, gives
+    ``"bn"`` (false: ``"none"``); a ``"repair"`` entry wins. :class:`ConfigError` for an unknown
+    level or a file :func:`read_settings` refuses.
+    """
+    read_settings(text, max_bytes)  # the same checks (size, JSON, a usable config) first
+    data = json.loads(text)
+    try:
+        return level_from_settings(data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def settings_json(config: CompressionConfig, loaded: LoadedModel, result: CompressionResult | None = None,
-                  bn_recalibrated: bool = False) -> str:
-    """The settings (and what they gave) as JSON, to reproduce or share a view."""
+                  bn_recalibrated: bool = False, repair: str | None = None) -> str:
+    """The settings (and what they gave) as JSON, to reproduce or share a view.
+
+    ``repair``: the Explore page's repair level (:data:`core.services.repairs.LEVELS`), written as
+    ``"repair"``; ``"bn_recalibrated"`` stays for older readers (true for every level above
+    ``"none"``, which all recalibrate BatchNorm). Without ``repair`` the file is as before.
+    """
+    if repair is not None:
+        bn_recalibrated = check_level(repair) != "none"
     payload = {
         "format": SETTINGS_FORMAT,
         "model": {"key": loaded.key, "arch": loaded.arch, "label": loaded.label, "source": loaded.source,
                   "trained": loaded.trained, **loaded.provenance()},
         "config": config.to_dict(),
         "bn_recalibrated": bool(bn_recalibrated),
+        **({"repair": repair} if repair is not None else {}),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch_version": torch.__version__,
     }

@@ -451,3 +451,23 @@ def test_registry_architectures_run_in_lockstep(arch):
     pruned = Engine(dense).apply(CompressionConfig(tau=0.2)).model
     out = repair(dense, pruned, x.repeat(4, *[1] * (x.ndim - 1)), RepairConfig("reconstruct", n_images=32, n_holdout=0))
     assert out.errors["action"].str.startswith("reconstructed").all()
+
+
+# ---------------------------------------------------------------- an engine result, as the front ends repair it
+
+def test_levels_and_repair_setting_use_the_result_s_bit_widths(pair):
+    from core.measure.repair import estimate_setting_seconds, levels, repair_setting
+
+    assert levels("none") == ("none",) and levels("bias") == ("none", "bn", "bias") and levels("reconstruct") == METHODS
+    with pytest.raises(ValueError, match="one of none, bn, bias, reconstruct"):
+        levels("retrain")
+    dense, _ = pair
+    engine = Engine(dense)
+    result = engine.apply(CompressionConfig(tau=0.3, theta=0.4, b_low=4, b_high=8))
+    config = RepairConfig("reconstruct", **FAST)
+    fixed = repair_setting(dense, engine, result, images(96), config)
+    direct = repair(dense, result.model, images(96), config, quant=bit_widths(engine, result))
+    assert set(fixed.quantized) == set(direct.quantized) == {"conv1", "conv2", "fc1", "fc2"}
+    assert same_state(fixed.model, state_fingerprint(direct.model))
+    assert estimate_setting_seconds(result, config) > 0
+    assert estimate_setting_seconds(result, RepairConfig("none", n_holdout=0)) == 0

@@ -94,3 +94,36 @@ def test_rows_choice_and_packed_file(weights_file, image_root):
     assert packed.arch == "torchvision:mobilenet_v3_small" and packed.config == choice.config
     assert "retention_%" in tuning.format_sweep(frame)
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_repair_calibration_never_takes_the_evaluation_set(weights_file, image_root):
+    tuned = tuning.load_model("torchvision:mobilenet_v3_small", str(weights_file), 40)
+    images, text = tuning.repair_calibration("cifar10", tuned, 6, seed=1)
+    assert images.shape == (6, 3, 40, 40) and "6 augmented CIFAR-10 training images (seed 1)" == text
+    images, text = tuning.repair_calibration(str(image_root), tuned, 5)
+    assert images.shape == (5, 3, 40, 40) and str(image_root) in text
+    with pytest.raises(ValueError, match="1 to 4096 calibration images"):
+        tuning.repair_calibration("cifar10", tuned, tuning.MAX_REPAIR_IMAGES + 1)
+
+
+def test_one_setting_at_every_repair_level_packs_the_last(weights_file, image_root):
+    from core.measure.repair import RepairConfig
+
+    tuned = tuning.load_model("torchvision:mobilenet_v3_small", str(weights_file), 32)
+    data = tuning.load_data(str(image_root), tuned)
+    calibration, _ = tuning.repair_calibration("cifar10", tuned, 16)
+    config = CompressionConfig(tau=0.1, theta=0.3, b_low=4, b_high=8)
+    estimates = []
+    run = tuning.evaluate_setting(tuned, data, config, RepairConfig("bias", n_images=16, n_holdout=0, batch_size=8),
+                                  calibration, on_estimate=lambda method, s: estimates.append((method, s)))
+    assert run.frame["repair"].tolist() == ["none", "none", "bn", "bias"] and list(run.frame.columns) == list(
+        tuning.COLUMNS)
+    assert [m for m, _ in estimates] == ["bn", "bias"] and all(s > 0 for _, s in estimates)
+    assert run.repaired.method == "bias" and len(run.packed) == run.frame.iloc[-1]["packed_bytes"]
+    packed = parse_compressed(run.packed)
+    assert packed.repair["method"] == "bias" and packed.arch == "torchvision:mobilenet_v3_small"
+    model = packed.load()
+    reference = run.repaired.model.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ValueError, match="calibration images"):
+        tuning.evaluate_setting(tuned, data, config, RepairConfig("bn"), None)

@@ -93,3 +93,35 @@ def test_a_waiter_polls_and_leaves_the_line_cleanly_when_its_poll_raises():
     holder.join()
     with queue.job():  # the line moves on
         assert queue.running == 1
+
+
+def test_a_job_runs_at_background_priority_and_gets_its_priority_back():
+    import os
+
+    import pytest
+
+    from core.services.compute_queue import JOB_NICENESS, background_priority_available
+
+    if not background_priority_available():
+        pytest.skip("this process may not raise a thread's priority back (not root, no CAP_SYS_NICE)")
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    queue = ComputeQueue(slots=2)
+    with queue.job():
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, before + JOB_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before
+    with queue.exclusive(timeout_s=0.5):  # a measurement runs at the caller's own priority
+        assert os.getpriority(os.PRIO_PROCESS, tid) == before
+
+
+def test_an_exception_in_a_job_still_restores_its_priority():
+    import os
+
+    import pytest
+
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    with pytest.raises(RuntimeError):
+        with ComputeQueue(slots=1).job():
+            raise RuntimeError("boom")
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before

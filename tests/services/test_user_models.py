@@ -105,7 +105,8 @@ def test_labelled_images_drive_the_paired_estimate_and_the_full_accuracy(weights
     assert view.accuracy_available
     estimate = session.refine_accuracy(result, False, "cpu")
     assert estimate.population == 8
-    assert session.full_accuracy(result, True, "cpu").n == 8  # BN recalibrated on the same images
+    assert session.full_accuracy(result, True, "cpu").n == 8  # SqueezeNet has no BatchNorm: the "bn" level is "none"
+    assert "no BatchNorm" in session.repair_unavailable()["bn"]
     session.use_data(None)
     assert session.data is None and session.evaluation_set().key.startswith("cifar10-test")
 

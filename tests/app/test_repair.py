@@ -1,0 +1,136 @@
+"""The accuracy repair in the app: the Explore page's Repair choice and the Learn page's measured story.
+
+Repairs run on the default model (the shipped ResNet-20) with 64 calibration images and 32
+held out (``core.services.repairs.REPAIR_IMAGES`` / ``REPAIR_HOLDOUT``), a second or two each.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import core.services.repairs as repairs
+import core.services.teaching as teaching
+from tests.app.test_pages import fresh_caches  # noqa: F401 (the autouse fixture: every test starts without caches)
+from tests.app.test_pages import explorer, metric, no_errors, start
+from tests.services.repair_fixture import write_repair_csv
+from core.workloads.models import state_dict_digest as weights_fingerprint
+
+
+@pytest.fixture(autouse=True)
+def small_repairs(monkeypatch):
+    monkeypatch.setattr(repairs, "REPAIR_IMAGES", 64)
+    monkeypatch.setattr(repairs, "REPAIR_HOLDOUT", 32)
+
+
+def chart(at, kind: str) -> dict | None:
+    for element in at.get("plotly_chart"):
+        spec = json.loads(element.proto.spec)
+        if (spec["layout"].get("meta") or {}).get("kind") == kind:
+            return spec
+    return None
+
+
+# ---------------------------------------------------------------- Explore
+
+def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_back_the_figures():
+    at = start(tau=0.3)
+    no_errors(at)
+    session = explorer(at)
+    model_before = weights_fingerprint(session.loaded.model)
+    unrepaired = metric(at, "Accuracy Δ vs dense").value
+    assert at.selectbox(key="repair").value == "none" and chart(at, "repair_errors") is None
+    at.selectbox(key="repair").set_value("reconstruct").run()
+    no_errors(at)
+    assert at.session_state["bn_recal"] is True  # mirrored for the pages that read the old key
+    config = session.last_config
+    repaired = session.cached_repair(config, "reconstruct")
+    assert repaired is not None and repaired.n_images == 64 and repaired.n_holdout == 32
+    assert any("repaired in" in p.proto.text for p in at.get("progress"))
+    spec = chart(at, "repair_errors")
+    before, after = spec["data"]
+    assert before["x"] == after["x"] == repaired.errors["name"].tolist()
+    assert sum(after["y"]) < sum(before["y"])  # reconstruction lowers the layers' output error
+    accuracy = metric(at, "Accuracy Δ vs dense")
+    assert "+ reconstruction" in accuracy.help
+    estimate = session.accuracy_estimate(session.apply(config), "reconstruct", "cpu")
+    assert estimate is not None and accuracy.value == f"{100 * estimate.delta:+.2f} pts"
+    # off: the unrepaired figures, unchanged; the shared model never touched
+    at.selectbox(key="repair").set_value("none").run()
+    no_errors(at)
+    assert metric(at, "Accuracy Δ vs dense").value == unrepaired
+    assert "After repair" not in metric(at, "Accuracy Δ vs dense").help
+    assert chart(at, "repair_errors") is None and at.session_state["bn_recal"] is False
+    assert weights_fingerprint(session.loaded.model) == model_before
+    assert weights_fingerprint(explorer(at).loaded.model) == model_before
+
+
+def test_a_finished_repair_is_shown_to_another_session_at_once():
+    first = start(tau=0.25, repair="bias")
+    no_errors(first)
+    done = explorer(first).cached_repair(explorer(first).last_config, "bias")
+    assert done is not None
+    second = start(tau=0.25, repair="bias")  # another user, same model and setting
+    no_errors(second)
+    assert explorer(second).cached_repair(explorer(second).last_config, "bias") is done  # not repaired again
+    assert not any("repaired in" in p.proto.text for p in second.get("progress"))  # no job ran
+    assert chart(second, "repair_errors") is not None
+
+
+def test_an_old_bn_recal_setting_is_the_bn_level():
+    at = start(tau=0.3, bn_recal=True)  # as the Tune page, or a session from before the levels, leaves it
+    no_errors(at)
+    assert at.session_state["repair"] == "bn" and at.selectbox(key="repair").value == "bn"
+    assert "BN recalibration" in metric(at, "Accuracy Δ vs dense").help
+
+
+def test_a_stopped_repair_waits_for_run_again():
+    at = start(tau=0.3)
+    session = explorer(at)
+    key = repr(session.repair_key(session.last_config, "reconstruct"))
+    at.session_state["explore_repair_stopped"] = key  # what a Stop click leaves (its rerun cannot be timed here)
+    at.selectbox(key="repair").set_value("reconstruct").run()
+    no_errors(at)
+    assert session.cached_repair(session.last_config, "reconstruct") is None  # not started by itself
+    assert any("was stopped" in i.value for i in at.info)
+    at.button(key="repair_run").click().run()
+    no_errors(at)
+    assert session.cached_repair(session.last_config, "reconstruct") is not None
+
+
+def test_a_model_without_labelled_data_offers_no_repair_and_says_why():
+    at = start(model_key="synthetic:mlp")
+    no_errors(at)
+    box = at.selectbox(key="repair")
+    assert box.disabled and box.options == ["none"]
+    assert "no labelled images" in box.help
+
+
+# ---------------------------------------------------------------- Learn
+
+def test_learn_without_the_csv_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(teaching.REPAIR_CSVS, "resnet18", tmp_path / "repair_resnet18.csv")
+    at = start()
+    at.switch_page("pages/learn.py").run()
+    no_errors(at)
+    assert any("10.09 %" in m.value for m in at.markdown)  # the paper's figure, quoted
+    assert any("not here yet" in i.value for i in at.info)
+    assert any(c.value == teaching.REPAIR_COMMANDS["resnet18"] for c in at.code)
+    assert chart(at, "repair_accuracy") is None
+
+
+def test_learn_with_the_csv_shows_the_measured_figures(monkeypatch, tmp_path):
+    path = write_repair_csv(tmp_path / "repair_resnet18.csv")
+    monkeypatch.setitem(teaching.REPAIR_CSVS, "resnet18", path)
+    at = start()
+    at.switch_page("pages/learn.py").run()
+    no_errors(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "keeps **11.2 %**" in text and "scores **10.00 %**" in text and "dense: 88.17 %" in text
+    for figure in ("65.43 %", "70.12 %", "80.21 %"):  # BN, bias, reconstruction at τ = 0.2, from the file
+        assert figure in text
+    spec = chart(at, "repair_accuracy")
+    assert [trace["name"] for trace in spec["data"]] == ["pruned, no repair", "+ BN recalibration",
+                                                          "+ bias correction", "+ reconstruction"]
+    assert any("+ reconstruction (%)" in table.value.columns for table in at.dataframe)
+    assert not any("not here yet" in i.value for i in at.info)
