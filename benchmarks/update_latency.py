@@ -2,6 +2,7 @@
 
     python benchmarks/update_latency.py                     # the app's default model
     python benchmarks/update_latency.py pretrained:resnet18 --moves 40
+    python benchmarks/update_latency.py torchvision:resnet50 --moves 20   # random init, 224 px, 1,000 classes
 
 Each move is a τ step of ±0.01 (every fourth a θ step) sent through
 :meth:`core.services.session.ExploreSession.update` exactly as the page sends it: the engine
@@ -16,24 +17,41 @@ import argparse
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.common.timing import percentile  # noqa: E402
 from core.method.config import CompressionConfig  # noqa: E402
-from core.services.choices import load_choice, model_choices  # noqa: E402
+import core.workloads.torchvision_models as tv  # noqa: E402
+from core.services.choices import LoadedModel, load_choice, model_choices, torchvision_loaded  # noqa: E402
 from core.services.session import ExploreRequest, ExploreSession  # noqa: E402
 from core.services.threads import configure_threads  # noqa: E402
+
+
+def load_model(key: str) -> LoadedModel:
+    """A picker key (``pretrained:resnet20``…), or ``torchvision:<name>``: that architecture with
+    random weights (seed 0) and ImageNet's 224 px pre-processing, as the sidebar builds it."""
+    kind, _, name = key.partition(":")
+    if kind != "torchvision":
+        return load_choice(key)
+    torch.manual_seed(0)
+    model = tv.build(name)
+    arch = tv.arch_name(tv.short_name(name))
+    return torchvision_loaded(key, f"torchvision {name} (random init)", arch, model, {}, None,
+                              "random weights, seed 0", "torch.manual_seed(0)")
 
 
 def measure_updates(key: str, moves: int = 40, *, batch: int = 1, theta_every: int = 4,
                     seed: int = 0) -> pd.DataFrame:
     """Replay ``moves`` slider moves (τ steps of ±0.01, every ``theta_every``-th a θ step) through
     :meth:`ExploreSession.update` as the Explore page does; one row of timings (ms) per move."""
-    session = ExploreSession(load_choice(key))
+    start = time.perf_counter()
+    session = ExploreSession(load_model(key))
     rng = random.Random(seed)
     tau, theta = 0.2, 0.3
     layer = session.largest_layer()
@@ -42,6 +60,7 @@ def measure_updates(key: str, moves: int = 40, *, batch: int = 1, theta_every: i
         return ExploreRequest(config=CompressionConfig(tau=tau, theta=theta), layer=layer, latency_batch=batch)
 
     session.update(request())  # the page's first load (engine, data, dense references): not a slider move
+    print(f"{key}: model loaded and first view (engine built) in {time.perf_counter() - start:.1f} s")
     rows = []
     for i in range(moves):
         if theta_every and i % theta_every == theta_every - 1:

@@ -8,6 +8,7 @@ from core.services.uploads import (
     display_name,
     export_bundle,
     read_settings,
+    read_settings_repair,
     settings_json,
 )
 from ui.errors import literal, show_error, show_warning
@@ -109,7 +110,7 @@ with guard("Preparing the export"):
                    "(sidebar → Upload; the architecture is read from the file).")
     with b:
         st.subheader("Settings")
-        text = settings_json(config, loaded, result, bn)
+        text = settings_json(config, loaded, result, bn, repair=state.get("repair"))
         st.download_button("Download settings (.json)", text, file_name=f"{stem}.json", mime="application/json",
                            key="download_settings", on_click="ignore")
         with st.expander("Show the JSON"):
@@ -123,7 +124,8 @@ uploaded = st.file_uploader(f"Settings JSON (≤ {MAX_SETTINGS_MB} MB)", key="se
 if uploaded is not None and st.button("Apply these settings", key="apply_settings"):
     name = display_name(uploaded.name)
     try:  # read_settings refuses files over MAX_SETTINGS_BYTES before parsing them
-        skipped = apply_config(read_settings(uploaded.getvalue()), session)
+        skipped = apply_config(read_settings(uploaded.getvalue()), session,
+                               repair=read_settings_repair(uploaded.getvalue()))
     except ValueError as err:  # ConfigError included: the message names the field (and may quote the file)
         show_error(f"{name} is not a settings file this app can apply: {str(err).rstrip('.')}. "
                    "Export a settings file above and load that one.")

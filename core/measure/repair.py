@@ -55,7 +55,8 @@ never modified; the repaired model is a new module; pruned weights stay exactly 
 calibration images come from the training split (or the caller); no labels are used.
 
 Cancelling: ``cancel`` (a ``threading.Event`` or a callable returning True) is checked
-before every layer; when set, :class:`RepairCancelled` is raised and nothing is returned
+before every layer, and within a reconstruction before every calibration batch and every
+group of channel solves; when set, :class:`RepairCancelled` is raised and nothing is returned
 (a half-repaired model is not a consistent one: later layers were never fitted).
 """
 from __future__ import annotations
@@ -240,12 +241,14 @@ def _quantize_column(col, scale, limit, integer, half):
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, support: torch.Tensor, lam: torch.Tensor,
-           bits: torch.Tensor | None) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+           bits: torch.Tensor | None,
+           check: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
     """Per row c of ``support`` (C × K'), ``argmin ‖X_S w − y_c‖² + λ‖w‖²`` over S = support[c].
 
     ``gram`` K'×K' (XᵀX/m) and ``cross`` K'×C (XᵀY/m), float64; ``lam`` the per-column ridge.
     With ``bits`` (C × K', 0 = not quantized), the GPTQ pass follows each solve. Returns the
     weights (C × K', zero off the support) and, quantized, the scales per bit-width.
+    ``check`` is called before every group of channels (a cancel raises from it).
     """
     n_out, width = support.shape
     weights = torch.zeros(n_out, width, dtype=torch.float64)
@@ -270,6 +273,8 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, support: torch.Tensor, lam: 
     ridge_scale = regularised.diagonal().mean()
 
     def solve_group(local: torch.Tensor) -> None:
+        if check is not None:
+            check()
         channels = rest[local]
         kc = k[channels]
         kmax = max(int(kc.max()), 1)
@@ -561,6 +566,7 @@ class _Repair:
         rows = 0
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.order.index(step.name))
         for x, y in zip(step.inputs, step.dense_outputs):
+            self.check_cancel()  # a large layer takes seconds: a cancel need not wait for its end
             if isinstance(module, nn.Conv2d):
                 xs, ys = _conv_rows(module, x, y, self.config.positions, generator)
             else:
@@ -582,7 +588,7 @@ class _Repair:
             support = torch.cat([support, support.new_ones(n_out, 1)], 1)
         bits = self.bits.get(step.name)
         bits_2d = None if bits is None else bits.reshape(n_out, n_in)
-        solved, scales = _solve(gram, cross, support, lam, bits_2d)
+        solved, scales = _solve(gram, cross, support, lam, bits_2d, check=self.check_cancel)
         new_weight = solved[:, :n_in]
         if bits_2d is not None:
             new_weight, record = _decode(new_weight, bits_2d, scales, weight.dtype)

@@ -7,7 +7,7 @@ def test_freezing_startup_objects_leaves_later_garbage_collectable():
     from core.common.memory import freeze_startup_objects
 
     frozen = freeze_startup_objects()
-    assert frozen > 0 and gc.get_freeze_count() >= frozen
+    assert frozen > 0 and gc.get_freeze_count() > 0  # frozen objects freed by refcount leave the count
     assert freeze_startup_objects() == frozen  # once per process
 
     class Node:

@@ -415,6 +415,22 @@ def test_cancel_raises_and_leaves_everything_alone(pair):
         repair(dense, result.model, images(96), RepairConfig("bn", **FAST), cancel=lambda: True)
 
 
+def test_cancel_during_a_layers_reconstruction_stops_inside_that_layer(pair):
+    """A cancel raised while layer 2's systems are being built is honoured before layer 2 ends."""
+    dense, result = pair
+    before = state_fingerprint(result.model)
+    calls, done_layers = [0], []
+
+    def cancel():
+        calls[0] += 1
+        return len(done_layers) == 1 and calls[0] > 3  # set once the second layer has started its batches
+
+    with pytest.raises(RepairCancelled, match="after 1 of 4 layers"):
+        repair(dense, result.model, images(96), RepairConfig("reconstruct", **{**FAST, "batch_size": 16}),
+               on_progress=lambda done, total, name: done_layers.append(name), cancel=cancel)
+    assert done_layers == ["conv1"] and same_state(result.model, before)
+
+
 def test_estimate_is_positive_and_grows_with_the_work(pair):
     dense, result = pair
     small = estimate_seconds(result.model, RepairConfig("reconstruct", n_images=64), input_shape=(3, 16, 16))
