@@ -36,7 +36,21 @@ from dataclasses import dataclass
 import torch
 
 POLL_S = 0.1  # how often a waiting job calls its poll (the page's chance to be interrupted)
-JOB_NICENESS = 10  # how much lower a queued job's thread runs than the interactive work (Linux nice units)
+NICENESS_ENV = "BOUNDARY_JOB_NICENESS"
+
+
+def _job_niceness(default: int = 10) -> int:
+    """How much lower a queued job's thread runs than the interactive work (Linux nice units, 0–19).
+
+    ``$BOUNDARY_JOB_NICENESS`` overrides the default; 0 turns background priority off.
+    """
+    try:
+        return min(19, max(0, int(os.environ.get(NICENESS_ENV, default))))
+    except ValueError:
+        return default
+
+
+JOB_NICENESS = _job_niceness()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +192,7 @@ def background_priority_available() -> bool:
     and then tried once on a scratch thread, so a false answer costs nothing later.
     """
     base = _thread_niceness()
-    if base is None:
+    if base is None or JOB_NICENESS == 0:
         return False
     limit = resource.getrlimit(resource.RLIMIT_NICE)[0] if hasattr(resource, "RLIMIT_NICE") else 0
     if os.geteuid() != 0 and limit != resource.RLIM_INFINITY and limit < 20 - base:
