@@ -10,11 +10,12 @@ import streamlit as st
 st.set_page_config(page_title="Boundary Explorer", page_icon=":material/content_cut:", layout="wide")
 
 import ui.charts, ui.explore_view, ui.sidebar  # noqa: E401,E402,F401  the pages' heavy imports, before the freeze
-from core.common.memory import freeze_startup_objects  # noqa: E402
+from core.common.memory import freeze_startup_objects, start_memory_janitor  # noqa: E402
 from core.services.threads import configure_threads  # noqa: E402  (after set_page_config)
 
 configure_threads()
 freeze_startup_objects()  # once per process: Streamlit's collection after every run skips them (see its docstring)
+start_memory_janitor()  # once per process: closed sessions' memory goes back to the OS even when nobody is on
 pages = [
     st.Page("pages/explore.py", title="Explore", icon=":material/tune:", default=True),
     st.Page("pages/tune.py", title="Tune", icon=":material/show_chart:"),

@@ -57,7 +57,7 @@ def torch_prune_ms(model: nn.Module, amount: float, how: str, repeats: int) -> f
     times = []
     for _ in range(max(3, repeats // 3)):
         clone = copy.deepcopy(model)
-        params = [(layer.module, "weight") for layer in prunable_layers(clone)]
+        params = [(layer.module, layer.param) for layer in prunable_layers(clone)]
 
         def run():
             if how == "l1":

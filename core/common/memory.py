@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import threading
 
 
 @functools.cache
@@ -64,6 +65,31 @@ def freeze_startup_objects() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+JANITOR_INTERVAL_S = 10.0
+
+
+@functools.cache
+def start_memory_janitor(interval_s: float = JANITOR_INTERVAL_S) -> threading.Thread:
+    """Start, once per process, a daemon thread that runs :func:`release_memory` every ``interval_s``.
+
+    Why: a closed tab's session is dropped by the server after its TTL, but its objects sit in
+    reference cycles, which only the cyclic collector frees; it runs when enough *new*
+    allocations happen, or after a script run, so a server whose users have all left never
+    runs it, and their memory stays. Each round costs a collection of the objects made since
+    startup (see :func:`freeze_startup_objects`) and a ``malloc_trim``: milliseconds.
+    """
+    thread = threading.Thread(target=janitor_loop, args=(interval_s, threading.Event()), name="memory-janitor",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def janitor_loop(interval_s: float, stop: threading.Event) -> None:
+    """:func:`release_memory` every ``interval_s`` until ``stop`` is set (the janitor thread's body)."""
+    while not stop.wait(interval_s):
+        release_memory()
 
 
 def process_rss_bytes() -> int:

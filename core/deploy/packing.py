@@ -4,8 +4,8 @@
 to one safetensors file; ``load_compressed(path)`` rebuilds the ``nn.Module`` whose
 weights equal ``result.weights`` bit for bit.
 
-Format (version :data:`FORMAT_VERSION`): a safetensors file with two uint8 tensors and
-one metadata entry.
+Format (version :data:`FORMAT_VERSION`, or :data:`KEYED_FORMAT_VERSION` for a model with a packed
+weight not called ``weight``): a safetensors file with two uint8 tensors and one metadata entry.
 
 * metadata ``boundary_explorer``: a JSON header — format name and version, architecture
   name and kwargs, the compression settings, the engine's byte accounting, for a repaired
@@ -13,7 +13,11 @@ one metadata entry.
   SHA256 of everything (header, table, data);
 * ``table``: zlib-compressed JSON — one record per packed layer ``[name, shape, dtype,
   kept, n_high, n_low, b_high, b_low, mask kind]`` and one per state_dict entry stored
-  as is ``[key, dtype, shape]``;
+  as is ``[key, dtype, shape]``. A packed layer's state_dict key is ``<name>.weight`` (a
+  Conv/Linear module's weight); a layer whose weight is another parameter (an attention's
+  ``in_proj_weight``, named by its dotted path) has its key as a tenth field, and such a file
+  is written as version :data:`KEYED_FORMAT_VERSION`, so that a build that does not know the
+  field says so instead of calling the file damaged;
 * ``data``: the bytes, back to back, in table order (all sizes follow from the table).
   Per packed layer (each row of ``result.stats``):
 
@@ -84,6 +88,9 @@ from core.method.quantization import (
 
 FORMAT_NAME = "boundary-explorer/packed"
 FORMAT_VERSION = 1
+#: The version of a file with a layer record that carries its state_dict key (a tenth field); files
+#: whose packed weights are all modules' ``weight`` are still written, byte for byte, as version 1.
+KEYED_FORMAT_VERSION = 2
 METADATA_KEY = "boundary_explorer"
 _CHUNK_VALUES = 1 << 20  # values packed per numpy call (a multiple of 8: chunks start on a byte)
 
@@ -164,6 +171,19 @@ class LayerRecord:
     b_high: int | None  # None: pruning only, kept weights stored in their dtype
     b_low: int | None
     mask: str  # "all" | "bitmap" | "index"
+    key: str | None = None  # the state_dict key when it is not ``<name>.weight`` (``….in_proj_weight``)
+
+    @property
+    def state_key(self) -> str:
+        """The weight's state_dict key."""
+        return self.key if self.key is not None else f"{self.name}.weight"
+
+    @property
+    def row(self) -> list:
+        """The table's record: nine fields, and the key as a tenth where it is not ``<name>.weight``."""
+        fields = [self.name, list(self.shape), self.dtype, self.kept, self.n_high, self.n_low, self.b_high,
+                  self.b_low, self.mask]
+        return fields + ([self.key] if self.key is not None else [])
 
     @property
     def numel(self) -> int:
@@ -185,6 +205,12 @@ class LayerRecord:
     @property
     def mixed(self) -> bool:
         return len(self.streams) == 2
+
+
+def _record_key(result, name: str) -> str | None:
+    """Layer ``name``'s state_dict key for its record: ``None`` where it is ``<name>.weight`` (nine fields)."""
+    key = result._engine.parameter_name(name)
+    return None if key == f"{name}.weight" else key
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -289,7 +315,7 @@ def _pack_layer(result, name: str, row: Mapping, repaired_weight: torch.Tensor |
     record = LayerRecord(
         name=name, shape=shape, dtype=_dtype_name(weight.dtype), kept=kept, n_high=n_high, n_low=n_low,
         b_high=config.b_high if config.quantized else None, b_low=config.b_low if config.quantized else None,
-        mask=_mask_kind(numel, kept))
+        mask=_mask_kind(numel, kept), key=_record_key(result, name))
     order = engine.rank_order(name)  # rank → flat index; kept = ranks [numel − kept, numel)
     keep = torch.zeros(numel, dtype=torch.bool)
     keep[order[numel - kept:]] = True
@@ -364,15 +390,16 @@ def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
     engine = result._engine
     original = result.weights[name]
     shape, numel = tuple(original.shape), original.numel()
+    key = _record_key(result, name)
     if tuple(weight.shape) != shape or weight.dtype != original.dtype:
-        raise ValueError(f"the repaired '{name}.weight' is {weight.dtype} {tuple(weight.shape)}, the result's "
-                         f"{original.dtype} {shape}: a repair of another model")
+        raise ValueError(f"the repaired '{result._engine.parameter_name(name)}' is {weight.dtype} "
+                         f"{tuple(weight.shape)}, the result's {original.dtype} {shape}: a repair of another model")
     kept, n_high, n_low = int(row["kept"]), int(row["n_high"]), int(row["n_low"])
     config = result.config
     record = LayerRecord(
         name=name, shape=shape, dtype=_dtype_name(original.dtype), kept=kept, n_high=n_high, n_low=n_low,
         b_high=config.b_high if config.quantized else None, b_low=config.b_low if config.quantized else None,
-        mask=_mask_kind(numel, kept))
+        mask=_mask_kind(numel, kept), key=key)
     order = engine.rank_order(name)
     keep = torch.zeros(numel, dtype=torch.bool)
     keep[order[numel - kept:]] = True
@@ -529,32 +556,31 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
         name = row["name"]
         weight = None
         if repaired is not None:
-            weight = source[f"{name}.weight"]
+            weight = source[result._engine.parameter_name(name)]
             if name not in quantized and torch.equal(weight, result.weights[name].cpu()):
                 weight = None  # not changed by the repair: the engine's own chunks
         record, layer_parts = _pack_layer(result, name, row, weight, quantized.get(name))
         records.append(record)
         parts.extend(layer_parts)
         expected[name] = result.weights[name] if weight is None else weight
-    packed_keys = {f"{r.name}.weight" for r in records}
+    packed_keys = {r.state_key for r in records}
     state = {k: v for k, v in source.items() if k not in packed_keys}
     state_table = [[key, _dtype_name(value.dtype), list(value.shape)] for key, value in state.items()]
     parts.extend(_tensor_bytes(value) for value in state.values())
     data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    table = {"layers": [[r.name, list(r.shape), r.dtype, r.kept, r.n_high, r.n_low, r.b_high, r.b_low, r.mask]
-                        for r in records],
-             "state": state_table}
+    table = {"layers": [r.row for r in records], "state": state_table}
     table_bytes = zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)
     if verify:
         reader = _Reader(data)
         for record in records:
             if not torch.equal(_unpack_layer(record, reader), expected[record.name].cpu()):
                 if repaired is not None and record.name in quantized:
-                    raise ValueError(f"the repaired '{record.name}.weight' is not its codes · scales: the repair's "
+                    raise ValueError(f"the repaired '{record.state_key}' is not its codes · scales: the repair's "
                                      "quantized form does not describe its weights")
                 raise RuntimeError(f"packing layer '{record.name}' is not lossless (a bug: please report it)")
     header = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION if all(r.key is None for r in records) else KEYED_FORMAT_VERSION,
         "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
         "config": result.config.to_dict(),
         "retention": float(result.retention),
@@ -680,9 +706,9 @@ def _header(metadata: dict, label: str) -> dict:
     header = _json(text, label, "packed-model header") if isinstance(text, str) else None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise PackedFileError(f"{label} is not a Boundary Explorer packed model file.")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in (FORMAT_VERSION, KEYED_FORMAT_VERSION):
         raise PackedFileError(f"{label} is packed format version {printable(repr(header.get('version')), 40)}; "
-                              f"this build reads version {FORMAT_VERSION}.")
+                              f"this build reads version {FORMAT_VERSION} and version {KEYED_FORMAT_VERSION}.")
     if header.get("arch") is not None and not isinstance(header["arch"], str):
         raise PackedFileError(f"{label} is damaged: its architecture name is not text.")
     if not isinstance(header.get("arch_kwargs", {}), dict):
@@ -731,11 +757,17 @@ def _dtype_of(value: object, allowed: tuple[str, ...], where: str, label: str) -
     return getattr(torch, value)
 
 
-def _layer(row: object, label: str, max_params: int) -> LayerRecord:
-    """One layer record of the table, every field checked (types, ranges, and against each other)."""
-    if not isinstance(row, list) or len(row) != 9:
-        raise PackedFileError(f"{label} is damaged: a layer record of its table does not have 9 fields.")
-    name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask = row
+def _layer(row: object, label: str, max_params: int, keyed: bool = False) -> LayerRecord:
+    """One layer record of the table, every field checked (types, ranges, and against each other).
+
+    ``keyed`` (a version-:data:`KEYED_FORMAT_VERSION` file): a record may carry its state_dict key as a
+    tenth field."""
+    fields = (9, 10) if keyed else (9,)
+    if not isinstance(row, list) or len(row) not in fields:
+        raise PackedFileError(f"{label} is damaged: a layer record of its table does not have "
+                              f"{' or '.join(map(str, fields))} fields.")
+    name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask = row[:9]
+    key = _name(row[9], label) if len(row) == 10 else None
     where = f"layer '{printable(_name(name, label), 80)}'"
     shape = _shape(shape, where, label, max_params)
     _dtype_of(dtype, LAYER_DTYPES, where, label)
@@ -755,7 +787,7 @@ def _layer(row: object, label: str, max_params: int) -> LayerRecord:
     if mask != _mask_kind(numel, kept):
         raise PackedFileError(f"{label} is damaged: {where} declares the mask kind {printable(repr(mask), 20)}, "
                               f"its counts call for {_mask_kind(numel, kept)!r}.")
-    return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask)
+    return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask, key)
 
 
 def _layer_bytes(record: LayerRecord) -> int:
@@ -768,14 +800,15 @@ def _layer_bytes(record: LayerRecord) -> int:
     return total + (math.ceil(record.kept / 8) if record.mixed else 0)
 
 
-def _table(text: bytes, label: str, max_params: int) -> tuple[list[LayerRecord], list[StateEntry]]:
-    """The table's layer records and state_dict entries, checked; at most ``max_params`` values in all."""
+def _table(text: bytes, label: str, max_params: int, keyed: bool = False) -> tuple[list[LayerRecord], list[StateEntry]]:
+    """The table's layer records and state_dict entries, checked; at most ``max_params`` values in all.
+    ``keyed``: layer records may carry their state_dict key (see :func:`_layer`)."""
     table = _json(text, label, "layer table")
     if not (isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("state"), list)):
         raise PackedFileError(f"{label} is damaged: its layer table lacks the 'layers' and 'state' lists.")
     if len(table["layers"]) + len(table["state"]) > MAX_TABLE_ROWS:
         raise PackedFileError(f"{label} is refused: its table lists more than {MAX_TABLE_ROWS:,} tensors.")
-    records = [_layer(row, label, max_params) for row in table["layers"]]
+    records = [_layer(row, label, max_params, keyed) for row in table["layers"]]
     state = []
     for row in table["state"]:
         if not isinstance(row, list) or len(row) != 3:
@@ -784,7 +817,7 @@ def _table(text: bytes, label: str, max_params: int) -> tuple[list[LayerRecord],
         where = f"tensor '{printable(key, 80)}'"
         state.append(StateEntry(key, _dtype_of(row[1], STATE_DTYPES, where, label),
                                 _shape(row[2], where, label, max_params)))
-    keys = [f"{r.name}.weight" for r in records] + [entry.key for entry in state]
+    keys = [r.state_key for r in records] + [entry.key for entry in state]
     if len(set(keys)) != len(keys):
         raise PackedFileError(f"{label} is damaged: its table lists a tensor twice.")
     values = sum(r.numel for r in records) + sum(math.prod(entry.shape) for entry in state)
@@ -847,14 +880,14 @@ class PackedFile:
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every state_dict key the file holds, with the shape and dtype it declares."""
-        shapes = {f"{r.name}.weight": (r.shape, _dtype(r.dtype)) for r in self.layers}
+        shapes = {r.state_key: (r.shape, _dtype(r.dtype)) for r in self.layers}
         shapes.update({entry.key: (entry.shape, entry.dtype) for entry in self.state})
         return shapes
 
     def decode(self) -> dict[str, torch.Tensor]:
         """The full state_dict (packed layers decoded); memory: about the model's size."""
         reader = _Reader(self.data)
-        state = {f"{record.name}.weight": _unpack_layer(record, reader) for record in self.layers}
+        state = {record.state_key: _unpack_layer(record, reader) for record in self.layers}
         for entry in self.state:
             state[entry.key] = reader.tensor(entry.dtype, entry.shape, f"'{printable(entry.key, 80)}'")
         return state
@@ -918,7 +951,8 @@ def parse_compressed(data: bytes, label: str = "the packed file", max_params: in
         CompressionConfig.from_dict(header.get("config", {}))
     except ValueError as err:
         raise PackedFileError(f"{label} records settings this app cannot use: {printable(err)}.") from err
-    records, state = _table(_inflate(table_bytes, label), label, max_params)
+    records, state = _table(_inflate(table_bytes, label), label, max_params,
+                            keyed=header.get("version") == KEYED_FORMAT_VERSION)
     described = sum(map(_layer_bytes, records)) + sum(entry.nbytes for entry in state)
     if described != blob.size:
         raise PackedFileError(f"{label} is damaged: its table describes {described:,} bytes of data, "

@@ -59,7 +59,7 @@ from core.measure.sensitivity import JsonCache, Sensitivity, model_key, monotone
 from core.measure.sweeps import tensor_digest
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
-from core.method.pruning import boundary
+from core.method.pruning import boundary, layer_weight
 from core.method.quantization import layer_storage
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 
@@ -637,7 +637,7 @@ def compare_at_equal_retention(
             start = time.perf_counter()
             if method == "global_magnitude":
                 pruned, _ = magnitude_baseline(model, "global_magnitude", int(setting))
-                counts = {name: int(torch.count_nonzero(pruned.get_submodule(name).weight)) for name in layers}
+                counts = {name: int(torch.count_nonzero(layer_weight(pruned, name))) for name in layers}
                 kept_here = sum(counts.values())
                 size = int(fixed_bytes(engine, layers) + sum(
                     layer_storage(engine.sorted_magnitudes(name).numel(), 1, count, 0, None, None,

@@ -55,12 +55,12 @@ def magnitude_baseline(model: nn.Module, method: str, n_prune: int, include_norm
     if not 0 <= n_prune <= sum(numels):
         raise ValueError(f"cannot prune {n_prune} of {sum(numels)} weights")
     if method == "global_magnitude":
-        prune.global_unstructured([(layer.module, "weight") for layer in layers],
+        prune.global_unstructured([(layer.module, layer.param) for layer in layers],
                                   pruning_method=prune.L1Unstructured, amount=int(n_prune))
     else:
         for layer, count in zip(layers, _largest_remainder(numels, n_prune)):
-            prune.l1_unstructured(layer.module, "weight", amount=int(count))
-    kept = sum(int(layer.module.weight_mask.sum()) for layer in layers)
+            prune.l1_unstructured(layer.module, layer.param, amount=int(count))
+    kept = sum(int(getattr(layer.module, f"{layer.param}_mask").sum()) for layer in layers)
     for layer in layers:
-        prune.remove(layer.module, "weight")
+        prune.remove(layer.module, layer.param)
     return pruned.eval(), kept / sum(numels)

@@ -77,11 +77,13 @@ from torch import nn
 
 from core.measure.accuracy import bn_recalibrate
 from core.measure.calibration import Lockstep, Step, TraceError, calibration_split
-from core.method.pruning import prunable_layers
+from core.method.pruning import layer_weight, prunable_layers
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS, SUPPORTED_BITS, channel_scales, q_max
 
 METHODS: tuple[str, ...] = ("none", "bn", "bias", "reconstruct")
 _BN = nn.modules.batchnorm._BatchNorm
+#: The action of a pruned weight that is not a module's (an attention's ``in_proj_weight``).
+ATTENTION_SKIP = "not repaired: an attention projection (multiplied inside nn.MultiheadAttention's forward)"
 _SOLVE_ELEMENTS = 1 << 23  # float64 entries of one batch of channel systems (64 MiB)
 
 __all__ = [
@@ -645,8 +647,9 @@ def layer_errors(dense: nn.Module, models: Mapping[str, nn.Module], images: torc
             finally:
                 for h in hooks:
                     h.remove()
-            for name in names:
-                norms[name] += float(reference[name].pow(2).sum(dtype=torch.float64))
+            for name in names:  # a layer the forward never calls as a module (an attention's out_proj): NaN
+                if name in reference:
+                    norms[name] += float(reference[name].pow(2).sum(dtype=torch.float64))
             for key, model in models.items():
                 def record(mod, args, out, name, key=key):
                     sums[key][name] += float((out - reference[name]).pow(2).sum(dtype=torch.float64))
@@ -708,7 +711,7 @@ def _check_masks(pruned: nn.Module, masks: Mapping[str, torch.Tensor] | None,
                 raise ValueError(f"masks['{name}'] and quant['{name}'] disagree on which weights are kept")
             out[name] = m
     for name, m in out.items():
-        weight = pruned.get_submodule(name).weight.detach().cpu()
+        weight = layer_weight(pruned, name).detach().cpu()
         if bool((weight[~m] != 0).any()):
             raise ValueError(f"layer '{name}' has nonzero weights outside its mask")
     return out, bits
@@ -752,7 +755,11 @@ def repair(dense: nn.Module, pruned: nn.Module, images: torch.Tensor | None = No
     fit = fit.to(device)
     with torch.no_grad():
         model = copy.deepcopy(pruned).eval()
-    names = [layer.name for layer in prunable_layers(model)]
+    layers = prunable_layers(model)
+    # the repair runs at modules: an attention projection (in_proj_weight) is multiplied inside
+    # nn.MultiheadAttention's own forward, where no hook sees its output; it stays as pruned
+    names = [layer.name for layer in layers if layer.param == "weight"]
+    skipped = {layer.name: ATTENTION_SKIP for layer in layers if layer.param != "weight"}
     repairer = None
     if config.method == "bn":
         _cancel_check(cancel, 0, 1)
@@ -780,15 +787,17 @@ def repair(dense: nn.Module, pruned: nn.Module, images: torch.Tensor | None = No
         errors = {"before": {n: float("nan") for n in names}, "after": {n: float("nan") for n in names}}
     error_seconds = time.perf_counter() - error_start
     rows = []
-    for layer in prunable_layers(model):
+    for layer in layers:
         mask = layer_masks[layer.name]
-        if repairer is not None:
+        if layer.name in skipped:
+            action = skipped[layer.name]
+        elif repairer is not None:
             action = repairer.actions.get(layer.name, "not called by the forward pass")
         else:
             action = {"none": "unchanged", "bn": "BatchNorm statistics re-estimated"}[config.method]
         rows.append({"name": layer.name, "kind": layer.kind, "kept": int(mask.sum()), "numel": mask.numel(),
-                     "action": action, "err_before": errors["before"][layer.name],
-                     "err_after": errors["after"][layer.name],
+                     "action": action, "err_before": errors["before"].get(layer.name, float("nan")),
+                     "err_after": errors["after"].get(layer.name, float("nan")),
                      "seconds": repairer.seconds.get(layer.name, 0.0) if repairer is not None else 0.0})
     before, after = pruned.state_dict(), model.state_dict()
     changed = tuple(key for key in after if not torch.equal(before[key], after[key]))
@@ -846,7 +855,7 @@ def _rates(threads: int) -> tuple[float, float]:
 @torch.no_grad()
 def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[float, list[dict]]:
     """Seconds per image of a forward pass (timed on 8 inputs), and each prunable layer's sizes."""
-    layers = prunable_layers(model)
+    layers = [layer for layer in prunable_layers(model) if layer.param == "weight"]  # see repair()
     if input_shape is None:
         first = layers[0].module
         input_shape = (first.in_channels, 32, 32) if isinstance(first, nn.Conv2d) else (first.weight.shape[1],)

@@ -170,7 +170,9 @@ class Engine:
     """Non-destructive boundary pruning and mixed-precision chunk switching for one model.
 
     ``palette``: the bit-widths the chunk store offers (each quantized once, when first
-    needed). ``layers``: restrict pruning to these Conv/Linear layer names.
+    needed). ``layers``: restrict pruning to these layer names (Conv/Linear modules by their path,
+    other weights such as an attention's ``in_proj_weight`` by the parameter's; see
+    :func:`core.method.pruning.prunable_layers`).
     ``example_input``: one input batch, used once to weight compute by MACs.
 
     Memory: the ranked weights and rank orders live in a :class:`WeightSnapshot` (2× the
@@ -220,13 +222,19 @@ class Engine:
 
     @property
     def layer_names(self) -> list[str]:
-        """Names of the Conv/Linear layers pruned by default, in module order."""
+        """Names of the weights pruned by default (Conv/Linear, attention projections), in module order."""
         return [name for name, layer in self.snapshot.layers.items() if not layer.is_norm]
 
     @property
     def norm_layer_names(self) -> list[str]:
         """Normalisation layers, pruned only with ``include_norm=True`` (the paper's pseudocode)."""
         return [name for name, layer in self.snapshot.layers.items() if layer.is_norm]
+
+    def parameter_name(self, name: str) -> str:
+        """The state_dict key of layer ``name``'s weight: ``<name>.weight`` for a module's weight, else ``name``
+        itself (``….self_attention.in_proj_weight``). Use :func:`core.method.pruning.layer_weight` to find the
+        tensor in a model."""
+        return self.snapshot.layer(name).key
 
     def original_weight(self, name: str) -> torch.Tensor:
         """A copy of the layer's original weight."""

@@ -39,6 +39,8 @@ class RankedLayer:
         flat = weight.reshape(-1)
         check_finite(flat, f"layer '{layer.name}'")
         self.name, self.kind = layer.name, layer.kind
+        # where the weight lives: module path and attribute ("weight", or e.g. "in_proj_weight"); its state_dict key
+        self.module_path, self.param, self.key = layer.module_path, layer.param, layer.parameter_name
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
         self.numel = flat.numel()
@@ -98,14 +100,39 @@ class RankedLayer:
                 + sum(chunk.nbytes for chunk in self.chunks.values()))
 
 
+def _sequence_length(module: nn.MultiheadAttention, tensor: object) -> int | None:
+    """Positions per sample of an attention input: (L, N, E), (N, L, E) with ``batch_first``, or unbatched (L, E)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (2, 3) or tensor.is_nested:
+        return None
+    return tensor.shape[1 if tensor.dim() == 3 and module.batch_first else 0]
+
+
 def _macs_per_weight(model: nn.Module, layers: list[PrunableLayer], example_input: torch.Tensor | None) -> dict[str, float]:
-    """How often each weight is used per sample: output positions (conv), 1 (linear)."""
+    """How often each weight is used per sample: output positions (conv), 1 (linear), tokens (attention).
+
+    Conv/Linear (and norm) weights from a forward hook on their module. ``nn.MultiheadAttention``
+    multiplies by its projections inside its own forward (its ``out_proj`` module is never called),
+    so a hook on the attention module reads the query length L and key length S: ``q_proj_weight``
+    and ``out_proj`` are used L times, ``k_proj_weight``/``v_proj_weight`` S times, the packed
+    ``in_proj_weight`` (Q, K and V stacked) (L + 2S)/3 times on average. A weight no hook saw
+    (never called, or a parameter of a graph module) counts 0: no compute measured.
+    """
     if example_input is None:
         return {layer.name: 1.0 for layer in layers}
     outputs: dict[str, tuple[int, ...]] = {}
+    lengths: dict[str, tuple[int | None, int | None]] = {}  # attention module path → (L, S)
+
+    def attention_hook(module, args, kwargs, out, path):
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        lengths[path] = (_sequence_length(module, query), _sequence_length(module, key))
+
     hooks = [layer.module.register_forward_hook(
         lambda module, args, out, name=layer.name: outputs.__setitem__(name, tuple(out.shape)))
-        for layer in layers]
+        for layer in layers if layer.param == "weight"]
+    hooks += [module.register_forward_hook(lambda m, a, k, o, path=path: attention_hook(m, a, k, o, path),
+                                           with_kwargs=True)
+              for path, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
     was_training = model.training
     try:
         model.eval()
@@ -118,13 +145,27 @@ def _macs_per_weight(model: nn.Module, layers: list[PrunableLayer], example_inpu
     result = {}
     for layer in layers:
         shape = outputs.get(layer.name)
-        if shape is None:
-            result[layer.name] = 0.0  # never called in the forward pass: no compute
+        if layer.param != "weight" or shape is None:
+            result[layer.name] = _attention_uses(layer, lengths)
             continue
         per_sample = math.prod(shape[1:])
         weight = layer.weight
         result[layer.name] = per_sample / (weight.numel() if is_norm_layer(layer.module) else weight.shape[0])
     return result
+
+
+def _attention_uses(layer: PrunableLayer, lengths: dict[str, tuple[int | None, int | None]]) -> float:
+    """Uses per sample of an attention projection (see :func:`_macs_per_weight`); 0.0 where none was seen."""
+    if layer.param == "weight":  # an attention's out_proj: called by the attention's forward, not as a module
+        owner, _, child = layer.name.rpartition(".")
+        query, _ = lengths.get(owner, (None, None)) if child == "out_proj" else (None, None)
+        return float(query) if query is not None else 0.0
+    query, key = lengths.get(layer.module_path, (None, None))
+    if query is None or key is None:
+        return 0.0
+    if layer.param == "in_proj_weight":  # rows [0, E) meet the query, rows [E, 3E) the key and the value
+        return (query + 2 * key) / 3
+    return float(query if layer.param == "q_proj_weight" else key)
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -157,7 +198,8 @@ def _dense_bytes(model: nn.Module) -> int:
 class WeightSnapshot:
     """A model's prunable weights ranked once, and the rest of the model as a template; read-only.
 
-    ``layers``: restrict pruning to these Conv/Linear layer names. ``example_input``: one
+    ``layers``: restrict pruning to these layer names (Conv/Linear modules, attention projections;
+    see :func:`core.method.pruning.prunable_layers`). ``example_input``: one
     input batch, used once to weight compute by MACs. The model is copied first (pruning
     hooks made permanent on the copy, see :func:`_plain_copy`) and never run or modified.
     """
@@ -176,7 +218,8 @@ class WeightSnapshot:
         self.dense_bytes = _dense_bytes(template)
         self.other_bytes = self.dense_bytes - sum(layer.numel * 4 for layer in self.layers.values())
         for layer in all_layers:  # the template keeps everything but the prunable weights
-            layer.module.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype), requires_grad=False)
+            setattr(layer.module, layer.param, nn.Parameter(torch.empty(0, dtype=layer.weight.dtype),
+                                                            requires_grad=False))
         self.template = template.eval()
 
     def layer(self, name: str) -> RankedLayer:
@@ -188,7 +231,9 @@ class WeightSnapshot:
         """A new module: the template with ``weights`` (layer name → tensor) as its prunable weights."""
         model = copy.deepcopy(self.template)
         for name, tensor in weights.items():
-            model.get_submodule(name).weight = nn.Parameter(tensor, requires_grad=self.layers[name].requires_grad)
+            layer = self.layers[name]
+            setattr(model.get_submodule(layer.module_path), layer.param,
+                    nn.Parameter(tensor, requires_grad=layer.requires_grad))
         return model.eval()
 
     @property

@@ -478,13 +478,14 @@ def export_bundle(result: CompressionResult, loaded: LoadedModel, model: nn.Modu
     """``torch.save`` bytes of the compressed model's state_dict, its keep-masks and the settings.
 
     ``model``: the module to export (default ``result.model``; pass the BN-recalibrated copy
-    to export that). The masks (``"<layer>.weight"`` → bool) can be re-applied with
+    to export that). The masks (the weight's state_dict key, ``"<layer>.weight"`` or an attention's
+    ``"….in_proj_weight"`` → bool) can be re-applied with
     ``torch.nn.utils.prune.custom_from_mask``. :func:`read_upload` loads the bundle back.
     """
     module = result.model if model is None else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     weights = result.weights
-    masks = {f"{name}.weight": (weights[name] != 0).cpu() for name in result.stats["name"]}
+    masks = {result._engine.parameter_name(name): (weights[name] != 0).cpu() for name in result.stats["name"]}
     payload = {
         "format": BUNDLE_FORMAT,
         "arch": loaded.arch,

@@ -19,3 +19,35 @@ def test_freezing_startup_objects_leaves_later_garbage_collectable():
     del a, b
     gc.collect()
     assert gone() is None
+
+
+def test_the_janitor_frees_cyclic_garbage_without_anyone_calling_the_collector():
+    import gc
+    import time
+    import weakref
+
+    import threading
+
+    from core.common.memory import janitor_loop
+
+    class Node:
+        pass
+
+    gc.disable()  # nothing but the janitor may collect
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        stop = threading.Event()
+        thread = threading.Thread(target=janitor_loop, args=(0.05, stop), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gone() is None
+        stop.set()
+        thread.join(2)
+        assert not thread.is_alive()
+    finally:
+        gc.enable()
