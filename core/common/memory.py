@@ -32,6 +32,27 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return bool(libc.mallopt(M_ARENA_MAX, arenas))
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own ``mmap`` (glibc); whether it applied.
+
+    glibc starts at 128 KiB but raises the threshold to the largest block freed so far (up to
+    32 MiB), after which inference activations of a few MiB come from the heap, where freed
+    blocks leave the process holding pages it no longer uses. A fixed threshold turns the
+    raising off: a large tensor's pages go back to the OS when it is freed. Measured with
+    ``benchmarks/load_test.py --users 8 --sync`` on ResNet-20: RSS 60 s after the users left
+    +16 % above its start without, +7 % with (and peak 986 instead of 1294 MiB), for about a
+    third more server CPU time (page faults on fresh pages).
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
 def trim_heap() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; nothing elsewhere). Cheap: milliseconds."""
     libc = _libc()

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from core.common.memory import limit_malloc_arenas
+from core.common.memory import limit_malloc_arenas, map_large_blocks
 
 THREADS_ENV = "BOUNDARY_TORCH_THREADS"
 
@@ -18,6 +18,7 @@ def configure_threads(default: int = 1) -> int:
     here, while one thread stays within the latency budget. Returns the thread count set.
     """
     limit_malloc_arenas()  # before the sessions' threads allocate: see core.common.memory
+    map_large_blocks()  # large tensors' pages go back to the OS when freed: see core.common.memory
     try:
         threads = int(os.environ.get(THREADS_ENV, default))
     except ValueError:

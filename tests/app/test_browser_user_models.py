@@ -145,7 +145,7 @@ def _wait_accuracy(page, n: int, timeout_s: float = 60) -> tuple[float, float, i
     raise AssertionError(f"no accuracy on {n} images within {timeout_s} s (shown: {_accuracy_detail(page)})")
 
 
-def test_own_model_and_images_in_the_browser(app_url, user_files, expected):  # noqa: F811 (the imported fixture)
+def test_own_model_and_images_in_the_browser(app_url, user_files, expected, tmp_path):  # noqa: F811 (the imported fixture)
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -228,6 +228,29 @@ def test_own_model_and_images_in_the_browser(app_url, user_files, expected):  # 
             _move_slider(page, slider, 0.35)
             expect(_retention(page)).to_have_text(expected["retention"][0.35])
             expect(page.get_by_text(re.compile("Traceback"))).to_have_count(0)
+
+            # Export: the packed file of this setting, downloaded, then uploaded back as the model
+            sidebar.get_by_role("link", name="Export").click()
+            main.get_by_role("button", name="Pack the model").click()
+            download = main.get_by_role("button", name="Download packed model (.safetensors)")
+            expect(download).to_be_visible(timeout=120_000)
+            with page.expect_download() as downloaded:
+                download.click()
+            packed = tmp_path / downloaded.value.suggested_filename
+            downloaded.value.save_as(packed)
+            assert packed.stat().st_size > 0
+            page.screenshot(path=str(SHOTS / "user_export.png"), full_page=True)
+            _pick(page, "Model", "Upload a state_dict…")
+            _upload(page, "State dict (.pt/.pth/.safetensors", packed)
+            expect(main).to_contain_text("Uploaded:", timeout=120_000)  # the Export page names the model it exports
+            expect(main).to_contain_text(".packed.safetensors")
+            sidebar.get_by_role("link", name="Explore").click()
+            slider = page.locator(TAU_SLIDER)
+            expect(slider).to_have_value("0.35")
+            # the uploaded model is the pruned one: at the same τ exactly the same weights survive
+            expect(_retention(page)).to_have_text(expected["retention"][0.35])
+            expect(main.locator('[data-testid="stAlertContentError"]')).to_have_count(0)
+            page.screenshot(path=str(SHOTS / "user_uploaded_back.png"), full_page=True)
         finally:
             expect.set_options(timeout=5_000)  # Playwright's default, for the other tests of this process
             browser.close()

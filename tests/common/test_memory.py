@@ -51,3 +51,15 @@ def test_the_janitor_frees_cyclic_garbage_without_anyone_calling_the_collector()
         assert not thread.is_alive()
     finally:
         gc.enable()
+
+
+def test_large_blocks_are_mapped_on_glibc():
+    import ctypes.util
+
+    import pytest
+
+    from core.common.memory import map_large_blocks
+
+    if ctypes.util.find_library("c") is None or "glibc" not in " ".join(__import__("platform").libc_ver()):
+        pytest.skip("not glibc")
+    assert map_large_blocks() is True
