@@ -4,7 +4,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import logging
 import threading
+from collections.abc import Callable
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -89,27 +93,36 @@ def freeze_startup_objects() -> int:
 
 
 JANITOR_INTERVAL_S = 10.0
+#: something the janitor runs before each collection, e.g. dropping a web server's expired sessions
+JanitorTask = Callable[[], object]
 
 
 @functools.cache
-def start_memory_janitor(interval_s: float = JANITOR_INTERVAL_S) -> threading.Thread:
-    """Start, once per process, a daemon thread that runs :func:`release_memory` every ``interval_s``.
+def start_memory_janitor(interval_s: float = JANITOR_INTERVAL_S, tasks: tuple[JanitorTask, ...] = ()) -> threading.Thread:
+    """Start, once per process, a daemon thread that runs ``tasks`` and :func:`release_memory` every ``interval_s``.
 
     Why: a closed tab's session is dropped by the server after its TTL, but its objects sit in
     reference cycles, which only the cyclic collector frees; it runs when enough *new*
     allocations happen, or after a script run, so a server whose users have all left never
     runs it, and their memory stays. Each round costs a collection of the objects made since
     startup (see :func:`freeze_startup_objects`) and a ``malloc_trim``: milliseconds.
+    ``tasks`` run first, in order, so what they let go of is collected in the same round; one
+    that raises is logged and the round goes on.
     """
-    thread = threading.Thread(target=janitor_loop, args=(interval_s, threading.Event()), name="memory-janitor",
-                              daemon=True)
+    thread = threading.Thread(target=janitor_loop, args=(interval_s, threading.Event(), tasks),
+                              name="memory-janitor", daemon=True)
     thread.start()
     return thread
 
 
-def janitor_loop(interval_s: float, stop: threading.Event) -> None:
-    """:func:`release_memory` every ``interval_s`` until ``stop`` is set (the janitor thread's body)."""
+def janitor_loop(interval_s: float, stop: threading.Event, tasks: tuple[JanitorTask, ...] = ()) -> None:
+    """Every ``interval_s`` until ``stop`` is set: each task, then :func:`release_memory` (the janitor's body)."""
     while not stop.wait(interval_s):
+        for task in tasks:
+            try:
+                task()
+            except Exception:  # a janitor that dies would leave every later round undone
+                _LOGGER.exception("memory janitor task %r failed", task)
         release_memory()
 
 

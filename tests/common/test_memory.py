@@ -63,3 +63,28 @@ def test_large_blocks_are_mapped_on_glibc():
     if ctypes.util.find_library("c") is None or "glibc" not in " ".join(__import__("platform").libc_ver()):
         pytest.skip("not glibc")
     assert map_large_blocks() is True
+
+
+def test_the_janitor_runs_its_tasks_before_collecting_and_survives_a_failing_one(monkeypatch, caplog):
+    import threading
+
+    import core.common.memory as memory
+
+    events = []
+    two_rounds = threading.Event()
+    monkeypatch.setattr(memory, "release_memory", lambda: (events.append("collect"),
+                                                          two_rounds.set() if events.count("collect") == 2 else None))
+
+    def broken():
+        events.append("broken")
+        raise RuntimeError("task failed")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=memory.janitor_loop, args=(0.01, stop, (broken, lambda: events.append("task"))),
+                              daemon=True)
+    thread.start()
+    assert two_rounds.wait(5)
+    stop.set()
+    thread.join(2)
+    assert events[:6] == ["broken", "task", "collect"] * 2
+    assert "task failed" in caplog.text

@@ -1,6 +1,11 @@
 """Progressive paired accuracy shared across sessions: the dense model runs once, a revisited setting resumes."""
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import core.services.session as session_module
 from core.measure.accuracy import EvalData, evaluate
@@ -80,3 +85,24 @@ def test_bn_recalibrated_estimates_are_kept_apart(small_cifar, monkeypatch):
     plain, _ = run_to_completion(session, result)
     recalibrated = session.refine_accuracy(result, True, "cpu")
     assert recalibrated.n < plain.n  # its own store, started from the front
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 600), seconds=st.floats(1e-7, 100.0))
+def test_every_step_is_a_multiple_of_the_first_batch(steps, seconds):
+    """Step sizes from a few shapes only: oneDNN caches compiled kernels per input shape (see FIRST_BATCH)."""
+    store = SimpleNamespace(done=steps * estimates.FIRST_BATCH, seconds=seconds)
+    size = estimates._next_stop(store) - store.done
+    assert size % estimates.FIRST_BATCH == 0 and estimates.FIRST_BATCH <= size <= estimates.MAX_BATCH
+
+
+def test_a_model_sees_few_batch_shapes_while_its_estimate_refines(small_cifar, monkeypatch):
+    session = trained_like_session()
+    shapes = set()
+    session.loaded.model.register_forward_pre_hook(lambda module, args: shapes.add(len(args[0])))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.0037)  # odd per-image speeds
+    run_to_completion(session, session.apply(CompressionConfig(tau=0.3)))
+    chunk = estimates.PREDICT_PIXELS // (32 * 32)
+    tail = small_cifar.population % estimates.FIRST_BATCH  # only the last step, cut at the population, adds this
+    assert all(n <= chunk and n % estimates.FIRST_BATCH in (0, tail) for n in shapes), shapes
