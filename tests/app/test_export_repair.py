@@ -14,8 +14,9 @@ import core.services.repairs as repairs
 from core.common.formatting import fmt_bytes
 from core.deploy.packing import compressed_bytes, parse_compressed
 from core.method.config import CompressionConfig
-from tests.app.test_pages import fresh_caches  # noqa: F401 (the autouse fixture: every test starts without caches)
 from tests.app.test_pages import explorer, metric, no_errors, start
+
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # every test starts without cached models
 
 SETTING = dict(tau=0.3, quantize=True, theta_mode="relative", theta_relative=0.4, b_low=4, b_high=8)
 CONFIG = CompressionConfig(tau=0.3, theta=0.4, b_low=4, b_high=8)

@@ -10,11 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-import core.services.session
 from core.method.config import ConfigError
 from core.services.uploads import MAX_UPLOAD_MB, read_settings, read_upload
 from core.workloads.models import CheckpointError
@@ -41,18 +39,12 @@ TOKEN = "zq7hostile"  # in every uploaded name: nothing named after an upload ma
 
 
 @pytest.fixture(autouse=True)
-def clean(tmp_path, monkeypatch):
+def clean(fresh_caches, tmp_path, monkeypatch):
     """Fresh caches, a private temporary folder (must stay empty) and no file named after an upload."""
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
     assert not list(temp.iterdir()), "the app wrote to the temporary folder"
     written = [p for top in ROOT.iterdir() if top.name not in {".git", ".venv"} and top.is_dir()
                for p in top.rglob(f"*{TOKEN}*")] + list(ROOT.glob(f"*{TOKEN}*"))

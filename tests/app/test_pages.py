@@ -24,16 +24,7 @@ APP = "../../app.py"  # resolved against this file's folder
 TIMEOUT = 120
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    """Every test starts without cached models or results; PyTorch's thread count is restored after."""
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_caches")
 
 
 def start(**state) -> AppTest:

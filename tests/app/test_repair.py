@@ -11,10 +11,11 @@ import pytest
 
 import core.services.repairs as repairs
 import core.services.teaching as teaching
-from tests.app.test_pages import fresh_caches  # noqa: F401 (the autouse fixture: every test starts without caches)
 from tests.app.test_pages import explorer, metric, no_errors, start
 from tests.services.repair_fixture import write_repair_csv
 from core.workloads.models import state_dict_digest as weights_fingerprint
+
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # every test starts without cached models
 
 
 @pytest.fixture(autouse=True)

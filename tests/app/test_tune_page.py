@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import streamlit as st
-import torch
 from streamlit.testing.v1 import AppTest
 
 import core.measure.allocation
@@ -16,17 +14,11 @@ TIMEOUT = 300
 
 
 @pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
+def fresh(fresh_caches, tmp_path, monkeypatch):
     """Fresh model caches, and the sensitivity and verification caches in a temporary folder."""
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
     monkeypatch.setattr(core.measure.sensitivity, "sensitivity_cache_dir", lambda: tmp_path / "sensitivity")
     monkeypatch.setattr(core.measure.allocation, "allocation_cache_dir", lambda: tmp_path / "allocation")
     yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
 
 
 def no_errors(at: AppTest) -> None:

@@ -11,7 +11,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -29,16 +28,10 @@ CIFAR_STATS = {"tv_mean": "0.4914, 0.4822, 0.4465", "tv_std": "0.2470, 0.2435, 0
 
 
 @pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
+def fresh(fresh_caches, tmp_path, monkeypatch):
     """Fresh model caches; the CIFAR-10 sweep's disk cache in a temporary folder."""
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
     monkeypatch.setattr(core.measure.sweeps, "sweep_cache_dir", lambda: tmp_path / "sweeps")
     yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
 
 
 def _weights(num_classes: int) -> bytes:

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-import core.services.session
 import core.tune as tune
 from core.deploy.packing import load_compressed
 from core.measure.accuracy import EvalData, evaluate
@@ -113,15 +111,6 @@ def test_the_command_tunes_the_users_model_and_agrees_with_core(user, core_figur
     assert evaluate(packed, user["data"]).accuracy == pytest.approx(core_figures[max(TAUS)], abs=1e-12)
 
 
-@pytest.fixture
-def fresh_caches():
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
 
 
 def test_the_tune_page_tunes_the_users_model_and_agrees_with_core(user, core_figures, fresh_caches):

@@ -10,12 +10,10 @@ import zipfile
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-import core.services.session
 from core.workloads import torchvision_models as tv
 from ui.errors import unescape
 
@@ -23,15 +21,7 @@ APP = "../../app.py"
 TIMEOUT = 180
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    threads = torch.get_num_threads()
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    yield
-    st.cache_resource.clear()
-    core.services.session.clear_caches()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_caches")
 
 
 @pytest.fixture(scope="module")
