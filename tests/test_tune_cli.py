@@ -12,6 +12,7 @@ import core.tune as tune
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads.models import load_pretrained
+from tests.tune_cli_refusals import assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ])
 def test_bad_input_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tune.main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("python -m core.tune: error:") and words in lines[0]
-    assert captured.out == ""
+    assert_refused(argv, words, capsys)
 
 
 def test_out_must_be_a_folder(capsys, tmp_path):

@@ -16,6 +16,7 @@ import core.tune as tune
 from core.deploy.packing import load_compressed, parse_compressed
 from core.measure import tuning
 from core.method.config import CompressionConfig
+from tests.tune_cli_refusals import assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "resnet20", "--data", "cifar10", "--images", "40", "--repair-images", "64"]
@@ -106,12 +107,8 @@ def test_without_repair_one_setting_is_one_row(tmp_path, capsys):
 ])
 def test_bad_input_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tune.main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("python -m core.tune: error:") and words in lines[0], lines[0]
-    assert captured.out == "" and not (tmp_path / "x").exists()
+    assert_refused(argv, words, capsys)
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_single_setting_mode_runs_as_a_command(tmp_path):

@@ -17,6 +17,7 @@ from core.deploy.packing import load_compressed
 from core.method.config import CompressionConfig
 from core.services.uploads import read_upload
 from core.workloads import torchvision_models as tv
+from tests.tune_cli_refusals import assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,12 +85,7 @@ def test_a_registry_sweep_on_a_balanced_subset_of_cifar10(tmp_path, capsys):
 ])
 def test_bad_input_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tune.main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("python -m core.tune: error:") and words in lines[0], lines[0]
-    assert captured.out == ""
+    assert_refused(argv, words, capsys)
 
 
 def test_missing_pretrained_weights_exit_2_naming_the_file(tmp_path):

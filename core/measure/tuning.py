@@ -290,6 +290,21 @@ def estimate_repair_seconds(tuned: TuneModel, configs: Sequence[CompressionConfi
                for config in configs)
 
 
+def _dense_row(tuned: TuneModel, engine: Engine, data: TuneData, batch_size: int,
+               report: Callable[[int], None]) -> tuple[torch.Tensor, dict]:
+    """The dense model's predictions on ``data`` and its sweep row (τ 0, no θ; its packed file's size).
+
+    ``report(0)`` before and ``report(1)`` after.
+    """
+    start = time.perf_counter()
+    report(0)
+    dense = predict(tuned.model, data.images, batch_size)
+    base = engine.apply(CompressionConfig(tau=0.0))
+    row = _row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)
+    report(1)
+    return dense, row
+
+
 def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[CompressionConfig],
                      calibration: torch.Tensor | None = None, batch_size: int = 100,
                      on_progress: Callable[[int, int, str], None] | None = None, *,
@@ -312,12 +327,8 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
     total = 1 + len(configs) * (1 + int(recalibrate) + int(repairing))
     report = on_progress or (lambda done, total, label: None)
     engine = engine or make_engine(tuned)
-    start = time.perf_counter()
-    report(0, total, "dense")
-    dense = predict(tuned.model, data.images, batch_size)
-    base = engine.apply(CompressionConfig(tau=0.0))
-    rows = [_row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)]
-    report(1, total, "dense")
+    dense, dense_row = _dense_row(tuned, engine, data, batch_size, lambda done: report(done, total, "dense"))
+    rows = [dense_row]
     for config in configs:
         start = time.perf_counter()
         result = engine.apply(config)
@@ -379,12 +390,8 @@ def evaluate_setting(tuned: TuneModel, data: TuneData, config: CompressionConfig
     total = 1 + len(methods)
     engine = make_engine(tuned)
     size = tuned.preprocess.image_size
-    start = time.perf_counter()
-    report(0, total, "dense")
-    dense = predict(tuned.model, data.images, batch_size)
-    base = engine.apply(CompressionConfig(tau=0.0))
-    rows = [_row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)]
-    report(1, total, "dense")
+    dense, dense_row = _dense_row(tuned, engine, data, batch_size, lambda done: report(done, total, "dense"))
+    rows = [dense_row]
     result = engine.apply(config)
     file, fixed = b"", None
     for method in methods:
