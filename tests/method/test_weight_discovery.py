@@ -30,6 +30,7 @@ from core.method.pruning import (
 )
 from core.workloads import torchvision_models as tv
 from core.workloads.models import REGISTRY, build
+from tests.torchvision_small import small_torchvision
 
 aten = torch.ops.aten
 #: ATen ops (what every conv/linear/matmul ends in) → positions of their weight operands.
@@ -190,12 +191,7 @@ def test_torchvision_discovery_matches_the_recorded_weight_operands(name):
     """The static list is exactly the set of parameters a real forward multiplies by (all 63 agree:
     ``BOUNDARY_ALL_TORCHVISION=1``); norm scales, ConvNeXt's layer scale, Swin's bias tables and the
     ViT's class token and position embedding take part in no product."""
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10}
-    size = tv.MIN_INPUT.get(name, 32)
-    if name.startswith("vit_"):
-        kwargs["image_size"] = size = 32
-    model = tv.build(name, kwargs)
+    model, size, _ = small_torchvision(name)
     found = {layer.parameter_name for layer in prunable_layers(model)}
     assert found == recorded_weights(model, torch.randn(1, 3, size, size))
 

@@ -21,6 +21,7 @@ from core.deploy.packing import compressed_bytes, parse_compressed
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads import torchvision_models as tv
+from tests.torchvision_small import small_torchvision
 
 SUBSET = ("alexnet", "squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "efficientnet_b0",
           "regnet_x_400mf", "densenet121", "googlenet", "inception_v3", "resnet18", "convnext_tiny", "swin_t",
@@ -45,12 +46,7 @@ def test_the_subset_is_a_subset_of_the_architectures_within_the_limit():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_architecture_compresses_packs_and_runs(name):
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10}
-    size = tv.MIN_INPUT.get(name, 32)
-    if name.startswith("vit_"):
-        kwargs["image_size"] = size = 32
-    model = tv.build(name, kwargs)
+    model, size, kwargs = small_torchvision(name)
     example = torch.randn(2, 3, size, size)
     result = Engine(model, example_input=example[:1]).apply(CompressionConfig(tau=0.2, theta=0.3, b_low=4, b_high=8))
     assert 0 < result.retention < 1 and result.model_bytes_compressed < result.model_bytes_fp32
