@@ -32,6 +32,8 @@ WEIGHT_CHOICES = {"pretrained": "torchvision's pretrained weights (local torch h
                   "upload": "upload a state_dict (.pt/.pth/.safetensors)"}
 DATA_CHOICES = {"default": "CIFAR-10 test set (default)", "zip": "my images (.zip of class folders)"}
 PREVIEW_IMAGES = 8
+NO_FILE_YET = ("no state_dict uploaded yet: choose a .pt/.pth/.safetensors file above (and wait until its name "
+               "shows under the uploader), or pick torchvision's pretrained weights.")
 _TEXT_DEFAULTS = {"tv_image_size": tv.DEFAULT_IMAGE_SIZE, "tv_mean": ", ".join(map(str, tv.IMAGENET_MEAN)),
                   "tv_std": ", ".join(map(str, tv.IMAGENET_STD))}
 
@@ -71,10 +73,14 @@ def chosen_preprocess() -> Preprocess | None:
 
 
 def _on_load() -> None:
+    """Leave the load request; with "upload" chosen but no file (yet), an error instead of other weights."""
     state = st.session_state
-    upload = state.get("tv_file") if state.get("tv_weights") == "upload" else None
-    state["pending_torchvision"] = (state.get("tv_arch", "resnet18"), None if upload is None else upload.getvalue(),
-                                    None if upload is None else upload.name)
+    if state.get("tv_weights") != "upload":
+        state["pending_torchvision"] = (state.get("tv_arch", "resnet18"), None, None)
+    elif (upload := state.get("tv_file")) is None:
+        state["torchvision_error"] = NO_FILE_YET
+    else:
+        state["pending_torchvision"] = (state.get("tv_arch", "resnet18"), upload.getvalue(), upload.name)
 
 
 def consume_pending_torchvision() -> None:
@@ -131,7 +137,9 @@ def render_torchvision() -> None:
         st.text_input("Std (R, G, B)", key="tv_std")
         st.caption(f"ImageNet: 224 px, mean {_TEXT_DEFAULTS['tv_mean']}. A 10-class model at 32 px is evaluated "
                    f"on CIFAR-10 (its mean {', '.join(map(str, CIFAR_MEAN))}, std {', '.join(map(str, CIFAR_STD))}).")
-    st.button("Load this torchvision model", key="tv_load", on_click=_on_load)
+    waiting_for_file = state["tv_weights"] == "upload" and state.get("tv_file") is None
+    st.button("Load this torchvision model", key="tv_load", on_click=_on_load, disabled=waiting_for_file,
+              help="Upload a state_dict first." if waiting_for_file else None)
     if "torchvision_error" in state:
         show_error(f"torchvision model not loaded: {state['torchvision_error']}")
     if "torchvision_model" not in state:

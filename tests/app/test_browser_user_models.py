@@ -121,8 +121,13 @@ def _type(page, label: str, value: str) -> None:
 
 
 def _upload(page, uploader_text: str, path: Path) -> None:
-    page.locator('[data-testid="stFileUploader"]').filter(has_text=uploader_text).locator(
-        'input[type="file"]').set_input_files(str(path))
+    """Choose ``path`` in the uploader ``uploader_text`` and wait, as a person does, until the file shows there
+    (another widget's rerun while the upload is still in flight can lose the file in Streamlit's uploader)."""
+    from playwright.sync_api import expect
+
+    uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text=uploader_text)
+    uploader.locator('input[type="file"]').set_input_files(str(path))
+    expect(uploader.get_by_role("button", name=f"Remove {path.name}")).to_be_visible()  # shown names are shortened
 
 
 def _accuracy_detail(page) -> tuple[float, float, int] | None:

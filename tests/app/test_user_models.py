@@ -170,3 +170,22 @@ def test_an_imagenet_sized_model_without_data_shows_the_output_deviation():
     assert loaded.input_kind == "image" and loaded.image_size == 224 and loaded.arch_kwargs == {"num_classes": 1000}
     assert any(m.label.startswith("Output deviation") for m in at.metric)
     assert at.radio(key="data_source").value == "default"
+
+
+def test_load_with_upload_chosen_but_no_file_never_falls_back_to_the_pretrained_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no pretrained weights there: a fallback would show their error
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["model_key"] = "torchvision"
+    at.session_state["tv_arch"] = "resnet18"
+    at.session_state["tv_weights"] = "upload"
+    at.run()
+    assert at.button(key="tv_load").disabled  # nothing to load yet
+    at.radio(key="tv_weights").set_value("pretrained").run()
+    assert not at.button(key="tv_load").disabled
+    at.radio(key="tv_weights").set_value("upload")  # switched back, and Load clicked before the page reran
+    at.button(key="tv_load").click().run()
+    assert not at.exception
+    errors = texts(at.error)
+    assert any("no state_dict uploaded yet" in e for e in errors), errors
+    assert not any("pretrained weights of torchvision" in e for e in errors), errors
+    assert "torchvision_model" not in at.session_state
