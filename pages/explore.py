@@ -113,9 +113,10 @@ row2[1].metric("Memory · this session, counted", fmt_bytes(memory.session),
                delta_color="off", delta_arrow="off",
                help="Counted bytes this session holds on its own: the engine's working buffer, which is also the "
                     f"compressed model's weights, and BN-recalibrated copies. Shared by every session on this model: "
-                    f"{fmt_bytes(memory.shared)} of ranked weights, rank orders, quantized chunks and repaired "
+                    f"{fmt_bytes(memory.shared)} of rank orders, quantized chunks and repaired "
                     f"models, and the model "
-                    f"itself ({fmt_bytes(memory.model)} of parameters and buffers). The server process's resident "
+                    f"itself ({fmt_bytes(memory.model)} of parameters and buffers; the engine reads its weights "
+                    "there, without a copy). The server process's resident "
                     "memory (psutil) covers every session and PyTorch itself.")
 move = view.last_theta_move
 row2[2].metric("Chunk switches M · last θ move", "–" if move is None else f"{move.switches:,}",

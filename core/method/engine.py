@@ -87,7 +87,7 @@ class _Slot:
         if source == ZERO:
             target.index_fill_(0, index, 0)
         else:
-            target.index_copy_(0, index, self.ranked.values(None if source == ORIGINAL else source, start, stop))
+            target.index_copy_(0, index, self.ranked.values(None if source == ORIGINAL else source, start, stop, index))
 
     def transition(self, new: LayerSetting) -> tuple[int, int, float]:
         """Rewrite only the ranks whose source changed; return (changed, switches, T_switch seconds)."""
@@ -175,8 +175,9 @@ class Engine:
     :func:`core.method.pruning.prunable_layers`).
     ``example_input``: one input batch, used once to weight compute by MACs.
 
-    Memory: the ranked weights and rank orders live in a :class:`WeightSnapshot` (2× the
-    fp32 weights, plus the chunks in use), which several engines may share
+    Memory: the rank orders live in a :class:`WeightSnapshot` (1× the fp32 weights, plus the
+    chunks in use; the original weights are the model's own tensors, read and never copied,
+    so changing them in place afterwards is an error), which several engines may share
     (``Engine.sharing(snapshot)``: one per app session on the same model); each engine adds
     one working buffer (1×). A result's weights are a copy of that buffer (1× more per
     materialized result) unless ``lend_buffers=True``: then the current result's weights
@@ -265,7 +266,7 @@ class Engine:
         return sum(chunk.nbytes for layer in self.snapshot.layers.values() for chunk in layer.chunks.values())
 
     def snapshot_bytes(self) -> int:
-        """Bytes of the engine's data: the (shareable) ranked weights and rank orders, and its own working buffer."""
+        """Bytes of the engine's data: the (shareable) rank orders, and its own working buffer (chunks excluded)."""
         ranked = sum(layer.nbytes for layer in self.snapshot.layers.values()) - self.chunk_store_bytes()
         return ranked + self.working_bytes()
 

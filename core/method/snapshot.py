@@ -4,19 +4,25 @@ Nothing here depends on a setting, so one :class:`WeightSnapshot` serves any num
 :class:`core.method.engine.Engine` objects on the same model (the app keeps one per model
 and process; each user session adds only its own working buffer). Per prunable weight:
 
-* ``ranked``: the signed weights in rank order, ranks by ascending |W| (stable sort), so
-  |ranked| is ascending and #{|W| < t} is a binary search on it;
-* ``order``: rank → flat index, int32 (int64 only for a weight of 2³¹ elements or more);
+* the original weight is **the model's own tensor**, read and never written (no copy): the
+  snapshot's template shares the model's parameters (``_plain_copy``), and a weight changed
+  in place afterwards (its version counter moved) is an error, not a silently different
+  snapshot;
+* ``order``: rank → flat index, ranks by ascending |W| (stable sort), int32 (int64 only for a
+  weight of 2³¹ elements or more). #{|W| < t} is a binary search along the ranks: a float's
+  bits without the sign bit order like its magnitude, so the search compares integers read
+  through ``order``, first on every ``RANK_STRIDE``-th rank, then within one stride;
 * ``chunks``: the weight quantized at each bit-width, codes in rank order, built on first
   use under a lock and then shared.
 
-That is 2× the fp32 weights (plus the chunks in use), against 5× for an engine that also
-kept the originals, the sorted magnitudes and int64 ranks. The original weights are
-recovered exactly from ``ranked`` and ``order`` when needed (histograms, quantizing a chunk).
+That is 1× the fp32 weights (int32 ranks; plus the chunks in use) on top of the model itself,
+against 2× when the snapshot kept its own copy of the weights in rank order and 5× for an
+engine that also kept the sorted magnitudes and int64 ranks. A weight that is not one of the
+model's tensors (the effective ``_orig * _mask`` of a ``torch.nn.utils.prune`` hook) is held
+by the snapshot and counted in :attr:`RankedLayer.nbytes`.
 """
 from __future__ import annotations
 
-import bisect
 import copy
 import math
 import threading
@@ -30,14 +36,32 @@ from torch.nn.utils import prune
 from core.method.pruning import PrunableLayer, check_finite, is_norm_layer, prunable_layers
 from core.method.quantization import Chunk
 
+RANK_STRIDE = 256  # ranks between two entries of the coarse search table (1/256 of the ranks, as integers)
+_BITS_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # float width → integer of the same width
+_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for an inference tensor (which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
 
 class RankedLayer:
-    """One prunable weight ranked by |W|: the immutable data every engine on the model reads."""
+    """One prunable weight ranked by |W|: the immutable data every engine on the model reads.
 
-    def __init__(self, layer: PrunableLayer, macs_per_weight: float):
+    ``owns_weight``: False when the weight is the model's own tensor (then it costs the snapshot
+    nothing), True when the snapshot computed it (a pruning hook's ``_orig * _mask``).
+    """
+
+    def __init__(self, layer: PrunableLayer, macs_per_weight: float, owns_weight: bool = True):
         weight = layer.weight.detach()
         flat = weight.reshape(-1)
         check_finite(flat, f"layer '{layer.name}'")
+        if flat.element_size() not in _BITS_OF or not flat.is_floating_point():
+            raise TypeError(f"layer '{layer.name}': weights of dtype {flat.dtype} cannot be ranked")
         self.name, self.kind = layer.name, layer.kind
         # where the weight lives: module path and attribute ("weight", or e.g. "in_proj_weight"); its state_dict key
         self.module_path, self.param, self.key = layer.module_path, layer.param, layer.parameter_name
@@ -48,34 +72,67 @@ class RankedLayer:
         self.is_norm = is_norm_layer(layer.module)
         self.requires_grad = layer.weight.requires_grad
         self.macs_per_weight = macs_per_weight
+        self.owns_weight = owns_weight or flat.data_ptr() != weight.data_ptr() or not weight.is_contiguous()
+        self._flat = flat  # the original weight, flat (the model's own storage unless owns_weight); never written
+        self._version = _version_of(flat)
         _, order = torch.sort(flat.abs(), stable=True)
-        self.ranked = flat[order].contiguous()  # signed weights in rank order
         self.order = order.to(torch.int32) if self.numel < 2 ** 31 else order
-        # for the binary search (|·| ascending): a view where numpy has the dtype, else an fp32 copy
-        numpy_ok = self.dtype in (torch.float16, torch.float32, torch.float64)
-        self._magnitudes: np.ndarray = (self.ranked if numpy_ok else self.ranked.float()).numpy()
-        self.max_abs = self.ranked[-1].abs() if self.numel else flat.new_zeros(())
+        self._order_np = self.order.numpy()
+        self._bits = flat.view(_BITS_OF[flat.element_size()]).numpy()  # the same storage, read as integers
+        self._magnitude_mask = (1 << (8 * flat.element_size() - 1)) - 1  # every bit but the sign
+        self._numpy_dtype = _NUMPY_FLOATS.get(self.dtype)
+        self._coarse = self._keys(0, self.numel, RANK_STRIDE)
+        self.max_abs = flat[order[-1]].abs() if self.numel else flat.new_zeros(())
         self.chunks: dict[int, Chunk] = {}
         self._chunk_lock = threading.Lock()
 
+    def _original_flat(self) -> torch.Tensor:
+        if self._version is not None and _version_of(self._flat) != self._version:
+            raise RuntimeError(f"the weight of layer '{self.name}' was changed in place after the engine ranked it; "
+                               "build a new Engine for the changed model (or give the Engine a copy)")
+        return self._flat
+
+    def _keys(self, start: int, stop: int, step: int = 1) -> np.ndarray:
+        """|W| of ranks ``start:stop:step`` as integers that order like the magnitudes (the bits but the sign)."""
+        return self._bits[self._order_np[start:stop:step]] & self._magnitude_mask
+
     def count_below(self, threshold: torch.Tensor) -> int:
-        """#{|W| < threshold}: the first rank with |W| ≥ threshold (threshold in the weight's dtype)."""
-        value = threshold.reshape(()).to(self.dtype).item()
-        return bisect.bisect_left(self._magnitudes, value, key=abs)
+        """#{|W| < threshold}: the first rank with |W| ≥ threshold (threshold rounded to the weight's dtype)."""
+        self._original_flat()
+        if self._numpy_dtype is not None:  # numpy rounds a double to the weight's dtype as torch does (to nearest)
+            value = self._numpy_dtype(float(threshold))
+            bits = int(value.view(self._bits.dtype))
+        else:  # bfloat16: numpy has no such float
+            value = threshold.reshape(()).to(self.dtype)
+            bits = int(value.view(_BITS_OF[value.element_size()]).item())
+        if not value > 0:  # no |W| is below 0, a negative threshold or NaN
+            return 0
+        key = bits & self._magnitude_mask
+        stride = int(np.searchsorted(self._coarse, key, side="left"))  # ranks < (stride−1)·S are below, stride·S not
+        if stride == 0:
+            return 0
+        start, stop = (stride - 1) * RANK_STRIDE + 1, min(stride * RANK_STRIDE, self.numel)
+        return start + int(np.searchsorted(self._keys(start, stop), key, side="left"))
 
     def index(self, start: int, stop: int) -> torch.Tensor:
         """Flat indices of ranks ``start:stop`` as int64 (what ``index_copy_`` takes)."""
         return self.order[start:stop].long()
 
     def original(self) -> torch.Tensor:
-        """The original weight, rebuilt exactly from ``ranked`` and ``order`` (a new tensor)."""
-        flat = torch.empty(self.numel, dtype=self.dtype)
-        flat.index_copy_(0, self.index(0, self.numel), self.ranked)
-        return flat.view(self.shape)
+        """A copy of the original weight."""
+        return self._original_flat().clone().view(self.shape)
+
+    def ranked_values(self) -> torch.Tensor:
+        """The signed weights in rank order (|·| ascending; a new tensor)."""
+        return self._original_flat().index_select(0, self.order.long())
 
     def sorted_magnitudes(self) -> torch.Tensor:
         """|W| in ascending order (a new tensor)."""
-        return self.ranked.abs()
+        return self.ranked_values().abs_()
+
+    def magnitude_at(self, rank: int) -> float:
+        """|W| of the weight at ``rank``."""
+        return float(self._original_flat()[int(self.order[rank])].abs())
 
     def chunk(self, bits: int) -> Chunk:
         """The weight quantized at ``bits``, codes in rank order (built once, shared)."""
@@ -84,20 +141,23 @@ class RankedLayer:
             with self._chunk_lock:
                 chunk = self.chunks.get(bits)
                 if chunk is None:
-                    chunk = self.chunks[bits] = Chunk.build(self.original(), self.order, bits)
+                    chunk = self.chunks[bits] = Chunk.build(self._original_flat().view(self.shape), self.order, bits)
         return chunk
 
-    def values(self, source_bits: int | None, start: int, stop: int) -> torch.Tensor:
-        """Weights of ranks ``start:stop``: the originals (``None``) or decoded from a chunk."""
+    def values(self, source_bits: int | None, start: int, stop: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights of ranks ``start:stop``: the originals (``None``) or decoded from a chunk.
+
+        ``index``: :meth:`index` of the same ranks, where the caller has it already.
+        """
         if source_bits is None:
-            return self.ranked[start:stop]
+            return self._original_flat().index_select(0, self.index(start, stop) if index is None else index)
         return self.chunk(source_bits).decode_ranks(self.order, start, stop, self.dtype)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: ranked weights, rank order and the chunks built so far."""
-        return (self.ranked.numel() * self.ranked.element_size() + self.order.numel() * self.order.element_size()
-                + sum(chunk.nbytes for chunk in self.chunks.values()))
+        """Bytes held: the rank order, the chunks built so far, and the weight where it is not the model's own."""
+        own = self._flat.numel() * self._flat.element_size() if self.owns_weight else 0
+        return own + self.order.numel() * self.order.element_size() + sum(c.nbytes for c in self.chunks.values())
 
 
 def _sequence_length(module: nn.MultiheadAttention, tensor: object) -> int | None:
@@ -169,7 +229,10 @@ def _attention_uses(layer: PrunableLayer, lengths: dict[str, tuple[int | None, i
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every ``torch.nn.utils.prune`` reparametrization made permanent.
+    """A copy of ``model``'s modules, sharing its parameters, with every pruning reparametrization made permanent.
+
+    The copy holds the model's own Parameter objects (it is read, never written or moved), except
+    for a pruning hook's ``<name>_orig``, which ``prune.remove`` rewrites and which is copied.
 
     A pruned module holds its masked tensor as a plain attribute computed from
     ``<name>_orig * <name>_mask`` (not a graph leaf, so ``deepcopy`` refuses it, and stale
@@ -181,6 +244,8 @@ def _plain_copy(model: nn.Module) -> nn.Module:
               for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
     memo = {id(masked): masked.detach() for _, module, name in hooked
             if isinstance(masked := module.__dict__.get(name), torch.Tensor)}
+    rewritten = {id(getattr(module, f"{name}_orig")) for _, module, name in hooked}
+    memo.update({id(p): p for p in model.parameters() if id(p) not in rewritten})
     copied = copy.deepcopy(model, memo)
     for path, _, name in hooked:
         prune.remove(copied.get_submodule(path), name)
@@ -210,11 +275,14 @@ class WeightSnapshot:
             raise TypeError(f"Engine needs a torch.nn.Module, got {type(model).__name__}")
         with torch.no_grad():
             template = _plain_copy(model)
+        models_own = {id(p) for p in model.parameters()}
         weight_layers = prunable_layers(template, include_norm=False, layers=layers)
         norm_layers = [layer for layer in prunable_layers(template, include_norm=True) if is_norm_layer(layer.module)]
         all_layers = weight_layers + norm_layers
         macs = _macs_per_weight(template, all_layers, example_input)
-        self.layers: dict[str, RankedLayer] = {layer.name: RankedLayer(layer, macs[layer.name]) for layer in all_layers}
+        self.layers: dict[str, RankedLayer] = {
+            layer.name: RankedLayer(layer, macs[layer.name], owns_weight=id(layer.weight) not in models_own)
+            for layer in all_layers}
         self.dense_bytes = _dense_bytes(template)
         self.other_bytes = self.dense_bytes - sum(layer.numel * 4 for layer in self.layers.values())
         for layer in all_layers:  # the template keeps everything but the prunable weights
@@ -238,5 +306,6 @@ class WeightSnapshot:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the ranked weights, rank orders and chunks (the template's other tensors excluded)."""
+        """Bytes held by the rank orders, chunks and weights not shared with the model (see :attr:`RankedLayer.nbytes`;
+        the template's other tensors, shared with the model, excluded)."""
         return sum(layer.nbytes for layer in self.layers.values())

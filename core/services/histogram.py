@@ -8,6 +8,7 @@ is three ``bincount`` calls over slices: exactly the engine's split, ties includ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 import torch
 
 from core.method.engine import CompressionResult
+from core.method.snapshot import RankedLayer
 
 HIST_BINS = 81
 
@@ -51,24 +53,25 @@ class HistogramData:
 class LayerBins:
     """A layer's bins: the bin of each rank (ranks by ascending |W|, stable, as the engine ranks them).
 
-    Holds the signed weights in rank order by reference (the engine's shared snapshot, no
-    copy) and one int16 bin index per weight.
+    Holds one int16 bin index per weight, and reads |W| at one rank where a ``fraction`` θ
+    needs it (from the engine's snapshot: the weights are not copied here).
     """
 
     def __init__(self, weight: torch.Tensor, bins: int = HIST_BINS):
         flat = weight.reshape(-1).float()
         _, order = torch.sort(flat.abs(), stable=True)
-        self._setup(flat[order], bins)
+        ranked = flat[order]
+        self._setup(ranked, bins, lambda rank: float(ranked[rank].abs()))
 
     @classmethod
-    def from_ranked(cls, ranked: torch.Tensor, bins: int = HIST_BINS) -> "LayerBins":
-        """Bins from signed weights already in rank order (|ranked| ascending)."""
+    def from_ranked(cls, layer: RankedLayer, bins: int = HIST_BINS) -> "LayerBins":
+        """Bins of an engine's ranked layer, in the engine's rank order."""
         bins_of = cls.__new__(cls)
-        bins_of._setup(ranked, bins)
+        bins_of._setup(layer.ranked_values(), bins, layer.magnitude_at)
         return bins_of
 
-    def _setup(self, ranked: torch.Tensor, bins: int) -> None:
-        self.ranked = ranked
+    def _setup(self, ranked: torch.Tensor, bins: int, magnitude_at: Callable[[int], float]) -> None:
+        self._magnitude_at = magnitude_at
         top = float(ranked[-1].abs()) if ranked.numel() else 0.0
         span = top if top > 0 else 1.0
         self.edges = torch.linspace(-span, span, bins + 1, dtype=torch.float64)
@@ -94,7 +97,7 @@ class LayerBins:
         theta = None
         if quantized:
             theta = float(row["theta"]) if math.isfinite(row["theta"]) else (
-                float(self.ranked[h].abs()) if h < numel else float(row["max_abs"]))
+                self._magnitude_at(h) if h < numel else float(row["max_abs"]))
         return HistogramData(layer=layer, edges=self.edges.numpy(), pruned=self.counts(0, p),
                              low=self.counts(p, h), high=self.counts(h, numel), beta=float(row["beta"]),
                              theta=theta, max_abs=float(row["max_abs"]), quantized=quantized, numel=numel)

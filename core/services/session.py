@@ -26,8 +26,8 @@ user's images are never calibration images: they are what the repair is measured
 model without a training split here (not a CIFAR-10 model) offers no repair
 (:meth:`ExploreSession.repair_unavailable` says why).
 
-What does not depend on the session is shared by all of them: the engine's ranked weights
-(:func:`shared_snapshot`), the histogram bins, the dense predictions and every setting's
+What does not depend on the session is shared by all of them: the engine's rank orders and chunks
+(:func:`shared_snapshot`, which reads the model's own weights), the histogram bins, the dense predictions and every setting's
 predictions (:mod:`core.services.estimates`), and measured latencies, full-test accuracies
 and realized savings (process-wide caches), and repaired models (:data:`core.services.repairs.REPAIR_CACHE`).
 A session holds its engine's working buffer, its current result (which *is* that buffer:
@@ -112,7 +112,7 @@ def clear_caches() -> None:
 
 
 def shared_snapshot(loaded: LoadedModel) -> WeightSnapshot:
-    """The ranked weights of ``loaded``'s model, built once per process while any session uses them."""
+    """The rank orders and chunks of ``loaded``'s model, built once per process while any session uses them."""
     with _SNAPSHOTS_LOCK:
         snapshot = _SNAPSHOTS.get(loaded.key)
         if snapshot is None:
@@ -196,7 +196,7 @@ class MemoryReport:
 
     model: int  # the model's own parameters and buffers (fp32), the dense one as loaded
     session: int  # this session alone: the engine's working buffer (= the current result's weights), BN copies
-    shared: int  # held once for every session on this model: ranked weights, rank orders, chunks
+    shared: int  # held once for every session on this model: rank orders, chunks, repaired models
     process_rss: int
 
 
@@ -328,7 +328,7 @@ class ExploreSession:
 
     def histogram(self, result: CompressionResult, layer: str, bins: int = HIST_BINS) -> HistogramData:
         """The layer's histogram under ``result`` (bins fixed per layer: ±max|W|; shared by every session)."""
-        ranked = self.engine.snapshot.layer(layer).ranked
+        ranked = self.engine.snapshot.layer(layer)
         layer_bins = _BINS.get_or_create((self.key, layer, bins), lambda: LayerBins.from_ranked(ranked, bins))
         return layer_bins.split(result, layer)
 

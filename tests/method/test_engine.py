@@ -275,3 +275,41 @@ def test_lent_buffers_give_exact_results_and_survive_in_place_changes():
     after = engine.apply(CompressionConfig(tau=0.35))
     expected = reference.apply(CompressionConfig(tau=0.35)).weights
     assert all(torch.equal(after.weights[k], expected[k]) for k in expected)
+
+
+# ---------------------------------------------------------------- the snapshot reads the model's own weights
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1e-3, -1e-3, 0.25, -0.25, 0.5, 1.0, -1.0, 3.0, 1e-30]),
+                       min_size=1, max_size=1200),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       pick=st.integers(0, 10_000), nudge=st.sampled_from([0.0, 1e-4, -1e-4, 0.5]))
+def test_count_below_is_the_number_of_weights_below_the_threshold(values, dtype, pick, nudge):
+    """#{|W| < t} from the ranks (coarse table, then one stride) equals counting: ties, zeros, −0.0, every dtype."""
+    from core.method.pruning import PrunableLayer
+    from core.method.snapshot import RankedLayer
+
+    module = nn.Linear(len(values), 1, bias=False).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor(values, dtype=torch.float64).reshape(1, -1))
+    ranked = RankedLayer(PrunableLayer("l", "Linear", module), 1.0)
+    weight = module.weight.detach()
+    threshold = torch.tensor(abs(values[pick % len(values)]) + nudge, dtype=torch.float64)
+    expected = int((weight.abs() < threshold.to(dtype)).sum())
+    assert ranked.count_below(threshold) == expected
+    assert ranked.count_below(torch.tensor(float("inf"))) == len(values) and ranked.count_below(torch.tensor(0.0)) == 0
+
+
+def test_the_snapshot_holds_no_copy_of_the_weights_and_refuses_a_model_changed_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    engine = Engine(model)
+    order_bytes = sum(engine.rank_order(name).numel() * 4 for name in engine.layer_names)
+    assert engine.snapshot.nbytes == order_bytes  # int32 rank orders only: the weights are the model's
+    assert engine.apply(CompressionConfig(tau=0.3)).weights["0"].data_ptr() != model[0].weight.data_ptr()
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # the user trains on: the engine's ranks no longer describe these weights
+    with pytest.raises(RuntimeError, match="layer '0' was changed in place after the engine ranked it"):
+        engine.apply(CompressionConfig(tau=0.2))
+    fresh = Engine(model).apply(CompressionConfig(tau=0.2))
+    assert torch.equal(fresh.weights["0"], boundary_prune(model[0].weight.detach(), 0.2))

@@ -6,30 +6,41 @@ import torch
 from core.services.compute_queue import ComputeQueue
 
 
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_at_most_slots_jobs_run_at_once_first_come_first_served():
+    """Six jobs arrive one after the other (each is in line before the next starts) and each runs until the
+    test lets it finish: two run at once, and each freed slot goes to the job that arrived first."""
     queue = ComputeQueue(slots=2)
-    running, peak, order = [0], [0], []
+    started, finish, done = [], [threading.Event() for _ in range(6)], [0]
     lock = threading.Lock()
 
     def work(i):
         with queue.job():
             with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-                order.append(i)
-            time.sleep(0.02)
-            with lock:
-                running[0] -= 1
+                started.append(i)
+            finish[i].wait(10)
+        with lock:
+            done[0] += 1
 
-    threads = []
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for i, thread in enumerate(threads):
+        thread.start()
+        _wait_for(lambda: queue.running + queue.waiting + done[0] >= i + 1)  # job i is running or in line
+    _wait_for(lambda: len(started) == 2)
+    assert sorted(started) == [0, 1] and queue.running == 2 and queue.waiting == 4
     for i in range(6):
-        threads.append(threading.Thread(target=work, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.002)  # arrive in order
-    for t in threads:
-        t.join()
-    assert peak[0] == 2 and sorted(order) == list(range(6))
-    assert order[:2] == [0, 1] and queue.running == 0 and not queue.busy()
+        finish[i].set()
+        _wait_for(lambda: len(started) == min(6, i + 3) and queue.running <= 2)
+        assert started[2:] == list(range(2, min(6, i + 3)))  # the freed slot went to the first in line
+    for thread in threads:
+        thread.join()
+    assert queue.running == 0 and not queue.busy()
 
 
 def test_a_job_alone_uses_every_core_and_restores_the_thread_count():

@@ -67,7 +67,7 @@ def snapshot_digest(session: ExploreSession) -> str:
     digest = hashlib.sha256(state_dict_digest(snapshot.template).encode())
     for name, layer in snapshot.layers.items():
         digest.update(name.encode())
-        digest.update(memoryview(layer.ranked.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        digest.update(memoryview(layer.ranked_values().view(torch.uint8).reshape(-1).numpy()))
         digest.update(memoryview(layer.order.contiguous().view(torch.uint8).reshape(-1).numpy()))
     return digest.hexdigest()
 
