@@ -55,8 +55,11 @@ def test_sessions_share_the_snapshot_and_each_holds_only_its_buffer():
     a.update(ExploreRequest(config=CompressionConfig(tau=0.2)))
     memory = a.memory()
     assert memory.session == weights  # the working buffer, which is also the current result's weights
-    assert weights <= memory.shared < 2 * weights and memory.process_rss > 0  # int32 rank orders (+ chunks)
-    assert not any(layer.owns_weight for layer in a.engine.snapshot.layers.values())  # the model's own weights
+    snapshot = a.engine.snapshot
+    orders = sum(layer.order.numel() * layer.order.element_size() for layer in snapshot.layers.values())
+    assert orders == weights  # int32 rank orders; the weights themselves are the model's, not copied:
+    assert snapshot.nbytes == orders + a.engine.chunk_store_bytes()
+    assert memory.shared >= snapshot.nbytes and memory.process_rss > 0
 
 
 def test_moves_record_switches_and_which_moves_changed_theta():
