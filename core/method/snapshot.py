@@ -72,7 +72,7 @@ class RankedLayer:
         self.is_norm = is_norm_layer(layer.module)
         self.requires_grad = layer.weight.requires_grad
         self.macs_per_weight = macs_per_weight
-        self.owns_weight = owns_weight or flat.data_ptr() != weight.data_ptr() or not weight.is_contiguous()
+        self.owns_weight = owns_weight or flat.data_ptr() != weight.data_ptr()  # reshape copied a strided weight
         self._flat = flat  # the original weight, flat (the model's own storage unless owns_weight); never written
         self._version = _version_of(flat)
         _, order = torch.sort(flat.abs(), stable=True)
@@ -86,10 +86,13 @@ class RankedLayer:
         self.chunks: dict[int, Chunk] = {}
         self._chunk_lock = threading.Lock()
 
-    def _original_flat(self) -> torch.Tensor:
+    def _check_unchanged(self) -> None:
         if self._version is not None and _version_of(self._flat) != self._version:
             raise RuntimeError(f"the weight of layer '{self.name}' was changed in place after the engine ranked it; "
                                "build a new Engine for the changed model (or give the Engine a copy)")
+
+    def _original_flat(self) -> torch.Tensor:
+        self._check_unchanged()
         return self._flat
 
     def _keys(self, start: int, stop: int, step: int = 1) -> np.ndarray:
@@ -98,7 +101,7 @@ class RankedLayer:
 
     def count_below(self, threshold: torch.Tensor) -> int:
         """#{|W| < threshold}: the first rank with |W| ≥ threshold (threshold rounded to the weight's dtype)."""
-        self._original_flat()
+        self._check_unchanged()
         if self._numpy_dtype is not None:  # numpy rounds a double to the weight's dtype as torch does (to nearest)
             value = self._numpy_dtype(float(threshold))
             bits = int(value.view(self._bits.dtype))
