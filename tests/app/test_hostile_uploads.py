@@ -30,10 +30,9 @@ from tests.services.test_hostile_inputs import (
     table_bomb,
     torch_bomb,
 )
+from tests.app.apptest_tools import start
 from ui.errors import literal, unescape
 
-APP = "../../app.py"  # resolved against this file's folder
-TIMEOUT = 120
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "zq7hostile"  # in every uploaded name: nothing named after an upload may appear on disk
 
@@ -49,13 +48,6 @@ def clean(fresh_caches, tmp_path, monkeypatch):
     written = [p for top in ROOT.iterdir() if top.name not in {".git", ".venv"} and top.is_dir()
                for p in top.rglob(f"*{TOKEN}*")] + list(ROOT.glob(f"*{TOKEN}*"))
     assert not written, written
-
-
-def start(**state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    for key, value in state.items():
-        at.session_state[key] = value
-    return at.run()
 
 
 def retention(at: AppTest) -> str:

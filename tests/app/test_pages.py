@@ -9,7 +9,7 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-import core.services.session
+import core.services.session_accuracy
 from core.common.formatting import fmt_bytes
 from core.services.choices import load_choice, model_choices
 from core.services.uploads import BUNDLE_FORMAT, export_bundle, settings_json
@@ -19,26 +19,11 @@ from core.services.session import ExploreSession
 from core.workloads.models import state_dict_digest as weights_fingerprint
 from core.workloads.models import build
 from core.services.teaching import worked_example
+from tests.app.apptest_tools import no_errors, start
 
-APP = "../../app.py"  # resolved against this file's folder
-TIMEOUT = 120
 
 
 pytestmark = pytest.mark.usefixtures("fresh_caches")
-
-
-def start(**state) -> AppTest:
-    """The app with ``state`` preset; the accuracy refines only to ±5 points unless a test asks for more."""
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    state.setdefault("accuracy_target", 0.05)
-    for key, value in state.items():
-        at.session_state[key] = value
-    return at.run()
-
-
-def no_errors(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def metric(at: AppTest, prefix: str):
@@ -172,7 +157,7 @@ def test_bn_recalibration_level_recalibrates_a_copy():
     no_errors(at)
     assert at.session_state["bn_recal"] is True  # the old toggle's key follows the level (the Export page reads it)
     result = session.apply(session.last_config)
-    calibrated = session.inference_model(result, bn=True)
+    calibrated = session.repairs.model(result, "bn")
     assert calibrated is not result.model
     assert not torch.equal(calibrated.bn1.running_mean, result.model.bn1.running_mean)  # statistics re-estimated
     for name in session.engine.layer_names:  # weights untouched
@@ -185,7 +170,7 @@ def test_full_accuracy_button_measures_and_caches(monkeypatch):
     from core.measure.accuracy import balanced_subset, eval_data, evaluate
 
     small = balanced_subset(eval_data("test"), 20, seed=1)  # stands in for the 10,000 images: same code path
-    monkeypatch.setattr(core.services.session, "eval_data", lambda *args, **kwargs: small)
+    monkeypatch.setattr(core.services.session_accuracy, "eval_data", lambda *args, **kwargs: small)
     at = start(tau=0.3)
     assert metric(at, "Accuracy · full test").value == "not measured"
     at.button(key="full_eval").click().run()
@@ -205,7 +190,7 @@ def test_realized_savings_button_measures_file_and_paths():
     at.button(key="measure_realized").click().run()
     no_errors(at)
     session = explorer(at)
-    realized = session.cached_realized(session.last_config, 1, "cpu")
+    realized = session.measurements.cached_realized(session.last_config, 1, "cpu")
     assert realized is not None and set(realized.paths["path"]) == {"dense", "sparse", "int8", "auto"}
     assert metric(at, "Packed file").value == fmt_bytes(realized.file_bytes)
     assert f"{realized.times_smaller:.1f}× smaller" in metric(at, "Packed file").delta

@@ -7,12 +7,9 @@ as an uploaded state_dict; the user's images handed over as the sidebar's upload
 from __future__ import annotations
 
 import io
-import zipfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import core.measure.sweeps
@@ -20,11 +17,9 @@ import core.services.session
 import ui.tune_user_data
 from core.measure.accuracy import EvalData, bn_recalibrate, evaluate
 from core.workloads import torchvision_models as tv
-from ui.errors import unescape
+from tests.app.apptest_tools import APP, CIFAR_STATS, has_chart, image_zip, no_errors, texts
 
-APP = "../../app.py"  # resolved against this file's folder
 TIMEOUT = 240
-CIFAR_STATS = {"tv_mean": "0.4914, 0.4822, 0.4465", "tv_std": "0.2470, 0.2435, 0.2616"}
 
 
 @pytest.fixture(autouse=True)
@@ -48,19 +43,6 @@ def cifar_sized() -> bytes:
     return _weights(10)
 
 
-def image_zip(classes: dict[str, int] | None, loose: int = 0) -> bytes:
-    """PNG images in class folders under a common top folder, and ``loose`` images without a class."""
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        names = [f"val/{c}/{i}.png" for c, n in (classes or {}).items() for i in range(n)]
-        for name in names + [f"{i}.png" for i in range(loose)]:
-            png = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
-            archive.writestr(name, png.getvalue())
-    return buffer.getvalue()
-
-
 def tune_with(weights: bytes, data: bytes | None, size: int = 32) -> AppTest:
     """The app with the torchvision upload loaded (and ``data`` as the user's images), on the Tune page."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -73,23 +55,6 @@ def tune_with(weights: bytes, data: bytes | None, size: int = 32) -> AppTest:
         at.session_state[key] = value
     at.switch_page("pages/tune.py").run()
     return at
-
-
-def no_errors(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [unescape(e.value) for e in at.error]
-
-
-def chart_keys(at: AppTest) -> set[str]:
-    return {c.proto.id for c in at.get("plotly_chart")}
-
-
-def has_chart(at: AppTest, key: str) -> bool:
-    return any(key in k for k in chart_keys(at))
-
-
-def texts(elements) -> list[str]:
-    return [unescape(e.value) for e in elements]
 
 
 def test_labelled_images_sweep_choose_and_apply(cifar_sized):

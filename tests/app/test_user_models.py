@@ -15,9 +15,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core.workloads import torchvision_models as tv
-from ui.errors import unescape
+from tests.app.apptest_tools import APP, image_zip, texts
 
-APP = "../../app.py"
 TIMEOUT = 180
 
 
@@ -33,20 +32,6 @@ def cifar_sized_weights() -> bytes:
     return buffer.getvalue()
 
 
-def image_zip(classes: dict[str, int], extra: dict[str, bytes] | None = None) -> bytes:
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, count in classes.items():
-            for i in range(count):
-                png = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(png, format="PNG")
-                archive.writestr(f"val/{name}/{i}.png", png.getvalue())
-        for name, data in (extra or {}).items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def start_with_torchvision(weights: bytes) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["accuracy_target"] = 0.05
@@ -58,10 +43,6 @@ def start_with_torchvision(weights: bytes) -> AppTest:
     at.session_state["tv_std"] = "0.2470, 0.2435, 0.2616"
     at.session_state["pending_torchvision"] = ("mobilenet_v3_small", weights, "mnv3.pt")
     return at.run()
-
-
-def texts(elements) -> list[str]:
-    return [unescape(e.value) for e in elements]
 
 
 def test_the_registry_stays_the_default():
@@ -114,13 +95,13 @@ def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
 def test_labelled_images_replace_cifar_and_show_a_preview(cifar_sized_weights):
     at = start_with_torchvision(cifar_sized_weights)
     at.session_state["data_source"] = "zip"
-    at.session_state["data_upload"] = (image_zip({"cat": 6, "ship": 6}, {"val/notes.txt": b"hello"}), "mine.zip")
+    at.session_state["data_upload"] = (image_zip({"cat": 6, "ship": 6}, {"val/notes.txt": b"hello"}, shape=(40, 48)), "mine.zip")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, texts(at.error)
     session = at.session_state["explorer"]
     assert session.data is not None and len(session.data) == 12 and session.has_labels
-    assert session.evaluation_set().key == session.data.key
+    assert session.accuracy.evaluation_set().key == session.data.key
     assert any("1 file that is not an image" in c for c in texts(at.caption))
     assert at.get("image"), "no preview images"
     assert any("2 class folders and the model 10 outputs" in w for w in texts(at.warning))
@@ -147,7 +128,7 @@ def test_unlabelled_images_measure_fidelity(cifar_sized_weights):
 def test_a_hostile_archive_is_refused_with_a_sentence(cifar_sized_weights):
     at = start_with_torchvision(cifar_sized_weights)
     at.session_state["data_source"] = "zip"
-    at.session_state["data_upload"] = (image_zip({"cat": 1}, {"../escape.png": b"x"}), "evil.zip")
+    at.session_state["data_upload"] = (image_zip({"cat": 1}, {"../escape.png": b"x"}, shape=(40, 48)), "evil.zip")
     at.run()
     assert not at.exception
     assert any("climbs out of the folder" in e for e in texts(at.error)), texts(at.error)
