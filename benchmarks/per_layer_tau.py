@@ -29,15 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.measure.allocation import (  # noqa: E402
-    METHOD_LABELS,
-    Target,
-    compare_at_equal_retention,
-    format_comparison,
-    choose_jointly,
-    format_candidates,
-    per_layer_tau,
-)
+from core.measure.allocation import Target, per_layer_tau  # noqa: E402
+from core.measure.allocation_joint import choose_jointly, format_candidates  # noqa: E402
+from core.measure.allocation_verify import METHOD_LABELS, compare_at_equal_retention, format_comparison  # noqa: E402
 from core.measure.sensitivity import DEFAULT_IMAGES, DEFAULT_TAUS, SensitivityConfig, measure_sensitivity  # noqa: E402
 from core.method.engine import Engine  # noqa: E402
 from core.workloads.models import PRETRAINED, load_card, load_pretrained  # noqa: E402

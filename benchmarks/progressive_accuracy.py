@@ -11,7 +11,7 @@ For each shipped model:
 * **first paint**: :meth:`ExploreSession.update` per slider move (engine step + histogram +
   cached lookups), p50/p95 over the moves.
 * **refinement**: after each move, the seconds of queued refinement steps
-  (:meth:`ExploreSession.refine_accuracy`) until the paired 95 % interval of Δ is within
+  (``session.accuracy.refine``) until the paired 95 % interval of Δ is within
   ±2 points, then ±1 point (or every image is in), with the images used. The dense
   predictions are shared by every session and computed once per model: the first move pays
   for them too, so the table reports the first move apart ("cold") from the others ("warm").
@@ -57,9 +57,9 @@ def agreement(name: str) -> list[dict]:
 
 def refine_until(session: ExploreSession, result, target: float) -> tuple[float, int, float]:
     start = time.perf_counter()
-    estimate = session.accuracy_estimate(result, False, "cpu")
+    estimate = session.accuracy.estimate(result, False, "cpu")
     while estimate is None or not (estimate.complete or estimate.delta_half_width <= target):
-        estimate = session.refine_accuracy(result, False, "cpu")
+        estimate = session.accuracy.refine(result, False, "cpu")
     return time.perf_counter() - start, estimate.n, estimate.delta_half_width
 
 

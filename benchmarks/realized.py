@@ -15,7 +15,7 @@ engine's sorted magnitudes), quantized 4/8-bit with θ = 0.1 relative:
   file, builds the path and runs a forward pass: the peak while loading and building,
   the resident memory after (freed heap returned with ``malloc_trim``), and the peak
   during a forward pass, each above that process's RSS after its imports;
-* the packed file's size on disk (:func:`core.deploy.packing.save_compressed`) against the
+* the packed file's size on disk (:func:`core.deploy.packed_writer.save_compressed`) against the
   fp32 state_dict saved with safetensors;
 * the dense-vs-sparse crossover: single layers swept over sparsity, and per model the
   largest retention at which ``auto`` beat dense.
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.method.config import CompressionConfig  # noqa: E402
 from core.method.engine import Engine  # noqa: E402
 from core.workloads.models import REGISTRY, build, load_pretrained  # noqa: E402
-from core.deploy.packing import save_compressed, state_dict_file_bytes  # noqa: E402
+from core.deploy.packed_writer import save_compressed, state_dict_file_bytes  # noqa: E402
 from core.common.timing import time_interleaved  # noqa: E402
 from core.deploy.kernels import KERNELS  # noqa: E402
 from core.deploy.runtime import build_runtime, runtime_summary  # noqa: E402
@@ -126,7 +126,7 @@ def memory_probe(file: str, key: str, path: str, batch: int, cache: str, device:
     """In a fresh process: load the packed file, build ``path``, run one forward pass; MiB above the RSS after imports."""
     from memory_profiler import memory_usage
 
-    from core.deploy.packing import load_compressed
+    from core.deploy.packed_reader import load_compressed
 
     release_freed_memory()
     base = rss_mib()

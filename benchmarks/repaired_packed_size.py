@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from core.deploy.packing import compressed_bytes, load_compressed, state_dict_file_bytes  # noqa: E402
+from core.deploy.packed_reader import load_compressed  # noqa: E402
+from core.deploy.packed_writer import compressed_bytes, state_dict_file_bytes  # noqa: E402
 from core.measure.repair import RepairConfig, repair_setting  # noqa: E402
 from core.method.config import CompressionConfig  # noqa: E402
 from core.method.engine import Engine  # noqa: E402

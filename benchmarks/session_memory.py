@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.sessions):
         session = ExploreSession(loaded)
         view = session.update(ExploreRequest(config=CompressionConfig(tau=0.1 + 0.02 * i, theta=0.3)))
-        session.refine_accuracy(view.result, False, "cpu")  # runs the compressed model, as the page does
+        session.accuracy.refine(view.result, False, "cpu")  # runs the compressed model, as the page does
         sessions.append((session, view))
         now = rss()
+        memory = session.measurements.memory()
         what = "first session (builds the shared snapshot)" if i == 0 else f"session {i + 1}"
         print(f"  + {what:44s} RSS {now / MIB:7.0f} MiB, +{(now - previous) / MIB:6.1f} MiB "
               f"= {(now - previous) / weights:4.2f}× the weights; counted: session "
-              f"{session.memory().session / MIB:.1f} MiB, shared {session.memory().shared / MIB:.1f} MiB")
+              f"{memory.session / MIB:.1f} MiB, shared {memory.shared / MIB:.1f} MiB")
         previous = now
     del session, view  # only the list holds the sessions now
     print("  dropping the sessions (closed tabs):")

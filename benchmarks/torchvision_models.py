@@ -12,7 +12,7 @@ the engine's memory against the fp32 bytes of the prunable weights, counted (ran
 chunks, its working buffer; the weights themselves are the model's, read without a copy) and
 measured (in a fresh process per architecture: the growth of the resident memory from the built
 model to after ``Engine(model)`` and the first apply, each read after a collection and
-``malloc_trim``, with torch's kernels warmed up on a small model first); the packed file (:func:`core.deploy.packing.compressed_bytes`)
+``malloc_trim``, with torch's kernels warmed up on a small model first); the packed file (:func:`core.deploy.packed_writer.compressed_bytes`)
 against the fp32 state_dict saved with safetensors; whether the packed file loads back bit-exact
 (without a template: ``torchvision:<name>`` is recorded) and gives the compressed model's
 outputs. Nothing is asserted on speed; one thread unless ``--threads``.
@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.common.memory import process_rss_bytes, release_memory  # noqa: E402
-from core.deploy.packing import compressed_bytes, parse_compressed, state_dict_file_bytes  # noqa: E402
+from core.deploy.packed_reader import parse_compressed  # noqa: E402
+from core.deploy.packed_writer import compressed_bytes, state_dict_file_bytes  # noqa: E402
 from core.method.config import CompressionConfig  # noqa: E402
 from core.method.engine import Engine  # noqa: E402
 from core.workloads import torchvision_models as tv  # noqa: E402

@@ -9,8 +9,8 @@
 The packages, each importing only from those before it:
 
 * ``core.common``    paths, the one timer, the formatters (no project imports)
+* ``core.workloads`` the model registry and checkpoints, CIFAR-10, the user's images
 * ``core.method``    the paper: pruning, quantization, the engine (pure torch, no I/O)
-* ``core.workloads`` the model registry and checkpoints, CIFAR-10
 * ``core.deploy``    what a result becomes: the packed file, the execution paths
 * ``core.measure``   accuracy, sweeps, latency, realized savings, the paper's benchmark suite
 * ``core.services``  the Streamlit-free services behind the app's pages
@@ -22,7 +22,8 @@ Torchvision models: ``build_torchvision("resnet50", {"num_classes": 10})``,
 first. ``save_compressed(result, path, arch="torchvision:resnet50", arch_kwargs=...)`` records it.
 """
 from core.common.timing import Timing, time_interleaved
-from core.deploy.packing import load_compressed, read_compressed, save_compressed
+from core.deploy.packed_reader import load_compressed, read_compressed
+from core.deploy.packed_writer import save_compressed
 from core.deploy.runtime import build_runtime, compare_paths
 from core.measure.accuracy import bn_recalibrate, eval_data, evaluate
 from core.measure.realized import measure_realized

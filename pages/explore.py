@@ -4,7 +4,9 @@ import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
 from core.services.repairs import JOB_LEVELS
-from core.services.session import ACCURACY_TARGETS, LATENCY_BATCHES, ExploreRequest
+from core.services.session import ExploreRequest
+from core.services.session_accuracy import ACCURACY_TARGETS
+from core.services.session_measurements import LATENCY_BATCHES
 from ui.explore_view import estimate_done, show_accuracy, show_latency
 from ui.repair_view import await_repair, repair_choice, show_repair
 from ui.errors import literal
@@ -107,7 +109,7 @@ row1[2].metric("Stored size · computed", fmt_bytes(result.model_bytes_compresse
                     "parameter and buffer as fp32. Computed from the format, not a file on disk.")
 accuracy_slot = row1[3].empty()
 latency_slot = row2[0].empty()
-memory = session.memory()
+memory = session.measurements.memory()
 row2[1].metric("Memory · this session, counted", fmt_bytes(memory.session),
                f"model {fmt_bytes(memory.model)}; server process {fmt_bytes(memory.process_rss)} (measured RSS)",
                delta_color="off", delta_arrow="off",
@@ -182,9 +184,9 @@ with acc:
         if st.button(f"Measure the full {population:,}-image accuracy (fp32)", key="full_eval"):
             with guard("Measuring the full-test accuracy"):
                 with st.spinner(f"Running the compressed model on all {population:,} images…"):
-                    session.full_accuracy(result, level, device())
+                    session.accuracy.full(result, level, device())
                     if view.full_dense is None or view.full_dense_source.startswith("from"):
-                        session.full_accuracy(None, False, device())
+                        session.accuracy.full(None, False, device())
                 st.rerun()
         st.caption("The full-test figure is measured on request in fp32 (cached per model and setting)."
                    if view.full is None else f"Full test measured in {view.full.seconds:.1f} s (cached).")
@@ -204,7 +206,7 @@ with perf:
     latency_detail = st.empty()
 
 st.subheader("Realized savings · measured")
-st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.deploy.packing`) "
+st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.deploy.packed_writer`) "
            "and the latency of each execution path (`core.deploy.runtime`): **dense** multiplies the zeros, **sparse** "
            "runs CSR kernels, **int8** weight-only int8 (Linear layers whose weights are exact int8 codes), "
            "**auto** the fastest kernel per layer as measured on this machine.")
@@ -213,7 +215,7 @@ if realized is None and st.button(f"Measure file size and execution paths (batch
                                   key="measure_realized"):
     with guard("Measuring the realized savings"):
         with st.spinner("Packing the model and timing every layer with each kernel…"):
-            session.realized(result, int(state["latency_batch"]), device())
+            session.measurements.realized(result, int(state["latency_batch"]), device())
         st.rerun()
 if realized is None:
     st.caption("Measured on request (a few seconds for ResNet-20, longer for larger models); cached per setting "
@@ -262,7 +264,7 @@ if state["latency_on"]:
 
         waiting_for_latency()
         with guard("Measuring latency"):
-            lat = session.latency(result, int(state["latency_batch"]), device(), poll=waiting_for_latency)
+            lat = session.measurements.latency(result, int(state["latency_batch"]), device(), poll=waiting_for_latency)
     show_latency(latency_slot, latency_detail, lat)
 else:
     latency_slot.metric("Latency · measured", "off", help="Switch latency measurement on below.")
@@ -287,13 +289,13 @@ if view.accuracy_available:
     if repaired is not None:
         with guard("Estimating the accuracy"):
             while not estimate_done(estimate, target):
-                estimate = session.refine_accuracy(result, level, device(), poll=waiting_for_accuracy)
+                estimate = session.accuracy.refine(result, level, device(), poll=waiting_for_accuracy)
                 show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, data_label=data_label)
 elif session.has_labels:
     accuracy_slot.metric("Accuracy", "n/a", help="See the note above.")
 elif session.data is not None:
     with guard("Measuring the fidelity to the dense model"):
-        measured = view.fidelity if view.fidelity is not None else session.fidelity(result, device())
+        measured = view.fidelity if view.fidelity is not None else session.accuracy.fidelity(result, device())
         accuracy_slot.metric("Top-1 agreement with dense · measured", f"{100 * measured.agreement:.1f} %",
                              f"mean KL {measured.mean_kl:.4f} nats on {measured.n:,} images", delta_color="off",
                              delta_arrow="off",
@@ -303,7 +305,7 @@ elif session.data is not None:
                                   "of their softmax outputs.")
 else:
     with guard("Measuring the output deviation"):
-        deviation = view.deviation if view.deviation is not None else session.deviation(result, device())
+        deviation = view.deviation if view.deviation is not None else session.accuracy.deviation(result, device())
         accuracy_slot.metric("Output deviation · measured", f"{100 * deviation:.2f} %",
                              help="‖f_compressed(x) − f_dense(x)‖ / ‖f_dense(x)‖ over 256 Gaussian inputs: this "
                                   "model has no labelled data set, so this replaces accuracy.")

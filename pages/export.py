@@ -37,7 +37,7 @@ with guard("Preparing the export"):
                 f"{fmt_bytes(result.model_bytes_compressed)} (computed) vs {fmt_bytes(result.model_bytes_fp32)} fp32.")
 
     def bundle() -> bytes:
-        model = session.inference_model(result, bn) if bn else None
+        model = session.repairs.model(result, bn) if bn else None
         return export_bundle(result, loaded, model, bn_recalibrated=bn)
 
     stem = f"{loaded.arch.replace(':', '_')}_tau{config.tau:g}" + ("" if config.theta is None else f"_theta{config.theta:g}")
@@ -46,7 +46,7 @@ with guard("Preparing the export"):
         st.subheader("Compressed model, packed")
         st.caption("The real savings on disk: per layer the keep-mask (or kept indices), the integer codes of each "
                    "chunk bit-packed at their bit-width, per-channel scales and the 1-bit chunk selector, in one "
-                   "checksummed safetensors file (`core.deploy.packing`). Upload it back in the sidebar.")
+                   "checksummed safetensors file (`core.deploy.packed_writer`). Upload it back in the sidebar.")
         why_not = export_repair.unavailable(session)
         levels = list(export_repair.LABELS)
         explored = state.get("repair", "none")  # the Explore page's repair level, the default here

@@ -13,12 +13,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.measure.allocation import METHOD_LABELS as ALLOC_LABELS
-from core.measure.allocation import Target, choose_jointly, compare_at_equal_retention, per_layer_tau, test_images
+from core.measure.allocation import Target, per_layer_tau
+from core.measure.allocation_joint import choose_jointly
+from core.measure.allocation_verify import METHOD_LABELS as ALLOC_LABELS
+from core.measure.allocation_verify import compare_at_equal_retention, test_images
 from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
 from core.measure.sensitivity import SensitivityConfig, measure_sensitivity, resolve_precision
 from core.method.engine import Engine
-from core.services.session import CALIBRATION_IMAGES
+from core.services.session_repairs import CALIBRATION_IMAGES
 from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
 from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
 from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap

@@ -21,6 +21,23 @@ class TinyNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU ×2, flatten, Linear → 10 classes on 8×8 images (no pooling: varied predictions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import core.tune as tune
-from core.deploy.packing import load_compressed, parse_compressed
+from core.deploy.packed_reader import load_compressed, parse_compressed
 from core.measure import tuning
 from core.method.config import CompressionConfig
 from tests.tune_cli_refusals import assert_refused

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import core.tune as tune
-from core.deploy.packing import load_compressed
+from core.deploy.packed_reader import load_compressed
 from core.method.config import CompressionConfig
 from core.services.uploads import read_upload
 from core.workloads import torchvision_models as tv

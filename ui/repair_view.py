@@ -1,11 +1,11 @@
 """The Explore page's accuracy repair: the level choice, a running repair's progress, the per-layer errors.
 
-The levels and the work are :mod:`core.services.repairs` and
-:class:`core.services.session.ExploreSession`; this module only draws them. A repair above BN
-recalibration runs as a :class:`core.services.repairs.RepairJob` (a worker thread); the page
+The levels and the work are :mod:`core.services.repairs` and ``session.repairs``
+(:class:`core.services.session_repairs.SessionRepairs`); this module only draws them. A repair
+above BN recalibration runs as a :class:`core.services.repairs.RepairJob` (a worker thread); the page
 waits for it here, updating a progress bar every :data:`PROGRESS_S`. Each update is where
 Streamlit interrupts a superseded run: the page then stops watching the job, and the next
-run's slider move (:meth:`ExploreSession.update`) or Stop (:meth:`ExploreSession.stop_repair`)
+run's slider move (:meth:`ExploreSession.update`) or Stop (:meth:`SessionRepairs.stop`)
 cancels it; a rerun for the same setting watches it again and it goes on.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ def repair_choice(session: ExploreSession) -> str:
     """Draw the repair choice (only the levels that apply; disabled with the reason when none does); the level."""
     state = st.session_state
     level = sync_repair()
-    options = session.repair_levels()
-    unavailable = session.repair_unavailable()
+    options = session.repairs.levels()
+    unavailable = session.repairs.unavailable()
     if level not in options:  # e.g. a level chosen for another model: the closest one below that applies
         lower = [o for o in options if LEVELS.index(o) < LEVELS.index(level)][-1]
         st.info(f"Repair '{LABELS[level]}' does not apply here: {unavailable[level]} It is set to "
@@ -69,11 +69,11 @@ def await_repair(session: ExploreSession, result: CompressionResult, level: str,
     run it). A Stop click reruns the page: its value is read here first, before any waiting.
     """
     state = st.session_state
-    key = _stopped_text(session.repair_key(result.config, level))
+    key = _stopped_text(session.repairs.key(result.config, level))
     with box:
         head, stop_slot, bar = st.empty(), st.empty(), st.empty()
     if state.get(STOPPED_KEY) == key or stop_slot.button("Stop the repair", key="repair_stop"):
-        session.stop_repair()
+        session.repairs.stop()
         state[STOPPED_KEY] = key
         head.info(f"The repair ({LABELS[level]}) was stopped; the accuracy figures wait for it. "
                   "Choose another level, or run it again.")
@@ -84,11 +84,11 @@ def await_repair(session: ExploreSession, result: CompressionResult, level: str,
     queue = session.queue_state()
     head.caption(f"{LABELS[level]}: estimating the time…" if not queue.busy else
                  f"{LABELS[level]}: waiting for the shared CPU to estimate the time…")
-    estimate = session.repair_estimate(result, level,
-                                       poll=lambda: bar.progress(0.0, text="waiting for the shared CPU…"))
+    estimate = session.repairs.estimate(result, level,
+                                        poll=lambda: bar.progress(0.0, text="waiting for the shared CPU…"))
     head.caption(f"**Repairing ({LABELS[level]})**: about {estimate:.0f} s (estimated before starting from this "
                  f"machine's measured speed; a busy server takes longer). The accuracy follows on the repaired model.")
-    job = session.start_repair(result, level)
+    job = session.repairs.start(result, level)
     try:
         while not job.wait(PROGRESS_S):
             if job.total == 0:
@@ -101,7 +101,7 @@ def await_repair(session: ExploreSession, result: CompressionResult, level: str,
             bar.progress(job.fraction, text=text)
     finally:
         if not job.finished:  # interrupted by a rerun: the next run watches it again, or lets it go
-            session.leave_repair(job)
+            session.repairs.leave(job)
     stop_slot.empty()
     if isinstance(job.error, RepairCancelled):
         bar.empty()

@@ -26,7 +26,8 @@ from core.services.repairs import check_level
 from core.services.uploads import read_upload
 from core.workloads.data import DataError
 from core.method.config import CompressionConfig
-from core.services.session import DEFAULT_ACCURACY_TARGET, ExploreSession
+from core.services.session import ExploreSession
+from core.services.session_accuracy import DEFAULT_ACCURACY_TARGET
 from core.workloads.models import CheckpointError
 
 log = logging.getLogger("boundary_explorer")

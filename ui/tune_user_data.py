@@ -17,7 +17,8 @@ import streamlit as st
 
 from core.measure.tuning import choose, settings
 from core.method.config import CompressionConfig
-from core.services.session import CALIBRATION_IMAGES, ExploreSession
+from core.services.session import ExploreSession
+from core.services.session_repairs import CALIBRATION_IMAGES
 from core.services.user_tuning import KL_IMAGES, class_mapping, run_user_sweep, tune_data, tune_model
 from ui.charts import curves_figure, pareto_figure
 from ui.errors import literal

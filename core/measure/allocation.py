@@ -16,61 +16,31 @@ Lagrangian solution path); the step that crosses the budget is then backed off i
 layer to the exact kept count that meets it, so the total lands on the budget or, where ties
 of |W| make a count unreachable, just under it.
 
-The joint check (:func:`choose_jointly`). Measured on the shipped ResNet-20 and ResNet-18, the
-sum of single-layer drops is a poor estimate once every layer is pruned: at 20 % retention of
-ResNet-18 it predicted 1.8 points, the setting lost 42 (no BN recalibration); after BN
-recalibration it ranks global magnitude's allocation below its own when the test set says
-the opposite. So the allocation is one of a few candidates at the same budget (itself, global
-magnitude's per-layer τ, and blends of the two), each run whole on the sensitivity's own
-images (not the test images), and the most accurate there is chosen.
-
-The check (:func:`compare_at_equal_retention`): the chosen setting, uniform τ at the same
-retention (the τ whose kept count is closest to it) and global magnitude pruning of exactly
-the same number of weights, each with and without BN recalibration, on the full test set in
-fp32, every accuracy paired against the dense model's predictions on the same images.
-Verified rows are cached on disk like the sensitivity.
+Two refinements live beside it: the joint check among candidate allocations
+(:mod:`core.measure.allocation_joint`) and the verification on the test set at equal retention
+(:mod:`core.measure.allocation_verify`); both cache their rows under :func:`allocation_cache_dir`.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from core.common import paths
-from core.measure.accuracy import (
-    CALIBRATION_RECIPE,
-    EvalData,
-    bn_recalibrate,
-    calibration_images,
-    eval_data,
-    has_batchnorm,
-    predict,
-)
-from core.measure.baselines import magnitude_baseline
-from core.measure.paired import balanced_order, paired_interval
-from core.measure.sensitivity import JsonCache, Sensitivity, model_key, monotone_drops
-from core.measure.sweeps import tensor_digest
+from core.measure.sensitivity import Sensitivity, monotone_drops
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
-from core.method.pruning import boundary, layer_weight
+from core.method.pruning import boundary
 from core.method.quantization import layer_storage
-from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 
 TARGET_KINDS: tuple[str, ...] = ("retention", "bytes", "max_drop")
 ALLOCATION_CACHE_VERSION = 2
 DEFAULT_STEP = 0.005
-METHOD_LABELS: dict[str, str] = {"dense": "dense", "uniform": "uniform τ", "per_layer": "automatic per-layer τ",
-                                 "global_magnitude": "global magnitude"}
-COMPARISON_COLUMNS: tuple[str, ...] = (
-    "method", "bn_recalibrated", "tau", "kept", "retention", "bytes", "accuracy", "n", "newly_wrong",
-    "newly_right", "drop", "predicted_drop", "seconds", "cached")
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -354,140 +324,6 @@ def per_layer_tau(sensitivity: Sensitivity, engine: Engine, target: Target,
     return allocate(options, target, fixed)
 
 
-# ---------------------------------------------------------------- a joint check among candidates
-
-BLENDS: tuple[float, ...] = (0.25, 0.5, 0.75)
-
-
-def _allocation_for_kept(options: Sequence[LayerOptions], kept: dict[str, int], like: Allocation,
-                         method: str) -> Allocation:
-    """The allocation keeping (at most) ``kept[ℓ]`` weights per layer, every τ exact where reachable."""
-    layer_tau, reached = {}, {}
-    for o in options:
-        exact = o.tau_for_kept(kept[o.name])
-        if exact is None:  # rounding leaves no τ for that count: the fine-grid τ just below it
-            index = int(np.argmax(o.kept <= kept[o.name])) if (o.kept <= kept[o.name]).any() else len(o.kept) - 1
-            exact = float(o.taus[index]), int(o.kept[index])
-        layer_tau[o.name], reached[o.name] = exact
-    layer_drop = {o.name: o.drop_at(layer_tau[o.name]) for o in options}
-    return Allocation(layer_tau=layer_tau, kept=reached, numel=like.numel,
-                      cost=float(sum(o.cost_of_kept(reached[o.name]) for o in options)), budget=like.budget,
-                      predicted_drop=float(sum(layer_drop.values())), target=like.target, layer_drop=layer_drop,
-                      method=method)
-
-
-def magnitude_kept(options: Sequence[LayerOptions], total: int) -> dict[str, int]:
-    """Per-layer kept counts of global magnitude pruning keeping (at most) ``total`` weights."""
-    magnitudes = torch.cat([o.sorted_abs for o in options]).sort().values
-    if total <= 0:
-        return {o.name: 0 for o in options}
-    threshold = magnitudes[len(magnitudes) - total]
-    kept = {o.name: o.numel - int(torch.searchsorted(o.sorted_abs, threshold.reshape(1), side="left"))
-            for o in options}
-    if sum(kept.values()) > total:  # ties at the threshold: keep only what is strictly above it
-        kept = {o.name: o.numel - int(torch.searchsorted(o.sorted_abs, threshold.reshape(1), side="right"))
-                for o in options}
-    return kept
-
-
-def _blend(a: dict[str, int], b: dict[str, int], alpha: float, total: int, numel: dict[str, int]) -> dict[str, int]:
-    """``alpha·a + (1 − alpha)·b`` per layer, rounded by largest remainder to sum to ``total``."""
-    ideal = {name: alpha * a[name] + (1 - alpha) * b[name] for name in a}
-    kept = {name: min(int(math.floor(v)), numel[name]) for name, v in ideal.items()}
-    for name in sorted(ideal, key=lambda n: ideal[n] - kept[n], reverse=True)[:max(0, total - sum(kept.values()))]:
-        kept[name] = min(kept[name] + 1, numel[name])
-    return kept
-
-
-def candidate_allocations(sensitivity: Sensitivity, engine: Engine, target: Target,
-                          step: float = DEFAULT_STEP) -> list[Allocation]:
-    """The sensitivity allocation (:func:`per_layer_tau`), global magnitude's per-layer τ at the
-    same number of weights, and blends of the two (:data:`BLENDS`: that share of each layer's
-    kept count from the sensitivity allocation, the rest from magnitude), all at the same total;
-    for a ``bytes`` target only those within the budget; for ``max_drop`` only the first."""
-    cost = "bytes" if target.kind == "bytes" else "retention"
-    options = layer_options(sensitivity, engine, cost, step)
-    fixed = fixed_bytes(engine, sensitivity.layers) if target.kind == "bytes" else 0.0
-    base = allocate(options, target, fixed)
-    if target.kind == "max_drop":
-        return [base]
-    total = base.total_kept
-    magnitude = magnitude_kept(options, total)
-    numel = {o.name: o.numel for o in options}
-    found = [base, _allocation_for_kept(options, magnitude, base, "magnitude")]
-    found += [_allocation_for_kept(options, _blend(base.kept, magnitude, alpha, total, numel), base, f"blend {alpha:g}")
-              for alpha in BLENDS]
-    return [a for a in found if base.budget is None or a.cost <= base.budget + 1e-9]
-
-
-def choose_jointly(
-    model: nn.Module,
-    sensitivity: Sensitivity,
-    engine: Engine,
-    target: Target,
-    *,
-    data: EvalData | None = None,
-    calibration: torch.Tensor | None = None,
-    model_id: str | None = None,
-    mean: Sequence[float] = CIFAR_MEAN,
-    std: Sequence[float] = CIFAR_STD,
-    device: str | torch.device = "cpu",
-    step: float = DEFAULT_STEP,
-    use_cache: bool = True,
-    cache_root: str | Path | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> Allocation:
-    """The best of :func:`candidate_allocations`, judged *jointly* on the sensitivity's own images.
-
-    Single-layer drops add up poorly once many layers are pruned (and after BN recalibration),
-    so each candidate is run whole, every layer at its τ, on the images the sensitivity was
-    measured on (never the test images, unless the sensitivity used them), at its precision and,
-    for a model with BatchNorm, after BN recalibration on the sensitivity's calibration images:
-    the highest accuracy wins, ties going to the lower mean loss. ``data`` must be what the
-    sensitivity was measured from when it was given one. The returned allocation's
-    ``candidates`` frame lists every candidate with its figures (``chosen`` marks the winner).
-    """
-    from core.measure.sensitivity import recipe_outputs, sensitivity_images
-
-    config = sensitivity.config
-    if config is None:
-        raise ValueError("the sensitivity does not carry its configuration; measure it with measure_sensitivity")
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    found = candidate_allocations(sensitivity, engine, target, step)
-    images, _, _ = sensitivity_images(config, data, mean, std)
-    bn = has_batchnorm(model)
-    if bn and calibration is None:
-        calibration = calibration_images(config.calibration_size, config.calibration_seed, mean, std)
-    context = {"version": ALLOCATION_CACHE_VERSION, "torch": torch.__version__, "device": torch.device(device).type,
-               "model": model_key(model, model_id), "precision": sensitivity.precision,
-               "images": {"images": tensor_digest(images.images), "labels": tensor_digest(images.labels)},
-               "calibration": None if not bn else {"images": tensor_digest(calibration)}}
-    cache = JsonCache((Path(cache_root) if cache_root is not None else allocation_cache_dir()) / "joint", context,
-                      use_cache)
-    if on_progress is not None:
-        on_progress(0, len(found), "starting")
-    rows = []
-    for done, candidate in enumerate(found, start=1):
-        key = {"config": candidate.config().to_dict()}
-        values = cache.get(key)
-        if values is None:
-            predicted, log_probs = recipe_outputs(engine.apply(candidate.config()).model, images.images,
-                                                  sensitivity.precision, calibration if bn else None, device)
-            picked = log_probs[torch.arange(len(images)), images.labels]
-            values = {"correct": int((predicted == images.labels).sum()), "loss": float(-picked.mean())}
-            cache.put(key, values)
-        rows.append({"candidate": candidate.method, "retention": candidate.retention, "kept": candidate.total_kept,
-                     "accuracy": values["correct"] / len(images), "loss": values["loss"],
-                     "predicted_drop": candidate.predicted_drop})
-        if on_progress is not None:
-            on_progress(done, len(found), candidate.method)
-    frame = pd.DataFrame(rows)
-    best = min(range(len(found)), key=lambda i: (-frame["accuracy"].iloc[i], frame["loss"].iloc[i]))
-    frame["chosen"] = [i == best for i in range(len(found))]
-    frame.attrs.update(images=sensitivity.images, bn_recalibrated=bn, precision=sensitivity.precision)
-    return replace(found[best], candidates=frame)
-
-
 def smallest_reachable(engine: Engine, layers: Sequence[str], largest_tau: float) -> tuple[float, int]:
     """(retention, stored bytes) with every layer of ``layers`` at ``largest_tau``: the least a grid reaches."""
     result = engine.apply(CompressionConfig(layer_tau={name: largest_tau for name in layers}))
@@ -495,211 +331,7 @@ def smallest_reachable(engine: Engine, layers: Sequence[str], largest_tau: float
     return float(stats["kept"].sum() / stats["numel"].sum()), int(result.model_bytes_compressed)
 
 
-def uniform_tau_for_kept(engine: Engine, layers: Sequence[str], kept: int, iterations: int = 60) -> float:
-    """The uniform τ whose kept count over ``layers`` is closest to ``kept`` (bisection; retention falls with τ)."""
-    sorted_abs = [engine.sorted_magnitudes(name) for name in layers]
-
-    def count(tau: float) -> int:
-        total = 0
-        for values in sorted_abs:
-            if values.numel():
-                threshold = boundary(values[-1], tau).reshape(1).to(values.dtype)
-                total += values.numel() - int(torch.searchsorted(values, threshold, side="left"))
-        return total
-
-    low, high = 0.0, 1.0  # count(low) ≥ kept ≥ count(high) once bracketed
-    if count(high) >= kept:
-        return high
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        if count(mid) >= kept:
-            low = mid
-        else:
-            high = mid
-    return low if abs(count(low) - kept) <= abs(count(high) - kept) else high
-
-
-# ---------------------------------------------------------------- verification
-
 def allocation_cache_dir() -> Path:
-    """Default location of cached verification rows: ``core.common.paths.cache_dir()/"allocation"``."""
+    """Default location of cached verification rows (and, under ``joint/``, the joint check's):
+    ``core.common.paths.cache_dir()/"allocation"``."""
     return paths.cache_dir() / "allocation"
-
-
-@dataclass
-class Comparison:
-    """The verified table (:data:`COMPARISON_COLUMNS`, one row per method and BN flag) and the
-    predictions behind it (``predictions[(method, bn)]``, on ``labels``' images)."""
-
-    frame: pd.DataFrame
-    labels: torch.Tensor
-    predictions: dict[tuple[str, bool], torch.Tensor]
-    config: CompressionConfig
-    uniform_tau: float
-    images: str
-
-    def difference(self, a: str, b: str, bn: bool) -> tuple[float, float, float]:
-        """Accuracy of method ``a`` minus method ``b`` (same BN flag) on the same images, with a paired
-        95 % interval that treats the images as a sample of the distribution they come from."""
-        pa, pb = self.predictions[(a, bn)], self.predictions[(b, bn)]
-        right_a, right_b = pa == self.labels, pb == self.labels
-        gained, lost, n = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum()), len(self.labels)
-        low, high = paired_interval(gained, lost, n, population=10 ** 12)
-        return (gained - lost) / n, low, high
-
-
-def test_images(n: int | None = None, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD) -> EvalData:
-    """The CIFAR-10 test set (``n=None``) or its first ``n`` images in a class-balanced order, normalised."""
-    data = eval_data("test", tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    if n is None or n >= len(data):
-        return data
-    if n < 1:
-        raise ValueError(f"the number of test images must be ≥ 1, got {n}")
-    index = balanced_order(data.labels)[:n].sort().values
-    return EvalData(data.images[index].contiguous(), data.labels[index], "test")
-
-
-def _predict_fp32(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
-    run = model
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()) and torch.device(device).type == "cpu":
-        with torch.no_grad():
-            run = model.to(memory_format=torch.channels_last)
-    return predict(run, images, batch_size=1000, device=device, precision="fp32")
-
-
-def compare_at_equal_retention(
-    model: nn.Module,
-    allocation: Allocation,
-    *,
-    engine: Engine | None = None,
-    data: EvalData | None = None,
-    calibration: torch.Tensor | None = None,
-    calibration_size: int = 2000,
-    calibration_seed: int = 42,
-    bn_recalibration: bool = True,
-    model_id: str | None = None,
-    mean: Sequence[float] = CIFAR_MEAN,
-    std: Sequence[float] = CIFAR_STD,
-    device: str | torch.device = "cpu",
-    use_cache: bool = True,
-    cache_root: str | Path | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> Comparison:
-    """The automatic per-layer τ against uniform τ and global magnitude at the same retention.
-
-    ``data``: the verification images (default: the full CIFAR-10 test set); every model runs
-    in fp32 and, with ``bn_recalibration`` (and BatchNorm in the model), also after
-    :func:`bn_recalibrate` on ``calibration`` (default: ``calibration_size`` augmented training
-    images). ``drop`` is the dense model's accuracy minus the row's, from paired counts on the
-    same images; ``bytes`` the stored size in the engine's format (for global magnitude, of its
-    per-layer kept counts in that format). ``model`` is never modified.
-    """
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    engine = engine if engine is not None else Engine(model)
-    layers = list(allocation.layer_tau)
-    data = data if data is not None else eval_data("test", mean, std)
-    bn = bn_recalibration and has_batchnorm(model)
-    images = f"{len(data):,} {data.split} images"
-    config = allocation.config()
-    kept = allocation.total_kept
-    uniform = uniform_tau_for_kept(engine, layers, kept)
-    n_total = allocation.numel
-    calibration_key = None
-    if bn:
-        calibration_key = ({"images": tensor_digest(calibration)} if calibration is not None else
-                           {"split": "train", "n": calibration_size, "seed": calibration_seed,
-                            "recipe": CALIBRATION_RECIPE, "mean": list(mean), "std": list(std)})
-    context = {"version": ALLOCATION_CACHE_VERSION, "torch": torch.__version__, "device": torch.device(device).type,
-               "model": model_key(model, model_id),
-               "data": {"images": tensor_digest(data.images), "labels": tensor_digest(data.labels)},
-               "calibration": calibration_key, "layers": layers}
-    root = Path(cache_root) if cache_root is not None else allocation_cache_dir()
-    cache = JsonCache(root, context, use_cache)
-    plan = [("dense", None), ("uniform", CompressionConfig(layer_tau={n: uniform for n in layers})),
-            ("per_layer", config), ("global_magnitude", n_total - kept)]
-    rows = [(method, setting, flag) for method, setting in plan for flag in ((False, True) if bn else (False,))]
-    calib = {"images": calibration}
-
-    def calibration_set() -> torch.Tensor:
-        if calib["images"] is None:
-            calib["images"] = calibration_images(calibration_size, calibration_seed, mean, std)
-        return calib["images"]
-
-    if on_progress is not None:
-        on_progress(0, len(rows), "starting")
-    records, predictions = [], {}
-    for done, (method, setting, flag) in enumerate(rows, start=1):
-        key = {"method": method, "bn": flag,
-               "setting": (setting.to_dict() if isinstance(setting, CompressionConfig) else setting)}
-        stored = cache.get(key)
-        cached = stored is not None
-        if stored is None:
-            start = time.perf_counter()
-            if method == "global_magnitude":
-                pruned, _ = magnitude_baseline(model, "global_magnitude", int(setting))
-                counts = {name: int(torch.count_nonzero(layer_weight(pruned, name))) for name in layers}
-                kept_here = sum(counts.values())
-                size = int(fixed_bytes(engine, layers) + sum(
-                    layer_storage(engine.sorted_magnitudes(name).numel(), 1, count, 0, None, None,
-                                  dense_bits=torch.finfo(engine.sorted_magnitudes(name).dtype).bits).total
-                    for name, count in counts.items()))
-            else:
-                result = engine.apply(setting if setting is not None else CompressionConfig())
-                pruned = result.model
-                stats = result.stats.set_index("name")
-                kept_here = int(stats.loc[layers, "kept"].sum())
-                size = int(result.model_bytes_compressed)
-            if flag:
-                pruned = bn_recalibrate(pruned, calibration_set())
-            predicted = _predict_fp32(pruned, data.images, device)
-            stored = {"kept": kept_here, "bytes": size, "predictions": predicted.tolist(),
-                      "seconds": time.perf_counter() - start}
-            cache.put(key, stored)
-        predicted = torch.tensor(stored["predictions"], dtype=torch.int64)
-        predictions[(method, flag)] = predicted
-        if on_progress is not None:
-            on_progress(done, len(rows), METHOD_LABELS[method] + (" + BN recal" if flag else ""))
-        records.append({"method": method, "bn_recalibrated": flag,
-                        "tau": uniform if method == "uniform" else (0.0 if method == "dense" else float("nan")),
-                        "kept": stored["kept"], "retention": stored["kept"] / n_total,
-                        "bytes": stored["bytes"] if stored["bytes"] is not None else pd.NA,
-                        "seconds": stored["seconds"], "cached": cached})
-    dense_right = predictions[("dense", False)] == data.labels
-    n = len(data)
-    for record in records:
-        right = predictions[(record["method"], record["bn_recalibrated"])] == data.labels
-        record.update(accuracy=int(right.sum()) / n, n=n, newly_wrong=int((dense_right & ~right).sum()),
-                      newly_right=int((~dense_right & right).sum()))
-        record["drop"] = (record["newly_wrong"] - record["newly_right"]) / n
-        record["predicted_drop"] = allocation.predicted_drop if record["method"] == "per_layer" else float("nan")
-    frame = pd.DataFrame.from_records(records, columns=list(COMPARISON_COLUMNS))
-    frame["bytes"] = frame["bytes"].astype("Int64")
-    return Comparison(frame=frame, labels=data.labels, predictions=predictions, config=config,
-                      uniform_tau=uniform, images=images)
-
-
-def format_comparison(frame: pd.DataFrame) -> str:
-    """The comparison as a printable table (percentages, bytes with thousands separators)."""
-    out = pd.DataFrame({
-        "method": frame["method"].map(METHOD_LABELS),
-        "BN recal": frame["bn_recalibrated"].map({True: "yes", False: "no"}),
-        "retention_%": (100 * frame["retention"]).map("{:.2f}".format),
-        "kept": frame["kept"].map("{:,}".format),
-        "bytes": frame["bytes"].map(lambda b: "" if pd.isna(b) else f"{int(b):,}"),
-        "accuracy_%": (100 * frame["accuracy"]).map("{:.2f}".format),
-        "drop_pts": (100 * frame["drop"]).map("{:+.2f}".format),
-        "newly_wrong": frame["newly_wrong"], "newly_right": frame["newly_right"],
-        "uniform_tau": frame["tau"].map(lambda t: "" if pd.isna(t) or t == 0 else f"{t:.4f}"),
-    })
-    return out.to_string(index=False)
-
-
-def format_candidates(frame: pd.DataFrame) -> str:
-    """The joint check's candidates as a printable table."""
-    out = pd.DataFrame({
-        "candidate": frame["candidate"], "retention_%": (100 * frame["retention"]).map("{:.2f}".format),
-        "accuracy_%": (100 * frame["accuracy"]).map("{:.2f}".format), "loss": frame["loss"].map("{:.4f}".format),
-        "sum_of_single_drops_pts": (100 * frame["predicted_drop"]).map("{:.2f}".format),
-        "chosen": frame["chosen"].map({True: "◀", False: ""}),
-    })
-    return out.to_string(index=False)

@@ -26,7 +26,7 @@ never modifying the model they start from, and return a DataFrame with
 * ``accuracy`` / ``accuracy_dense``: top-1 accuracy (fraction) of the pruned / unpruned
   model on the CIFAR-10 test set (empty for the synthetic benchmark).
 * ``file_bytes_packed`` / ``file_bytes_state_dict`` (:data:`REALIZED_COLUMNS`): the size on
-  disk of the packed file (:mod:`core.deploy.packing`) and of the plain fp32 state_dict saved with
+  disk of the packed file (:mod:`core.deploy.packed_writer`) and of the plain fp32 state_dict saved with
   safetensors, both written and measured every run.
 * ``latency_{dense,sparse,int8,auto}_s``: with ``execution_paths`` set, the median wall
   time of one batch through each execution path of :mod:`core.deploy.runtime` (sparse CSR kernels,

@@ -3,7 +3,7 @@
 The engine *counts* retention and *computes* the compressed bytes from the storage format.
 :func:`measure_realized` measures instead:
 
-* ``file_bytes``: the size on disk of the packed file (:func:`core.deploy.packing.save_compressed`:
+* ``file_bytes``: the size on disk of the packed file (:func:`core.deploy.packed_writer.save_compressed`:
   keep-mask or indices, bit-packed chunk codes, scales, selector, the rest of the state_dict);
 * ``state_dict_bytes``: the size on disk of the same model's plain state_dict saved with
   safetensors (the uncompressed reference file, at the model's own dtype);
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.deploy.packing import packed_file_bytes, state_dict_file_bytes
+from core.deploy.packed_writer import packed_file_bytes, state_dict_file_bytes
 from core.deploy.runtime import PATHS, build_paths, time_paths
 
 

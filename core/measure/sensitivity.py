@@ -37,10 +37,7 @@ layer (pruning ℓ changes nothing before it) would save about half of that; it 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,7 +52,6 @@ from torch import nn
 from core.common import paths
 from core.common.hardware import native_bf16
 from core.measure.accuracy import (
-    CALIBRATION_RECIPE,
     PRECISIONS,
     EvalData,
     bn_recalibrate,
@@ -63,12 +59,11 @@ from core.measure.accuracy import (
     has_batchnorm,
 )
 from core.measure.paired import balanced_order, paired_interval
-from core.measure.sweeps import tensor_digest
+from core.measure.disk_cache import JsonCache, base_context, calibration_key, images_key, key_hash
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.method.pruning import check_tau, prunable_layers
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, normalize
-from core.workloads.models import state_dict_digest
 
 SENSITIVITY_CACHE_VERSION = 2
 BATCH = 500
@@ -202,59 +197,8 @@ def sensitivity_images(config: SensitivityConfig, data: EvalData | None = None,
 
 
 def sensitivity_cache_dir() -> Path:
+    """Default location of cached sensitivity cells: ``core.common.paths.cache_dir()/"sensitivity"``."""
     return paths.cache_dir() / "sensitivity"
-
-
-def _hash(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-class JsonCache:
-    """One JSON file per entry under ``<root>/<hash of context>/<hash of key>.json`` (atomic writes).
-
-    ``get`` returns ``None`` for a missing, damaged or mismatching entry; with ``enabled=False``
-    nothing is read or written.
-    """
-
-    def __init__(self, root: Path, context: dict, enabled: bool = True):
-        self.enabled = enabled
-        self.context = context
-        self.folder = Path(root) / _hash(context)
-
-    def _path(self, key: dict) -> Path:
-        return self.folder / f"{_hash(key)}.json"
-
-    def get(self, key: dict) -> dict | None:
-        if not self.enabled:
-            return None
-        path = self._path(key)
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(stored, dict) or stored.get("key") != json.loads(json.dumps(key)) \
-                or not isinstance(stored.get("values"), dict):
-            return None
-        return stored["values"]
-
-    def put(self, key: dict, values: dict) -> None:
-        if not self.enabled:
-            return
-        context_file = self.folder / "context.json"
-        if not context_file.is_file():
-            _atomic_write(context_file, json.dumps(self.context, indent=1, sort_keys=True))
-        _atomic_write(self._path(key), json.dumps({"key": key, "values": values}))
-
-
-def model_key(model: nn.Module, model_id: str | None) -> str:
-    return model_id if model_id is not None else "state_dict:" + state_dict_digest(model)
 
 
 # ---------------------------------------------------------------- measuring
@@ -342,18 +286,12 @@ class _Runner:
 def _context(model, config: SensitivityConfig, model_id, images: EvalData, precision: str,
              calibration: torch.Tensor | None, mean, std, device) -> dict:
     bn = config.bn_recalibration and has_batchnorm(model)
-    calibration_key = None
-    if bn:
-        calibration_key = ({"images": tensor_digest(calibration)} if calibration is not None else
-                           {"split": "train", "n": config.calibration_size, "seed": config.calibration_seed,
-                            "recipe": CALIBRATION_RECIPE, "mean": list(mean), "std": list(std)})
+    calibration = (calibration_key(calibration, config.calibration_size, config.calibration_seed, mean, std)
+                   if bn else None)
     return {
-        "version": SENSITIVITY_CACHE_VERSION,
-        "torch": torch.__version__,
-        "device": torch.device(device).type,
-        "model": model_key(model, model_id),
-        "images": {"images": tensor_digest(images.images), "labels": tensor_digest(images.labels)},
-        "recipe": {"precision": precision, "bn_recalibration": bn, "calibration": calibration_key,
+        **base_context(SENSITIVITY_CACHE_VERSION, model, model_id, device),
+        "images": images_key(images),
+        "recipe": {"precision": precision, "bn_recalibration": bn, "calibration": calibration,
                    "metric": "paired top-1 vs dense, one layer pruned at a time"},
     }
 
@@ -440,7 +378,7 @@ def measure_sensitivity(
         frame=frame, taus=config.taus, layers=tuple(layers), dense_accuracy=dense_correct / len(images),
         n=len(images), images=description, precision=precision,
         bn_recalibration=bool(context["recipe"]["bn_recalibration"]), seconds=time.perf_counter() - start,
-        computed=computed, cached=cached, key=_hash(context), config=config)
+        computed=computed, cached=cached, key=key_hash(context), config=config)
 
 
 def monotone_drops(drops: Sequence[float]) -> np.ndarray:

@@ -38,12 +38,8 @@ CLI:  ``python -m core.measure.sweeps resnet20 --taus 0 0.05 0.1 0.2 --per-class
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +50,10 @@ from torch import nn
 
 from core.common import paths
 from core.measure.baselines import BASELINES, magnitude_baseline
+from core.measure.disk_cache import JsonCache, base_context, images_key, tensor_digest
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD
-from core.workloads.models import state_dict_digest
 from core.measure.accuracy import (
     CALIBRATION_RECIPE,
     EvalData,
@@ -184,72 +180,9 @@ def _plan(config: SweepConfig, bn: bool) -> list[_Row]:
 
 # ---------------------------------------------------------------- fingerprints and the cache
 
-_DIGESTS: dict[int, str] = {}
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA256 of a tensor's dtype, shape and bytes (memoised per tensor object; treat it as read-only)."""
-    key = id(tensor)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    data = tensor.detach().cpu().contiguous()
-    if data.numel():
-        digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    value = digest.hexdigest()
-    _DIGESTS[key] = value
-    weakref.finalize(tensor, _DIGESTS.pop, key, None)
-    return value
-
-
-def _hash(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def sweep_cache_dir() -> Path:
     """Default location of cached sweep rows: ``core.common.paths.cache_dir()/"sweeps"``."""
     return paths.cache_dir() / "sweeps"
-
-
-class _RowCache:
-    """One JSON file per row under ``<root>/<context hash>/<row hash>.json``; atomic writes."""
-
-    def __init__(self, root: Path | None, context: dict, enabled: bool):
-        self.enabled = enabled
-        self.folder = (root or sweep_cache_dir()) / _hash(context)
-        self.context = context
-
-    def _path(self, row: _Row) -> Path:
-        return self.folder / f"{_hash(row.key())}.json"
-
-    def get(self, row: _Row) -> dict | None:
-        if not self.enabled:
-            return None
-        path = self._path(row)
-        if not path.is_file():
-            return None
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None  # a damaged entry is recomputed
-        if stored.get("key") != row.key() or not isinstance(stored.get("values"), dict):
-            return None
-        return stored["values"]
-
-    def put(self, row: _Row, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        context_file = self.folder / "context.json"
-        if not context_file.is_file():
-            _atomic_write(context_file, json.dumps(self.context, indent=1, sort_keys=True))
-        _atomic_write(self._path(row), json.dumps({"key": row.key(), "values": values}))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- baselines
@@ -341,7 +274,7 @@ def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: 
         data_key = {"source": "cifar10-jpeg", "split": "test", "sha256": verify_archive("test")[1],
                     "mean": list(mean), "std": list(std)}
     else:
-        data_key = {"images": tensor_digest(data.images), "labels": tensor_digest(data.labels)}
+        data_key = images_key(data)
     calibration_key = None
     if bn:
         if calibration is None:
@@ -354,10 +287,7 @@ def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: 
         else:
             calibration_key = {"images": tensor_digest(calibration)}
     return {
-        "version": SWEEP_CACHE_VERSION,
-        "torch": torch.__version__,
-        "device": torch.device(device).type,
-        "model": model_id if model_id is not None else "state_dict:" + state_dict_digest(model),
+        **base_context(SWEEP_CACHE_VERSION, model, model_id, device),
         "data": data_key,
         "per_class": config.per_class,
         "subset_seed": config.subset_seed if config.per_class is not None else None,
@@ -398,18 +328,18 @@ def run_sweep(
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     bn = config.bn_recalibration and has_batchnorm(model)
     rows = _plan(config, bn)
-    cache = _RowCache(None if cache_root is None else Path(cache_root),
+    cache = JsonCache(sweep_cache_dir() if cache_root is None else Path(cache_root),
                       _context(model, config, model_id, data, calibration, mean, std, device, bn), use_cache)
     runner = _Runner(model, config, data, calibration, mean, std, device)
     if on_progress is not None:
         on_progress(0, len(rows), "starting")
     records = []
     for done, row in enumerate(rows, start=1):
-        values = cache.get(row)
+        values = cache.get(row.key())
         cached = values is not None
         if values is None:
             values = runner.compute(row)
-            cache.put(row, values)
+            cache.put(row.key(), values)
         q = row.quant
         records.append({
             "method": row.method, "tau": row.tau,

@@ -17,7 +17,7 @@
   (CIFAR-10's *training* split, or the user's folder: never the evaluation images);
   :func:`run_tuning_sweep` with ``repair`` adds, per setting, a row after that repair;
   :func:`evaluate_setting` evaluates one setting at every repair level up to the chosen one and
-  packs the last (:func:`core.deploy.packing.compressed_bytes` with ``repaired``).
+  packs the last (:func:`core.deploy.packed_writer.compressed_bytes` with ``repaired``).
 
 The model is never modified; all inference is fp32 under ``torch.inference_mode``.
 """
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.deploy.packing import compressed_bytes
+from core.deploy.packed_writer import compressed_bytes
 from core.measure.accuracy import bn_recalibrate, calibration_images, eval_data, has_batchnorm, predict
 from core.measure.calibration import calibration_split
 from core.measure.paired import balanced_order, paired_interval

@@ -7,7 +7,7 @@
   sessions; each setting's predictions are kept per (model, data set, setting, repair
   variant, precision), so a revisited setting resumes where it stopped, or is instant. The
   variant (``bn``) is False (no repair), True (BN recalibration) or any hashable key of a
-  repair (:meth:`core.services.session.ExploreSession._variant`).
+  repair (:meth:`core.services.session_repairs.SessionRepairs.variant`).
 * :func:`refine` extends one setting's predictions by one batch, sized so that a batch takes
   about :data:`BATCH_TARGET_S` (a new slider move interrupts the page between batches).
 

@@ -10,11 +10,11 @@ the packed download; this module is the one call behind it:
 * :func:`estimate`: :func:`core.measure.repair.estimate_seconds` for the setting (an estimate,
   from a few timed forward passes; queued, cached);
 * :func:`repaired_packed`: the repair, then the packed file carrying it
-  (:func:`core.deploy.packing.compressed_bytes` with ``repaired``: the same mask, the same
+  (:func:`core.deploy.packed_writer.compressed_bytes` with ``repaired``: the same mask, the same
   bit-widths, the same data size; the header records the repair).
 
 ``bias`` and ``reconstruct`` are the Explore page's own repairs
-(:meth:`core.services.session.ExploreSession.repair`: queued, and cached process-wide, so a
+(:meth:`core.services.session_repairs.SessionRepairs.run`: queued, and cached process-wide, so a
 setting repaired on the Explore page, by any session, is packed at once and the file carries the
 model whose accuracy was shown there). ``bn`` is :func:`core.measure.repair.repair_setting` with
 method ``"bn"`` on the same number of training images (the Explore page's BN level is a
@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 
 from core.common.lru import LRUCache
-from core.deploy.packing import compressed_bytes
+from core.deploy.packed_writer import compressed_bytes
 from core.measure.calibration import calibration_split
 from core.measure.repair import METHODS, RepairConfig, estimate_setting_seconds, repair_setting
 from core.method.engine import CompressionResult
@@ -83,7 +83,7 @@ def estimate(session: ExploreSession, result: CompressionResult, method: str) ->
     if method == "none":
         return 0.0
     if method in SHARED_LEVELS:
-        return session.repair_estimate(result, method)
+        return session.repairs.estimate(result, method)
     key = (session.key, result.config, method)
     cached = _ESTIMATES.get(key)
     if cached is None:
@@ -124,7 +124,7 @@ def repaired_packed(session: ExploreSession, result: CompressionResult, method: 
     if method == "none":
         return RepairedFile(compressed_bytes(result, **provenance), "none", 0.0, 0, 0)
     if method in SHARED_LEVELS:
-        fixed = session.repair(result, method, on_progress=on_progress, cancel=cancel)
+        fixed = session.repairs.run(result, method, on_progress=on_progress, cancel=cancel)
     else:
         images = _images(tuple(loaded.mean), tuple(loaded.std))
         with COMPUTE.job():

@@ -5,7 +5,7 @@ methods of :mod:`core.measure.repair`):
 
 * ``"none"``: the compressed model as the engine gives it;
 * ``"bn"``: BatchNorm recalibration, exactly the explorer's original option (per session,
-  :meth:`core.services.session.ExploreSession.inference_model`; seconds, no job);
+  :meth:`core.services.session_repairs.SessionRepairs.model`; seconds, no job);
 * ``"bias"`` and ``"reconstruct"``: :func:`core.measure.repair.repair` on unlabelled
   calibration images from the CIFAR-10 *training* split (:func:`calibration`), never the test
   set and never the user's evaluation images. Tens of seconds on ResNet-18, so they run as a

@@ -17,7 +17,7 @@
 A hostile file must cost the server no more than its size: every limit below is checked before
 anything of the size a file declares is allocated (the zip directory of a ``torch.save`` file
 before ``torch.load`` inflates an entry; the pickles of a legacy file before they are
-unpickled; a packed file's table and shapes in :func:`core.deploy.packing.parse_compressed`;
+unpickled; a packed file's table and shapes in :func:`core.deploy.packed_reader.parse_compressed`;
 constructor arguments before a model is built).
 
 Nothing here imports Streamlit.
@@ -345,8 +345,8 @@ def read_upload(data: bytes, filename: str, arch: str | None = None,
 
 
 def is_packed(data: bytes) -> bool:
-    """Whether ``data`` is a packed model file of :mod:`core.deploy.packing` (a safetensors file with its header)."""
-    from core.deploy.packing import MAX_HEADER_BYTES, METADATA_KEY
+    """Whether ``data`` is a packed model file (:mod:`core.deploy.packed_layout`: safetensors with its header)."""
+    from core.deploy.packed_validation import MAX_HEADER_BYTES, METADATA_KEY
 
     if sniff_format(data) != "safetensors":
         return False
@@ -362,11 +362,11 @@ def is_packed(data: bytes) -> bool:
 
 
 def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preprocess | None = None) -> LoadedModel:
-    """A packed file (codes + scales per chunk), checked and decoded by :mod:`core.deploy.packing` from
+    """A packed file (codes + scales per chunk), checked and decoded by :mod:`core.deploy.packed_reader` from
     memory (no temporary file). The table may describe up to 100 M values (torchvision models); a
     registry architecture is held to :data:`MAX_UPLOAD_PARAMS`, and the table must fit the model
     built from checked arguments before anything is decoded."""
-    from core.deploy.packing import parse_compressed
+    from core.deploy.packed_reader import parse_compressed
 
     packed = parse_compressed(data, name, tv.MAX_TORCHVISION_PARAMS)
     chosen = packed.arch or arch
@@ -387,8 +387,8 @@ def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preproces
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
-    """The result as a packed file of :mod:`core.deploy.packing` (codes + scales per chunk, bit-packed)."""
-    from core.deploy.packing import compressed_bytes
+    """The result as a packed file of :mod:`core.deploy.packed_writer` (codes + scales per chunk, bit-packed)."""
+    from core.deploy.packed_writer import compressed_bytes
 
     return compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
                             input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict())

@@ -12,7 +12,8 @@ import torch
 import core.services.export_repair as export_repair
 import core.services.repairs as repairs
 from core.common.formatting import fmt_bytes
-from core.deploy.packing import compressed_bytes, parse_compressed
+from core.deploy.packed_reader import parse_compressed
+from core.deploy.packed_writer import compressed_bytes
 from core.method.config import CompressionConfig
 from tests.app.test_pages import explorer, metric, no_errors, start
 
@@ -72,7 +73,7 @@ def test_the_packed_download_carries_the_chosen_repair(progress_calls):
     packed = parse_compressed(data)
     assert packed.repair["method"] == "reconstruct" and packed.repair["n_images"] == 64
     assert packed.config == CONFIG
-    repaired = session.cached_repair(CONFIG, "reconstruct")
+    repaired = session.repairs.cached(CONFIG, "reconstruct")
     loaded = packed.load()
     reference = repaired.model.state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in loaded.state_dict().items())

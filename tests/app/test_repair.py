@@ -45,7 +45,7 @@ def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_bac
     no_errors(at)
     assert at.session_state["bn_recal"] is True  # mirrored for the pages that read the old key
     config = session.last_config
-    repaired = session.cached_repair(config, "reconstruct")
+    repaired = session.repairs.cached(config, "reconstruct")
     assert repaired is not None and repaired.n_images == 64 and repaired.n_holdout == 32
     assert any("repaired in" in p.proto.text for p in at.get("progress"))
     spec = chart(at, "repair_errors")
@@ -54,7 +54,7 @@ def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_bac
     assert sum(after["y"]) < sum(before["y"])  # reconstruction lowers the layers' output error
     accuracy = metric(at, "Accuracy Δ vs dense")
     assert "+ reconstruction" in accuracy.help
-    estimate = session.accuracy_estimate(session.apply(config), "reconstruct", "cpu")
+    estimate = session.accuracy.estimate(session.apply(config), "reconstruct", "cpu")
     assert estimate is not None and accuracy.value == f"{100 * estimate.delta:+.2f} pts"
     # off: the unrepaired figures, unchanged; the shared model never touched
     at.selectbox(key="repair").set_value("none").run()
@@ -69,11 +69,11 @@ def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_bac
 def test_a_finished_repair_is_shown_to_another_session_at_once():
     first = start(tau=0.25, repair="bias")
     no_errors(first)
-    done = explorer(first).cached_repair(explorer(first).last_config, "bias")
+    done = explorer(first).repairs.cached(explorer(first).last_config, "bias")
     assert done is not None
     second = start(tau=0.25, repair="bias")  # another user, same model and setting
     no_errors(second)
-    assert explorer(second).cached_repair(explorer(second).last_config, "bias") is done  # not repaired again
+    assert explorer(second).repairs.cached(explorer(second).last_config, "bias") is done  # not repaired again
     assert not any("repaired in" in p.proto.text for p in second.get("progress"))  # no job ran
     assert chart(second, "repair_errors") is not None
 
@@ -88,15 +88,15 @@ def test_an_old_bn_recal_setting_is_the_bn_level():
 def test_a_stopped_repair_waits_for_run_again():
     at = start(tau=0.3)
     session = explorer(at)
-    key = repr(session.repair_key(session.last_config, "reconstruct"))
+    key = repr(session.repairs.key(session.last_config, "reconstruct"))
     at.session_state["explore_repair_stopped"] = key  # what a Stop click leaves (its rerun cannot be timed here)
     at.selectbox(key="repair").set_value("reconstruct").run()
     no_errors(at)
-    assert session.cached_repair(session.last_config, "reconstruct") is None  # not started by itself
+    assert session.repairs.cached(session.last_config, "reconstruct") is None  # not started by itself
     assert any("was stopped" in i.value for i in at.info)
     at.button(key="repair_run").click().run()
     no_errors(at)
-    assert session.cached_repair(session.last_config, "reconstruct") is not None
+    assert session.repairs.cached(session.last_config, "reconstruct") is not None
 
 
 def test_a_model_without_labelled_data_offers_no_repair_and_says_why():

@@ -4,26 +4,23 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import core.measure.allocation
+import core.measure.allocation_joint
+import core.measure.allocation_verify
 import core.measure.sensitivity
 import core.services.session
 from core.method.config import CompressionConfig
+from tests.app.apptest_tools import APP, no_errors
 
-APP = "../../app.py"  # resolved against this file's folder
 TIMEOUT = 300
 
 
 @pytest.fixture(autouse=True)
 def fresh(fresh_caches, tmp_path, monkeypatch):
-    """Fresh model caches, and the sensitivity and verification caches in a temporary folder."""
+    """Fresh model caches, and the sensitivity, joint-check and verification caches in a temporary folder."""
     monkeypatch.setattr(core.measure.sensitivity, "sensitivity_cache_dir", lambda: tmp_path / "sensitivity")
-    monkeypatch.setattr(core.measure.allocation, "allocation_cache_dir", lambda: tmp_path / "allocation")
+    for module in (core.measure.allocation_joint, core.measure.allocation_verify):
+        monkeypatch.setattr(module, "allocation_cache_dir", lambda: tmp_path / "allocation")
     yield
-
-
-def no_errors(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_sensitivity_map_per_layer_tau_and_apply_in_one_click(tmp_path):

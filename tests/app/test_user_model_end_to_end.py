@@ -21,7 +21,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import core.tune as tune
-from core.deploy.packing import load_compressed
+from core.deploy.packed_reader import load_compressed
 from core.measure.accuracy import EvalData, evaluate
 from core.method.config import CompressionConfig
 from core.method.engine import Engine

@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-import core.deploy.packing as packing
+from core.deploy import packed_layout, packed_writer
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads.models import build
-from core.deploy.packing import PackedFileError, load_compressed, pack_bits, read_compressed, save_compressed, unpack_bits
+from core.deploy.packed_layout import PackedFileError, pack_bits, unpack_bits
+from core.deploy.packed_reader import load_compressed, read_compressed
+from core.deploy.packed_writer import save_compressed
 from tests.conftest import TinyNet, same_state, state_fingerprint
 
 SETTINGS = {
@@ -53,10 +55,10 @@ def test_pack_bits_round_trip(bits, n, seed):
 
 
 def test_pack_bits_across_chunks(monkeypatch):
-    monkeypatch.setattr(packing, "_CHUNK_VALUES", 16)
+    monkeypatch.setattr(packed_layout, "_CHUNK_VALUES", 16)
     values = np.random.default_rng(0).integers(0, 8, 101).astype(np.uint8)
     packed = pack_bits(values, 3)
-    monkeypatch.setattr(packing, "_CHUNK_VALUES", 1 << 20)
+    monkeypatch.setattr(packed_layout, "_CHUNK_VALUES", 1 << 20)
     assert np.array_equal(packed, pack_bits(values, 3))
     assert np.array_equal(unpack_bits(packed, 101, 3), values)
 
@@ -217,7 +219,7 @@ def test_any_altered_byte_is_an_error(packed_file, where):
 
 def test_wrong_version(monkeypatch, tmp_path):
     result = Engine(TinyNet()).apply(CompressionConfig(tau=0.2))
-    monkeypatch.setattr(packing, "FORMAT_VERSION", 99)
+    monkeypatch.setattr(packed_writer, "FORMAT_VERSION", 99)
     path = save_compressed(result, tmp_path / "future.safetensors")
     monkeypatch.undo()
     with pytest.raises(PackedFileError, match="version 99.*reads version 1"):
@@ -240,4 +242,4 @@ def test_foreign_files(tmp_path):
 def test_packed_file_bytes_is_the_file_size(tmp_path, tiny_net):
     result = Engine(tiny_net).apply(CompressionConfig(tau=0.3, theta=0.5))
     path = save_compressed(result, tmp_path / "t.safetensors")
-    assert packing.packed_file_bytes(result) == os.path.getsize(path)
+    assert packed_writer.packed_file_bytes(result) == os.path.getsize(path)

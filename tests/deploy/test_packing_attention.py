@@ -14,15 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-import core.deploy.packing as packing
-from core.deploy.packing import (
-    PackedFileError,
-    compressed_bytes,
-    expected_layer_bytes,
-    load_compressed,
-    parse_compressed,
-    save_compressed,
-)
+from core.deploy import packed_layout
+from core.deploy.packed_layout import PackedFileError, expected_layer_bytes
+from core.deploy.packed_reader import load_compressed, parse_compressed
+from core.deploy.packed_writer import compressed_bytes, save_compressed
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.method.pruning import layer_weight
@@ -79,12 +74,12 @@ def test_attention_projections_round_trip_bit_exactly(attention_engine, setting,
 def test_a_file_with_a_keyed_layer_is_version_2_and_others_stay_version_1(attention_engine, tiny_net):
     _, engine = attention_engine
     header, table = table_of(compressed_bytes(engine.apply(SETTINGS["mixed 4/8"])))
-    assert header["version"] == packing.KEYED_FORMAT_VERSION == 2
+    assert header["version"] == packed_layout.KEYED_FORMAT_VERSION == 2
     rows = {row[0]: row for row in table["layers"]}
     assert rows["attn.in_proj_weight"][9:] == ["attn.in_proj_weight"]
     assert len(rows["attn.out_proj"]) == 9 and len(rows["embed"]) == 9  # modules' weights: as before
     header, table = table_of(compressed_bytes(Engine(tiny_net).apply(SETTINGS["mixed 4/8"])))
-    assert header["version"] == packing.FORMAT_VERSION == 1
+    assert header["version"] == packed_layout.FORMAT_VERSION == 1
     assert all(len(row) == 9 for row in table["layers"])
 
 

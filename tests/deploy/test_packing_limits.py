@@ -17,15 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-import core.deploy.packing as packing
-from core.deploy.packing import (
-    METADATA_KEY,
-    PackedFileError,
-    compressed_bytes,
-    load_compressed,
-    parse_compressed,
-    read_compressed_bytes,
-)
+from core.deploy import packed_layout, packed_validation
+from core.deploy.packed_layout import METADATA_KEY, PackedFileError
+from core.deploy.packed_reader import load_compressed, parse_compressed, read_compressed, read_compressed_bytes
+from core.deploy.packed_writer import compressed_bytes
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads.models import MAX_FILE_PARAMS, CheckpointError, build
@@ -38,10 +33,10 @@ def forge(layers: list, state: list | None = None, data: bytes = b"", *, arch: s
     """A packed file with the given table and data, and a correct SHA256 (anyone can compute it)."""
     table = zlib.compress(json.dumps({"layers": layers, "state": state or []}).encode()) if table is None else table
     blob = np.frombuffer(data, dtype=np.uint8)
-    fields = {"format": packing.FORMAT_NAME, "version": packing.FORMAT_VERSION, "arch": arch,
+    fields = {"format": packed_layout.FORMAT_NAME, "version": packed_layout.FORMAT_VERSION, "arch": arch,
               "arch_kwargs": arch_kwargs if arch_kwargs is not None else {}, "config": {"tau": 0.1}}
     fields.update(header)
-    fields["sha256"] = packing._digest(fields, table, blob)
+    fields["sha256"] = packed_layout._digest(fields, table, blob)
     table_tensor = torch.frombuffer(bytearray(table), dtype=torch.uint8) if table else torch.zeros(0, dtype=torch.uint8)
     tensors = {"table": table_tensor, "data": torch.from_numpy(blob.copy())}
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(fields)})
@@ -109,7 +104,7 @@ def test_table_zlib_bomb_is_inflated_with_a_bound():
     table = b"".join(bomb.compress(spaces) for _ in range(64)) + bomb.flush()
     data = forge([], table=table)
     assert len(data) < 200_000
-    refused_cheaply(data, "unpacks to more than", budget_bytes=3 * packing.MAX_TABLE_BYTES)
+    refused_cheaply(data, "unpacks to more than", budget_bytes=3 * packed_validation.MAX_TABLE_BYTES)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -175,7 +170,7 @@ def test_forged_table_fields_are_refused(case):
 
 
 def test_table_rows_and_duplicates():
-    many = [["s%d" % i, "float32", [1]] for i in range(packing.MAX_TABLE_ROWS + 1)]
+    many = [["s%d" % i, "float32", [1]] for i in range(packed_validation.MAX_TABLE_ROWS + 1)]
     refused_cheaply(forge([], many, bytes(4 * len(many))), "more than 10,000 tensors", budget_bytes=32 << 20)
     twice = [["b", "float32", [1]], ["b", "float32", [1]]]
     refused_cheaply(forge([], twice, bytes(8)), "lists a tensor twice")
@@ -217,7 +212,7 @@ def test_container_framing_is_checked_against_the_bytes_present():
 def test_file_size_limit_applies_before_reading(tmp_path, monkeypatch):
     path = tmp_path / "big.safetensors"
     path.write_bytes(good_file())
-    monkeypatch.setattr(packing, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(packed_validation, "MAX_FILE_BYTES", 100)
     with pytest.raises(PackedFileError, match="packed files are read up to 100"):
         load_compressed(path)
 
@@ -229,4 +224,4 @@ def test_bytes_and_path_readers_agree(tmp_path):
     from_path, from_bytes = load_compressed(path), parse_compressed(data, "x").load()
     for key, value in from_path.state_dict().items():
         assert torch.equal(value, from_bytes.state_dict()[key])
-    assert read_compressed_bytes(data, "whatever/../name\0.pt").data_bytes == packing.read_compressed(path).data_bytes
+    assert read_compressed_bytes(data, "whatever/../name\0.pt").data_bytes == read_compressed(path).data_bytes

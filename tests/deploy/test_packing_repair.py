@@ -8,16 +8,9 @@ import json
 import pytest
 import torch
 
-from core.deploy.packing import (
-    PackedFileError,
-    compressed_bytes,
-    load_compressed,
-    packed_file_bytes,
-    parse_compressed,
-    read_compressed,
-    repair_record,
-    save_compressed,
-)
+from core.deploy.packed_layout import PackedFileError
+from core.deploy.packed_reader import load_compressed, parse_compressed, read_compressed
+from core.deploy.packed_writer import compressed_bytes, packed_file_bytes, repair_record, save_compressed
 from core.measure.repair import METHODS, RepairConfig, repair, repair_setting
 from core.method.config import CompressionConfig
 from core.method.engine import Engine

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from core.deploy.packing import compressed_bytes, load_compressed, parse_compressed, save_compressed
+from core.deploy.packed_reader import load_compressed, parse_compressed
+from core.deploy.packed_writer import compressed_bytes, save_compressed
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads import torchvision_models as tv

@@ -1,4 +1,4 @@
-"""core.measure.allocation: the per-layer τ allocation and its verification, on small models and synthetic data."""
+"""The per-layer τ allocation, its joint check and its verification (core.measure.allocation*), on small models and synthetic data."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 import core.measure.allocation as alloc
-from core.measure.allocation import Target, compare_at_equal_retention, layer_options, per_layer_tau
+import core.measure.allocation_joint as joint
+import core.measure.allocation_verify as verify
+from core.measure.allocation import Target, layer_options, per_layer_tau
+from core.measure.allocation_verify import compare_at_equal_retention
 from core.measure.sensitivity import COLUMNS, Sensitivity, SensitivityConfig, measure_sensitivity
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
@@ -164,7 +167,7 @@ def test_uniform_tau_for_kept_is_the_closest_count():
     total = sum(engine.sorted_magnitudes(n).numel() for n in layers)
     for fraction in (0.8, 0.4, 0.2):
         kept = int(fraction * total)
-        tau = alloc.uniform_tau_for_kept(engine, layers, kept)
+        tau = verify.uniform_tau_for_kept(engine, layers, kept)
         got = engine_kept(engine, CompressionConfig(tau=tau), layers)
         assert abs(got - kept) <= 3
 
@@ -205,7 +208,7 @@ def test_comparison_at_equal_retention_on_a_small_model(tmp_path):
                                        cache_root=tmp_path / "a")
     assert again.frame["cached"].all()
     assert again.frame["accuracy"].tolist() == comparison.frame["accuracy"].tolist()
-    text = alloc.format_comparison(comparison.frame)
+    text = verify.format_comparison(comparison.frame)
     assert "automatic per-layer τ" in text and "global magnitude" in text
 
 
@@ -216,7 +219,7 @@ def test_candidates_share_the_budget_and_magnitude_is_global_magnitude(tmp_path)
     engine = Engine(model)
     sensitivity = measure_sensitivity(model, SensitivityConfig(taus=(0.1, 0.3, 0.6), precision="fp32", n_images=100),
                                       data=fake_data(model), engine=engine, cache_root=tmp_path)
-    found = alloc.candidate_allocations(sensitivity, engine, Target("retention", 0.4))
+    found = joint.candidate_allocations(sensitivity, engine, Target("retention", 0.4))
     assert [c.method for c in found] == ["sensitivity", "magnitude", "blend 0.25", "blend 0.5", "blend 0.75"]
     total = found[0].total_kept
     for candidate in found:
@@ -225,10 +228,10 @@ def test_candidates_share_the_budget_and_magnitude_is_global_magnitude(tmp_path)
     pruned, _ = magnitude_baseline(model, "global_magnitude", found[0].numel - total)
     for name, kept in found[1].kept.items():
         assert kept == int(torch.count_nonzero(pruned.get_submodule(name).weight))
-    assert [c.method for c in alloc.candidate_allocations(sensitivity, engine, Target("max_drop", 0.05))] == \
+    assert [c.method for c in joint.candidate_allocations(sensitivity, engine, Target("max_drop", 0.05))] == \
         ["sensitivity"]
     dense = engine.apply(CompressionConfig()).model_bytes_compressed
-    for candidate in alloc.candidate_allocations(sensitivity, engine, Target("bytes", dense // 2)):
+    for candidate in joint.candidate_allocations(sensitivity, engine, Target("bytes", dense // 2)):
         assert engine.apply(candidate.config()).model_bytes_compressed <= dense // 2
 
 
@@ -241,7 +244,7 @@ def test_choose_jointly_keeps_the_most_accurate_candidate_and_caches(tmp_path, m
     calibration = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(9))
     config = SensitivityConfig(taus=(0.1, 0.3, 0.6), precision="fp32", n_images=100)
     sensitivity = measure_sensitivity(model, config, data=data, engine=engine, cache_root=tmp_path / "s")
-    chosen = alloc.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
+    chosen = joint.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
                                   calibration=calibration, cache_root=tmp_path / "a")
     frame = chosen.candidates
     assert len(frame) == 5 and frame["chosen"].sum() == 1
@@ -252,7 +255,7 @@ def test_choose_jointly_keeps_the_most_accurate_candidate_and_caches(tmp_path, m
     predicted, _ = sens.recipe_outputs(engine.apply(chosen.config()).model, images.images, "fp32", calibration)
     assert best["accuracy"] == pytest.approx(float((predicted == images.labels).float().mean()))
     monkeypatch.setattr(sens, "recipe_outputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached")))
-    again = alloc.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
+    again = joint.choose_jointly(model, sensitivity, engine, Target("retention", 0.4), data=data,
                                  calibration=calibration, cache_root=tmp_path / "a")
     assert again.layer_tau == chosen.layer_tau
-    assert "◀" in alloc.format_candidates(frame)
+    assert "◀" in joint.format_candidates(frame)

@@ -9,7 +9,8 @@ from torch import nn
 
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
-from core.deploy.packing import load_compressed, save_compressed
+from core.deploy.packed_reader import load_compressed
+from core.deploy.packed_writer import save_compressed
 from core.measure.realized import measure_file_sizes, measure_realized
 
 

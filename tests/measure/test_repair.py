@@ -15,13 +15,12 @@ from core.measure.repair import (
     QuantizedLayer,
     RepairCancelled,
     RepairConfig,
-    _add_gram,
-    _solve,
     bit_widths,
     estimate_seconds,
     masks_from_zeros,
     repair,
 )
+from core.measure.repair.solver import add_gram, solve
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS, q_max
@@ -213,7 +212,7 @@ def test_solve_matches_a_direct_masked_ridge_solve():
     support[1, :-1] = False  # only the intercept
     lam = torch.full((8,), 0.05, dtype=torch.float64)
     lam[-1] = 0
-    weights, scales = _solve(gram, cross, support, lam, None)
+    weights, scales = solve(gram, cross, support, lam, None)
     assert scales is None
     for c in range(5):
         s = support[c].nonzero().flatten()
@@ -234,7 +233,7 @@ def test_gptq_matches_the_textbook_recursion():
     support[:, 0] = True
     bits = torch.where(support, torch.where(torch.rand(4, 6) < 0.5, 2, 8), 0).to(torch.int8)
     lam = torch.full((6,), 0.01, dtype=torch.float64)
-    weights, scales = _solve(gram, cross, support, lam, bits)
+    weights, scales = solve(gram, cross, support, lam, bits)
     assert set(scales) == {2, 8}
     for c in range(4):
         s = support[c].nonzero().flatten()
@@ -254,7 +253,7 @@ def test_gptq_matches_the_textbook_recursion():
 def test_wide_gram_blocks_equal_the_plain_product():
     xs = torch.randn(40, 2 * 1024 + 77)
     gram = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float64)
-    _add_gram(gram, xs)
+    add_gram(gram, xs)
     gram = torch.triu(gram) + torch.triu(gram, 1).T
     torch.testing.assert_close(gram, (xs.T @ xs).double(), atol=1e-4, rtol=1e-5)
 

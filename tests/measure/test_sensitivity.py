@@ -11,24 +11,7 @@ from core.measure.accuracy import EvalData
 from core.measure.sensitivity import SensitivityConfig, measure_sensitivity, monotone_drops
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
-from tests.conftest import same_state, state_fingerprint
-
-
-class SmallCNN(nn.Module):
-    """Conv-BN-ReLU ×2, flatten, Linear → 10 classes on 8×8 images."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16 * 8 * 8, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.flatten(1))
+from tests.conftest import SmallCNN, same_state, state_fingerprint
 
 
 def small_model(seed: int = 0) -> SmallCNN:

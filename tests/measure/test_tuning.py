@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from core.deploy.packing import parse_compressed
+from core.deploy.packed_reader import parse_compressed
 from core.measure import tuning
 from core.method.config import CompressionConfig
 from core.workloads import torchvision_models as tv

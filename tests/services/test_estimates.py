@@ -8,12 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import core.services.session as session_module
+import core.services.session_repairs as session_repairs
 from core.measure.accuracy import EvalData, evaluate
 from core.measure.paired import balanced_order
 from core.method.config import CompressionConfig
 from core.services import estimates
 from core.services.choices import load_choice
 from core.services.session import ExploreSession
+from core.services.session_accuracy import SessionAccuracy
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def small_cifar(monkeypatch):
     labels = torch.arange(200) % 10
     order = balanced_order(labels)
     data = estimates.EvaluationSet("small", images, labels, order, labels[order])
-    monkeypatch.setattr(ExploreSession, "evaluation_set", lambda self: data)
+    monkeypatch.setattr(SessionAccuracy, "evaluation_set", lambda self: data)
     monkeypatch.setattr(estimates, "estimate_precision", lambda device: "fp32")
     session_module.clear_caches()
     yield data
@@ -39,7 +41,7 @@ def run_to_completion(session, result):
     estimate = None
     steps = 0
     while estimate is None or not estimate.complete:
-        estimate = session.refine_accuracy(result, False, "cpu")
+        estimate = session.accuracy.refine(result, False, "cpu")
         steps += 1
     return estimate, steps
 
@@ -75,15 +77,15 @@ def test_dense_predictions_run_once_for_every_session(small_cifar, monkeypatch):
     assert calls == []  # the same setting in another session: already known, nothing runs
     run_to_completion(second, second.apply(CompressionConfig(tau=0.4)))
     assert not [1 for model, _ in calls if model == dense_id]  # a new setting: only the compressed model runs
-    assert second.accuracy_estimate(second.apply(CompressionConfig(tau=0.2)), False, "cpu") == again
+    assert second.accuracy.estimate(second.apply(CompressionConfig(tau=0.2)), False, "cpu") == again
 
 
 def test_bn_recalibrated_estimates_are_kept_apart(small_cifar, monkeypatch):
-    monkeypatch.setattr(session_module, "calibration_images", lambda n, mean, std: torch.randn(64, 3, 32, 32))
+    monkeypatch.setattr(session_repairs, "calibration_images", lambda n, mean, std: torch.randn(64, 3, 32, 32))
     session = trained_like_session()
     result = session.apply(CompressionConfig(tau=0.3))
     plain, _ = run_to_completion(session, result)
-    recalibrated = session.refine_accuracy(result, True, "cpu")
+    recalibrated = session.accuracy.refine(result, True, "cpu")
     assert recalibrated.n < plain.n  # its own store, started from the front
 
 

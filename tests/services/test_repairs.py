@@ -14,6 +14,7 @@ import torch
 
 import core.services.repairs as repairs
 import core.services.session
+import core.services.session_repairs as session_repairs
 from core.measure.repair import RepairCancelled
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
@@ -48,7 +49,7 @@ class Paused:
 
     def __init__(self, monkeypatch):
         self.reached, self.proceed = threading.Event(), threading.Event()
-        real = core.services.session.run_repair
+        real = session_repairs.run_repair
 
         def paused(*args, on_progress=None, **kwargs):
             def progress(done, total, layer):
@@ -58,7 +59,7 @@ class Paused:
                     assert self.proceed.wait(30), "the test never let the repair go on"
             return real(*args, on_progress=progress, **kwargs)
 
-        monkeypatch.setattr(core.services.session, "run_repair", paused)
+        monkeypatch.setattr(session_repairs, "run_repair", paused)
 
 
 def snapshot_digest(session: ExploreSession) -> str:
@@ -74,14 +75,14 @@ def snapshot_digest(session: ExploreSession) -> str:
 
 def test_levels_and_why_a_level_does_not_apply(loaded):
     session = ExploreSession(loaded)
-    assert session.repair_levels() == ["none", "bn", "bias", "reconstruct"] and session.repair_unavailable() == {}
+    assert session.repairs.levels() == ["none", "bn", "bias", "reconstruct"] and session.repairs.unavailable() == {}
     mlp = ExploreSession(load_choice("synthetic:mlp"))  # no labelled data: nothing to show a repair on
-    assert mlp.repair_levels() == ["none"]
-    assert "no labelled images" in mlp.repair_unavailable()["reconstruct"]
+    assert mlp.repairs.levels() == ["none"]
+    assert "no labelled images" in mlp.repairs.unavailable()["reconstruct"]
     view = mlp.update(ExploreRequest(config=OTHER, repair="reconstruct"))
     assert view.repair_level == "none" and any("does not apply" in note for note in view.notes)
     with pytest.raises(ValueError, match="does not apply"):
-        mlp.start_repair(view.result, "reconstruct")
+        mlp.repairs.start(view.result, "reconstruct")
     with pytest.raises(ValueError, match="repair must be one of"):
         ExploreRequest(config=OTHER, repair="retrain")
     assert ExploreRequest(config=OTHER, bn_recalibrate=True).level == "bn"  # the old flag is the "bn" level
@@ -93,9 +94,9 @@ def test_a_cifar_model_on_the_users_images_repairs_on_cifar_training_images_only
 
     session = ExploreSession(loaded)
     session.use_data(read_image_folder(folder(tmp_path, {"cat": 4, "ship": 4}), loaded.input_preprocess()))
-    assert session.repair_levels() == ["none", "bn", "bias", "reconstruct"]  # the training split is there
-    calibration = session._calibration_images()  # BN recalibration's images: training images, not the user's
-    assert len(calibration) == core.services.session.CALIBRATION_IMAGES and len(session.data) == 8
+    assert session.repairs.levels() == ["none", "bn", "bias", "reconstruct"]  # the training split is there
+    calibration = session.repairs.calibration_images()  # BN recalibration's images: training images, not the user's
+    assert len(calibration) == session_repairs.CALIBRATION_IMAGES and len(session.data) == 8
     fit, held = repairs.calibration(64, 32, 0, tuple(loaded.mean), tuple(loaded.std))
     assert len(fit) == 64 and len(held) == 32  # what the repairs fit and measure on (CIFAR-10 training split)
 
@@ -111,17 +112,17 @@ def test_a_model_evaluated_only_on_the_users_images_offers_no_repair_and_says_wh
     loaded = read_upload(weights, "sq.pt", "torchvision:squeezenet1_1")  # an ImageNet-sized model: no CIFAR-10
     session = ExploreSession(loaded)
     session.use_data(read_image_folder(folder(tmp_path, {"cat": 4, "ship": 4}), loaded.input_preprocess()))
-    assert session.has_labels and session.repair_levels() == ["none"]
-    assert "must not be the images its accuracy is measured on" in session.repair_unavailable()["reconstruct"]
+    assert session.has_labels and session.repairs.levels() == ["none"]
+    assert "must not be the images its accuracy is measured on" in session.repairs.unavailable()["reconstruct"]
     with pytest.raises(ValueError, match="does not apply"):
-        session.start_repair(session.apply(OTHER), "bias")
+        session.repairs.start(session.apply(OTHER), "bias")
 
 
 def test_a_new_slider_move_cancels_the_running_repair(loaded, monkeypatch):
     paused = Paused(monkeypatch)
     session = ExploreSession(loaded)
     result = session.update(ExploreRequest(config=SETTING, repair="reconstruct")).result
-    job = session.start_repair(result, "reconstruct")
+    job = session.repairs.start(result, "reconstruct")
     assert paused.reached.wait(60) and not job.finished
     session.update(ExploreRequest(config=OTHER, repair="reconstruct"))  # the move
     assert job.cancelled
@@ -129,8 +130,8 @@ def test_a_new_slider_move_cancels_the_running_repair(loaded, monkeypatch):
     assert job.wait(60)
     assert isinstance(job.error, RepairCancelled) and job.result is None
     assert job.error.done == 1 and job.error.total == job.total > 1  # stopped before the second layer
-    assert session.cached_repair(SETTING, "reconstruct") is None  # nothing half-done is kept
-    assert repairs.running(session.repair_key(SETTING, "reconstruct")) is None
+    assert session.repairs.cached(SETTING, "reconstruct") is None  # nothing half-done is kept
+    assert repairs.running(session.repairs.key(SETTING, "reconstruct")) is None
 
 
 def test_stop_cancels_and_a_rerun_of_the_same_setting_keeps_it_running(loaded, monkeypatch):
@@ -138,12 +139,12 @@ def test_stop_cancels_and_a_rerun_of_the_same_setting_keeps_it_running(loaded, m
     session = ExploreSession(loaded)
     request = ExploreRequest(config=SETTING, repair="bias")
     result = session.update(request).result
-    job = session.start_repair(result, "bias")
+    job = session.repairs.start(result, "bias")
     assert paused.reached.wait(60)
-    session.leave_repair(job)  # the page was interrupted ...
+    session.repairs.leave(job)  # the page was interrupted ...
     session.update(request)  # ... by a rerun for the same setting (another widget): the job goes on
-    assert session.start_repair(result, "bias") is job and not job.cancelled
-    session.stop_repair()  # the Stop button
+    assert session.repairs.start(result, "bias") is job and not job.cancelled
+    session.repairs.stop()  # the Stop button
     assert job.cancelled
     paused.proceed.set()
     assert job.wait(60) and isinstance(job.error, RepairCancelled)
@@ -154,9 +155,9 @@ def test_a_job_nobody_watches_is_cancelled_after_the_grace_period(loaded, monkey
     monkeypatch.setattr(repairs, "UNWATCHED_GRACE_S", 0.0)
     session = ExploreSession(loaded)
     result = session.apply(SETTING)
-    job = session.start_repair(result, "bias")
+    job = session.repairs.start(result, "bias")
     assert paused.reached.wait(60) and not job.cancelled
-    session.leave_repair(job)  # the page went away and never came back
+    session.repairs.leave(job)  # the page went away and never came back
     assert job.cancelled
     paused.proceed.set()
     assert job.wait(60) and isinstance(job.error, RepairCancelled)
@@ -168,8 +169,8 @@ def test_repairs_are_shared_across_sessions_and_a_move_in_one_does_not_stop_the_
     request = ExploreRequest(config=SETTING, repair="reconstruct")
     result_1 = first.update(request).result
     result_2 = second.update(request).result
-    job = first.start_repair(result_1, "reconstruct")
-    assert second.start_repair(result_2, "reconstruct") is job  # one job for both
+    job = first.repairs.start(result_1, "reconstruct")
+    assert second.repairs.start(result_2, "reconstruct") is job  # one job for both
     assert paused.reached.wait(60)
     first.update(ExploreRequest(config=OTHER, repair="reconstruct"))  # the first user moves on
     assert not job.cancelled  # the second still waits for it
@@ -177,8 +178,8 @@ def test_repairs_are_shared_across_sessions_and_a_move_in_one_does_not_stop_the_
     assert job.wait(120) and job.error is None
     third = ExploreSession(loaded)  # a new session on the same model and setting: no work
     view = third.update(request)
-    assert view.repair is job.result and third.cached_repair(SETTING, "reconstruct") is job.result
-    assert third.inference_model(view.result, "reconstruct") is job.result.model
+    assert view.repair is job.result and third.repairs.cached(SETTING, "reconstruct") is job.result
+    assert third.repairs.model(view.result, "reconstruct") is job.result.model
 
 
 def test_repair_is_non_destructive_and_off_gives_the_unrepaired_predictions(loaded):
@@ -187,14 +188,14 @@ def test_repair_is_non_destructive_and_off_gives_the_unrepaired_predictions(load
     snapshot_before = snapshot_digest(session)
     result = session.update(ExploreRequest(config=SETTING)).result
     result_before = state_dict_digest(result.model)
-    unrepaired = session.refine_accuracy(result, "none", "cpu")
-    images = session.evaluation_set().batch(0, 64)
+    unrepaired = session.accuracy.refine(result, "none", "cpu")
+    images = session.accuracy.evaluation_set().batch(0, 64)
     with torch.inference_mode():
         plain = result.model(images).argmax(1)
-    repaired = session.repair(result, "reconstruct")
+    repaired = session.repairs.run(result, "reconstruct")
     assert repaired.model is not result.model and repaired.model is not loaded.model
     assert repaired.changed  # it did change the repaired copy ...
-    session.refine_accuracy(result, "reconstruct", "cpu")
+    session.accuracy.refine(result, "reconstruct", "cpu")
     # ... and nothing else: the shared model, the snapshot, the session's result
     assert state_dict_digest(loaded.model) == model_before
     assert snapshot_digest(session) == snapshot_before
@@ -202,22 +203,22 @@ def test_repair_is_non_destructive_and_off_gives_the_unrepaired_predictions(load
     # off: the same model, the same predictions, the same estimate as before the repair
     off = session.update(ExploreRequest(config=SETTING, repair="none"))
     assert off.repair_level == "none" and off.repair is None
-    assert session.inference_model(result, "none") is result.model
+    assert session.repairs.model(result, "none") is result.model
     with torch.inference_mode():
-        assert torch.equal(session.inference_model(result, "none")(images).argmax(1), plain)
+        assert torch.equal(session.repairs.model(result, "none")(images).argmax(1), plain)
         fresh = Engine(load_choice(MODEL).model).apply(SETTING).model  # as if no repair had ever run
         assert torch.equal(fresh(images).argmax(1), plain)
     assert off.estimate.n == unrepaired.n and off.estimate.accuracy == unrepaired.accuracy
-    repaired_estimate = session.accuracy_estimate(result, "reconstruct", "cpu")
+    repaired_estimate = session.accuracy.estimate(result, "reconstruct", "cpu")
     assert repaired_estimate is not None and repaired_estimate is not off.estimate  # kept apart
 
 
 def test_the_bn_level_is_the_old_bn_recalibration(loaded):
     session = ExploreSession(loaded)
     result = session.apply(SETTING)
-    assert session.inference_model(result, "bn") is session.inference_model(result, True)
-    assert session._accuracy_key("full", SETTING, "bn", "cpu") == session._accuracy_key("full", SETTING, True, "cpu")
-    assert session._accuracy_key("full", SETTING, "none", "cpu")[4] is False
+    assert session.repairs.model(result, "bn") is session.repairs.model(result, True)
+    assert session.accuracy.cache_key("full", SETTING, "bn", "cpu") == session.accuracy.cache_key("full", SETTING, True, "cpu")
+    assert session.accuracy.cache_key("full", SETTING, "none", "cpu")[4] is False
 
 
 def test_settings_files_carry_the_level_and_old_ones_map_bn_recalibrated_to_bn(loaded):

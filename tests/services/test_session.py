@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import core.services.session
+import core.services.session_measurements as measurements
 from core.method.config import CompressionConfig
 from core.services.choices import load_choice, model_choices
 from core.services.session import ExploreRequest, ExploreSession
@@ -30,7 +31,7 @@ def test_latency_is_interleaved_kept_only_when_quiet_and_then_shared(monkeypatch
     configure_threads()  # as the app does (the fixture restores the thread count)
     first = ExploreSession(load_choice(model_choices()[0].key))
     result = first.apply(CompressionConfig(tau=0.2, theta=0.3))
-    report = first.latency(result, 1, "cpu")
+    report = first.measurements.latency(result, 1, "cpu")
     assert report.runs >= 3 and report.dense_ms > 0 and report.compressed_ms > 0
     assert len(report.dense_runs_ms) == len(report.compressed_runs_ms) == report.runs
     second = ExploreSession(load_choice(model_choices()[0].key))
@@ -41,10 +42,10 @@ def test_latency_is_interleaved_kept_only_when_quiet_and_then_shared(monkeypatch
         assert view.latency is None  # a disturbed reading is never kept
     disturbed = type(report)(**{**report.__dict__, "cpu_share": 0.3, "quiet": True})
     assert disturbed.disturbed
-    monkeypatch.setattr(core.services.session, "measure_latency", lambda *a, **k: disturbed)
+    monkeypatch.setattr(measurements, "measure_latency", lambda *a, **k: disturbed)
     other = second.apply(CompressionConfig(tau=0.25))
-    shown = second.latency(other, 1, "cpu")
-    assert not shown.quiet and core.services.session.LATENCY_CACHE.get((second.key, other.config, 1, "cpu")) is None
+    shown = second.measurements.latency(other, 1, "cpu")
+    assert not shown.quiet and measurements.LATENCY_CACHE.get((second.key, other.config, 1, "cpu")) is None
 
 
 def test_sessions_share_the_snapshot_and_each_holds_only_its_buffer():
@@ -53,7 +54,7 @@ def test_sessions_share_the_snapshot_and_each_holds_only_its_buffer():
     assert a.engine.snapshot is b.engine.snapshot
     weights = sum(a.engine.snapshot.layer(n).numel * 4 for n in a.layer_names(include_norm=True))
     a.update(ExploreRequest(config=CompressionConfig(tau=0.2)))
-    memory = a.memory()
+    memory = a.measurements.memory()
     assert memory.session == weights  # the working buffer, which is also the current result's weights
     snapshot = a.engine.snapshot
     orders = sum(layer.order.numel() * layer.order.element_size() for layer in snapshot.layers.values())
@@ -70,7 +71,7 @@ def test_moves_record_switches_and_which_moves_changed_theta():
     assert view.last_theta_move is view.last_move
     tau_only = session.update(ExploreRequest(config=CompressionConfig(tau=0.2, theta=0.5)))
     assert not tau_only.last_move.theta_changed and tau_only.last_theta_move is view.last_move
-    assert session.deviation(tau_only.result, "cpu") > 0 and tau_only.estimate is None  # no labelled data
+    assert session.accuracy.deviation(tau_only.result, "cpu") > 0 and tau_only.estimate is None  # no labelled data
 
 
 def test_records_are_keyword_only():

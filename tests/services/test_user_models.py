@@ -97,18 +97,18 @@ def test_labelled_images_drive_the_paired_estimate_and_the_full_accuracy(weights
     images = read_image_folder(folder(tmp_path, {"cat": 4, "ship": 4}), loaded.input_preprocess())
     assert session.use_data(images) == ["The data has 2 class folders and the model 10 outputs; folders are mapped "
                                         "by the weights' category names."]
-    evaluation = session.evaluation_set()
+    evaluation = session.accuracy.evaluation_set()
     assert evaluation.key == session.data.key and evaluation.population == 8
     assert sorted(set(evaluation.labels.tolist())) == [3, 8]  # cat, ship in CIFAR-10's order
     result = session.apply(CompressionConfig(tau=0.3))
     view = session.update(ExploreRequest(config=result.config))
     assert view.accuracy_available
-    estimate = session.refine_accuracy(result, False, "cpu")
+    estimate = session.accuracy.refine(result, False, "cpu")
     assert estimate.population == 8
-    assert session.full_accuracy(result, True, "cpu").n == 8  # SqueezeNet has no BatchNorm: the "bn" level is "none"
-    assert "no BatchNorm" in session.repair_unavailable()["bn"]
+    assert session.accuracy.full(result, True, "cpu").n == 8  # SqueezeNet has no BatchNorm: the "bn" level is "none"
+    assert "no BatchNorm" in session.repairs.unavailable()["bn"]
     session.use_data(None)
-    assert session.data is None and session.evaluation_set().key.startswith("cifar10-test")
+    assert session.data is None and session.accuracy.evaluation_set().key.startswith("cifar10-test")
 
 
 def test_unlabelled_images_give_fidelity_instead_of_accuracy(weights, tmp_path):
@@ -119,7 +119,7 @@ def test_unlabelled_images_give_fidelity_instead_of_accuracy(weights, tmp_path):
     session.use_data(read_image_folder(tmp_path, loaded.input_preprocess()))
     assert not session.has_labels
     dense = session.apply(CompressionConfig(tau=0.0))
-    same = session.fidelity(dense, "cpu")
+    same = session.accuracy.fidelity(dense, "cpu")
     assert same.agreement == 1.0 and same.mean_kl == pytest.approx(0.0, abs=1e-6) and same.n == 3
     view = session.update(ExploreRequest(config=dense.config))
     assert view.fidelity is same and not view.accuracy_available

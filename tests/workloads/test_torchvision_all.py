@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from core.deploy.packing import compressed_bytes, parse_compressed
+from core.deploy.packed_reader import parse_compressed
+from core.deploy.packed_writer import compressed_bytes
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads import torchvision_models as tv
