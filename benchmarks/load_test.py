@@ -24,6 +24,16 @@ user never set), moves without an answer (timeout). The server's RSS (psutil) is
 before the users arrive (after one warm-up user has loaded the model), during, and after
 they leave (``--after`` seconds, the server's disconnected-session TTL set to 15 s).
 
+The server is the README's: ``streamlit run app.py`` with the project's ``.streamlit/config.toml``
+(only headless, loopback and a free port are added). The report starts with the run's
+conditions (``benchmarks/run_conditions.py``): commit and clean tree, CPU and load average,
+the disk caches present, the server's own account of its threads, OpenMP settings and gc
+freeze, and the niceness its threads really ran at (background priority, read from ``/proc``).
+
+``--fresh`` runs the same command in a fresh clone of the current commit (a temporary folder,
+an empty cache folder, this virtualenv linked in as the README's ``.venv``): the published
+figures are produced that way.
+
 Bounded: loopback only, at most 64 users, every wait has a timeout. The driver runs on the
 same CPU as the server (two cores here), so the figures include its own parsing load.
 """
@@ -36,8 +46,10 @@ import os
 import random
 import socket
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +66,9 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 
 from core.common.timing import percentile  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run_conditions import ThreadNiceness, format_conditions, machine_conditions, server_log_conditions  # noqa: E402
+
 MAX_USERS = 64
 MOVE_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 300.0
@@ -69,11 +84,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_log_path(port: int) -> Path:
+    return ROOT / ".cache" / f"load_test_server_{port}.log"
+
+
 def start_server(port: int) -> subprocess.Popen:
+    """The README's ``streamlit run app.py`` (settings from .streamlit/config.toml), headless on a loopback port."""
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--server.disconnectedSessionTTL", "15"]
-    log = open(ROOT / ".cache" / f"load_test_server_{port}.log", "w")
+               "--server.address", "127.0.0.1", "--server.port", str(port)]
+    log = open(server_log_path(port), "w")
     server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     import urllib.request
 
@@ -95,6 +114,8 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.process, self.every_s = psutil.Process(pid), every_s
         self.samples: list[tuple[float, int]] = []
+        self.niceness = ThreadNiceness(pid)
+        self.watch_niceness = threading.Event()  # set while users are on
         self.stop = threading.Event()
 
     def rss(self) -> int:
@@ -104,6 +125,8 @@ class RssSampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 self.samples.append((time.time(), self.rss()))
+                if self.watch_niceness.is_set():
+                    self.niceness.sample()
             except psutil.Error:
                 return
             self.stop.wait(self.every_s)
@@ -302,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reload-share", type=float, default=0.05, help="share of moves preceded by a tab reload")
     parser.add_argument("--after", type=float, default=60.0, help="seconds to watch the RSS after all users left")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true",
+                        help="run in a fresh clone of the current commit with an empty cache (this virtualenv reused)")
     args = parser.parse_args(argv)
     if not 1 <= args.users <= MAX_USERS:
         parser.error(f"--users must be between 1 and {MAX_USERS}")
+    if args.fresh:
+        return run_fresh([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--fresh"])
     (ROOT / ".cache").mkdir(exist_ok=True)
+    machine = machine_conditions(ROOT)
     port = free_port()
     server = start_server(port)
     sampler = RssSampler(server.pid)
@@ -326,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_before = _cpu_seconds(sampler.process), _cpu_seconds(psutil.Process())
         users = [User(i, url, taus_for(i, args.users), args.seed + i, args.model) for i in range(args.users)]
         started = time.time()
+        sampler.watch_niceness.set()
         if args.sync:
             asyncio.run(synchronized(users, args.rounds))
         else:
@@ -333,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 await asyncio.gather(*(paced(u, args.duration, tuple(args.pace), args.reload_share) for u in users))
             asyncio.run(everyone())
         left = time.time()
+        sampler.watch_niceness.clear()
         cpu_server = _cpu_seconds(sampler.process) - cpu_before[0]
         cpu_driver = _cpu_seconds(psutil.Process()) - cpu_before[1]
         rss_peak = max((rss for t, rss in sampler.samples if t >= started), default=sampler.rss())
@@ -348,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     latencies = [s for u in users for s in u.stats.latencies_s]
     errors = [e for u in users for e in u.stats.errors]
     mib = 2 ** 20
+    for line in format_conditions(machine, server_log_conditions(server_log_path(port)), sampler.niceness.summary()):
+        print(f"# {line}")
     mode = f"{args.rounds} synchronized rounds" if args.sync else f"every {args.pace[0]:g}–{args.pace[1]:g} s for {args.duration:g} s"
     label = args.model or "the default model"
     print(f"{args.users} users on {label}, {mode}; {len(latencies)} moves answered in {left - started:.0f} s")
@@ -370,6 +402,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{1e3 * max(latencies) if latencies else float('nan'):.0f} | {len(errors)} | "
           f"{sum(u.stats.crosstalk for u in users)} | {rss_before / mib:.0f} / {rss_peak / mib:.0f} / {rss_after / mib:.0f} |")
     return 0
+
+
+def run_fresh(argv: list[str]) -> int:
+    """This command, in a fresh clone of HEAD: an empty cache, the README's ``.venv`` linked to this one.
+
+    The CIFAR-10 folder is passed on (``$BOUNDARY_CIFAR10_DIR``) because a clone elsewhere does
+    not sit beside ``../shared``. Only committed work is measured: the clone is of HEAD.
+    """
+    from core.workloads.data import DEFAULT_JPEG_DIR
+
+    with tempfile.TemporaryDirectory(prefix="boundary-fresh-") as folder:
+        clone = Path(folder) / "clone"
+        subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)], check=True)
+        venv = Path(sys.prefix)
+        (clone / ".venv").symlink_to(venv, target_is_directory=True)
+        env = {**os.environ, "BOUNDARY_CIFAR10_DIR": os.environ.get("BOUNDARY_CIFAR10_DIR", str(DEFAULT_JPEG_DIR))}
+        env.pop("BOUNDARY_CACHE_DIR", None)
+        python = clone / ".venv" / "bin" / Path(sys.executable).name
+        print(f"# fresh clone of {ROOT} at {clone}, virtualenv {venv} linked as .venv, empty .cache", flush=True)
+        code = subprocess.run([str(python), "benchmarks/load_test.py", *argv], cwd=clone, env=env).returncode
+        shutil.rmtree(clone / ".cache", ignore_errors=True)
+        return code
 
 
 if __name__ == "__main__":
