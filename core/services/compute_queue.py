@@ -5,8 +5,10 @@ measurements, realized savings, BN recalibration, the full-test evaluation. What
 the engine's slider step and the histogram (milliseconds), so every session's engine figures
 appear at once however busy the server is.
 
-* At most ``slots`` jobs run at once (one per core); the rest wait first come, first served.
-  Jobs are short (a batch), so sessions take turns batch by batch.
+* At most ``slots`` jobs run at once (:func:`default_slots`: one per core where jobs run at
+  background priority, else one core fewer, so the sliders' fast work always finds a core);
+  the rest wait first come, first served. Jobs are short (a batch), so sessions take turns
+  batch by batch.
 * Threads per job: PyTorch's intra-op thread count is a per-thread setting (OpenMP), so a
   job alone on the server may use every core, and a job among others uses one.
 * :meth:`ComputeQueue.exclusive` waits for a quiet moment (no other job running) and holds
@@ -37,6 +39,7 @@ import torch
 
 POLL_S = 0.1  # how often a waiting job calls its poll (the page's chance to be interrupted)
 NICENESS_ENV = "BOUNDARY_JOB_NICENESS"
+SLOTS_ENV = "BOUNDARY_COMPUTE_SLOTS"
 
 
 def _job_niceness(default: int = 10) -> int:
@@ -78,7 +81,7 @@ class ComputeQueue:
     """A first-come-first-served semaphore over ``slots`` CPU slots, with per-job thread counts."""
 
     def __init__(self, slots: int | None = None):
-        self.slots = max(1, slots or os.cpu_count() or 1)
+        self.slots = max(1, slots or default_slots())
         self._condition = threading.Condition()
         self._tickets = itertools.count()
         self._line: deque[int] = deque()  # tickets waiting, first come first
@@ -252,6 +255,23 @@ def _torch_threads(threads: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def default_slots() -> int:
+    """Jobs run at once: ``$BOUNDARY_COMPUTE_SLOTS``, else one per core where jobs run at background
+    priority (:func:`background_priority_available`), else one core fewer (at least one).
+
+    Without background priority, inference on every core competes on equal terms with the
+    sliders' engine steps and Streamlit's own messages: 30 paced users on 2 cores answered their
+    moves at p95 1.33 s with 2 slots against 0.63 s with priority (``benchmarks/load_test.py``);
+    keeping a core free trades refinement speed for slider latency, which is what a user feels.
+    """
+    try:
+        return max(1, int(os.environ[SLOTS_ENV]))
+    except (KeyError, ValueError):
+        pass
+    cores = os.cpu_count() or 1
+    return cores if background_priority_available() else max(1, cores - 1)
 
 
 #: the process-wide queue every session shares
