@@ -262,9 +262,11 @@ def default_slots() -> int:
     priority (:func:`background_priority_available`), else one core fewer (at least one).
 
     Without background priority, inference on every core competes on equal terms with the
-    sliders' engine steps and Streamlit's own messages: 30 paced users on 2 cores answered their
-    moves at p95 1.33 s with 2 slots against 0.63 s with priority (``benchmarks/load_test.py``);
-    keeping a core free trades refinement speed for slider latency, which is what a user feels.
+    sliders' engine steps and Streamlit's own messages. 30 paced ResNet-20 users on 2 cores
+    (``benchmarks/load_test.py --fresh``, jobs at normal priority): p50/p95 353/1145 ms with 2
+    slots, 177/957 ms with 1 (and 223/634 ms with 2 slots at background priority). A core kept
+    free trades refinement speed (the run took 175 s instead of 140 s to settle) for slider
+    latency, which is what a user feels.
     """
     try:
         return max(1, int(os.environ[SLOTS_ENV]))
