@@ -79,11 +79,11 @@ def freeze_startup_objects() -> int:
     """Move every object alive now out of the cyclic garbage collector's reach, once per process.
 
     Call it after the heavy imports (torch, torchvision, plotly, pandas, Streamlit) and before
-    any session work. Streamlit runs a full ``gc.collect()`` after every script run
-    (``runner.postScriptGC``), holding the GIL while it walks every tracked object: with the
-    app's ~430,000 objects that took 140–440 ms per run here, during which no other session's
-    script and no websocket message moves. Frozen objects (``gc.freeze``) are skipped by
-    collections, and afterwards a post-run collection took about 1 ms. Modules and their
+    any session work. A full collection holds the GIL while it walks every tracked object: with
+    the app's ~430,000 objects that took 140–440 ms here, during which no other session's script
+    and no websocket message moves. Frozen objects (``gc.freeze``) are skipped by collections (the
+    janitor's below, Python's own; Streamlit's after every script run is off in
+    ``.streamlit/config.toml``), and afterwards a collection took about 1 ms. Modules and their
     objects live as long as the process anyway; objects made later are collected as usual.
     Returns the number of objects frozen.
     """

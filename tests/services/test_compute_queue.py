@@ -136,3 +136,20 @@ def test_an_exception_in_a_job_still_restores_its_priority():
         with ComputeQueue(slots=1).job():
             raise RuntimeError("boom")
     assert os.getpriority(os.PRIO_PROCESS, tid) == before
+
+
+def test_default_slots_keeps_a_core_free_without_background_priority(monkeypatch):
+    import core.services.compute_queue as cq
+
+    monkeypatch.delenv(cq.SLOTS_ENV, raising=False)
+    monkeypatch.setattr(cq.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cq, "background_priority_available", lambda: True)
+    assert cq.default_slots() == 2
+    monkeypatch.setattr(cq, "background_priority_available", lambda: False)
+    assert cq.default_slots() == 1
+    monkeypatch.setattr(cq.os, "cpu_count", lambda: 1)
+    assert cq.default_slots() == 1  # never zero
+    monkeypatch.setenv(cq.SLOTS_ENV, "3")
+    assert cq.default_slots() == 3 and ComputeQueue().slots == 3
+    monkeypatch.setenv(cq.SLOTS_ENV, "many")  # not a number: the default
+    assert cq.default_slots() == 1
