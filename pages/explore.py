@@ -176,11 +176,12 @@ with acc:
     if view.repair is not None:
         show_repair(view.repair, repair_box)
     if view.accuracy_available:
-        st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
-                         format_func=lambda t: "all 10,000 images" if t == 0 else f"±{100 * t:g} points",
-                         help="After a slider move the estimate refines on its own, batch after batch, on a growing "
-                              "class-balanced sample of the test set, until its paired 95 % interval is this narrow.")
         population = 10_000 if session.data is None else len(session.data)
+        st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
+                         format_func=lambda t: f"all {population:,} images" if t == 0 else f"±{100 * t:g} points",
+                         help="After a slider move the estimate refines on its own, batch after batch, on a growing "
+                              "class-balanced sample of the evaluation images, until its paired 95 % interval is this "
+                              "narrow.")
         if st.button(f"Measure the full {population:,}-image accuracy (fp32)", key="full_eval"):
             with guard("Measuring the full-test accuracy"):
                 with st.spinner(f"Running the compressed model on all {population:,} images…"):

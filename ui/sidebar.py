@@ -49,8 +49,9 @@ def render_sidebar():
                      "The format is read from the content, whatever the file is called.")
             if "upload_error" in state:
                 show_error(f"Upload rejected: {state['upload_error']}")
-            if "uploaded_model" not in state:
-                st.info("Nothing uploaded yet: the pages show the first model of the list meanwhile.")
+            if "uploaded_model" not in state:  # after a rejected file, not "nothing": that file was refused
+                st.info(("No file loaded" if "upload_error" in state else "Nothing uploaded yet")
+                        + ": the pages show the first model of the list meanwhile.")
         elif state["model_key"] == TORCHVISION_KEY:
             render_torchvision()
         st.radio("Device", devices(), key="device", horizontal=True,

@@ -26,8 +26,19 @@ def fmt_mib(mib: float) -> str:
 
 
 def fmt_pct(fraction: float, digits: int = 1) -> str:
-    """A fraction in [0, 1] as a percentage: ``fmt_pct(0.3082) == "30.8 %"``."""
-    return f"{100 * fraction:.{digits}f} %"
+    """A fraction in [0, 1] as a percentage: ``fmt_pct(0.3082) == "30.8 %"``.
+
+    Never rounds something to nothing or a part to the whole: a fraction above 0 that would
+    show as 0 reads ``"< 0.1 %"`` (20 weights kept of 11 M), one below 1 that would show as 100
+    reads ``"> 99.9 %"`` (at ``digits`` = 1).
+    """
+    text = f"{100 * fraction:.{digits}f}"
+    step = 10.0 ** -digits
+    if 0 < fraction and float(text) == 0:
+        return f"< {step:.{digits}f} %"
+    if fraction < 1 and float(text) >= 100:
+        return f"> {100 - step:.{digits}f} %"
+    return f"{text} %"
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -288,6 +288,8 @@ def test_bad_upload_shows_an_error_and_keeps_the_model():
     errors = [e.value for e in at.sidebar.error]
     assert errors and "Upload rejected" in errors[0] and "broken.pt" in errors[0]
     assert "uploaded_model" not in at.session_state
+    notes = [i.value for i in at.sidebar.info]
+    assert any(n.startswith("No file loaded") for n in notes) and not any("Nothing uploaded yet" in n for n in notes)
     assert at.title[0].value == "Explore"  # the page still works with the default model
 
 
