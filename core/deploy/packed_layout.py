@@ -6,7 +6,7 @@ weight not called ``weight``): a safetensors file with two uint8 tensors and one
 * metadata ``boundary_explorer``: a JSON header — format name and version, architecture
   name and kwargs, the compression settings, the engine's byte accounting, for a repaired
   model the ``repair`` it carries (method, calibration images, ridge, seed), and the
-  SHA256 of everything (header, table, data; :func:`_digest`);
+  SHA256 of everything (header, table, data; :func:`file_digest`);
 * ``table``: zlib-compressed JSON — one record per packed layer ``[name, shape, dtype,
   kept, n_high, n_low, b_high, b_low, mask kind]`` (:class:`LayerRecord`) and one per state_dict
   entry stored as is ``[key, dtype, shape]`` (:class:`StateEntry`). A packed layer's state_dict key
@@ -175,24 +175,24 @@ class StateEntry:
 
 # ---------------------------------------------------------------- a layer's mask and codes, as bytes
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise PackedFileError(f"the file names an unknown dtype {name!r}")
     return dtype
 
 
-def _mask_kind(numel: int, kept: int) -> str:
+def mask_kind(numel: int, kept: int) -> str:
     if kept == numel:
         return "all"
     return "bitmap" if math.ceil(numel / 8) <= math.ceil(kept * index_bits(numel) / 8) else "index"
 
 
-def _mask_bytes(record: LayerRecord) -> int:
+def mask_bytes(record: LayerRecord) -> int:
     if record.mask == "all":
         return 0
     if record.mask == "bitmap":
@@ -200,7 +200,7 @@ def _mask_bytes(record: LayerRecord) -> int:
     return record.kept * index_bits(record.numel) // 8
 
 
-def _encode_mask(keep: torch.Tensor, kind: str) -> np.ndarray:
+def encode_mask(keep: torch.Tensor, kind: str) -> np.ndarray:
     if kind == "all":
         return np.zeros(0, np.uint8)
     if kind == "bitmap":
@@ -209,7 +209,7 @@ def _encode_mask(keep: torch.Tensor, kind: str) -> np.ndarray:
     return _as_bytes(index.astype("<u2" if index_bits(keep.numel()) == 16 else "<u4"))
 
 
-def _decode_mask(record: LayerRecord, raw: np.ndarray) -> torch.Tensor:
+def decode_mask(record: LayerRecord, raw: np.ndarray) -> torch.Tensor:
     """The flat boolean keep mask."""
     numel = record.numel
     if record.mask == "all":
@@ -232,17 +232,17 @@ def _decode_mask(record: LayerRecord, raw: np.ndarray) -> torch.Tensor:
     return keep
 
 
-def _code_bytes(count: int, bits: int) -> int:
+def code_bytes(count: int, bits: int) -> int:
     return 2 * count if bits == FLOAT_PASSTHROUGH_BITS else math.ceil(count * bits / 8)
 
 
-def _encode_codes(codes: torch.Tensor, bits: int) -> np.ndarray:
+def encode_codes(codes: torch.Tensor, bits: int) -> np.ndarray:
     if bits == FLOAT_PASSTHROUGH_BITS:
         return _as_bytes(codes.to(torch.float16).numpy().astype("<f2"))
     return pack_bits((codes.to(torch.int16) + q_max(bits)).to(torch.uint8).numpy(), bits)
 
 
-def _decode_codes(raw: np.ndarray, count: int, bits: int) -> torch.Tensor:
+def decode_codes(raw: np.ndarray, count: int, bits: int) -> torch.Tensor:
     if bits == FLOAT_PASSTHROUGH_BITS:
         return torch.from_numpy(raw.view("<f2").astype(np.float16))
     unsigned = unpack_bits(raw, count, bits)
@@ -253,7 +253,7 @@ def _as_bytes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The tensor's raw bytes (little-endian machine order, as safetensors stores them)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
@@ -261,13 +261,13 @@ def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------- byte counts
 
-def _layer_bytes(record: LayerRecord) -> int:
+def layer_bytes(record: LayerRecord) -> int:
     """The bytes the data blob holds for one layer (mask, codes and scales per stream, selector)."""
-    total = _mask_bytes(record)
+    total = mask_bytes(record)
     if record.b_high is None:
-        return total + record.kept * _dtype(record.dtype).itemsize
+        return total + record.kept * dtype_from_name(record.dtype).itemsize
     for _, count, bits in record.streams:
-        total += _code_bytes(count, bits) + (0 if bits == FLOAT_PASSTHROUGH_BITS else 4 * record.channels)
+        total += code_bytes(count, bits) + (0 if bits == FLOAT_PASSTHROUGH_BITS else 4 * record.channels)
     return total + (math.ceil(record.kept / 8) if record.mixed else 0)
 
 
@@ -275,14 +275,14 @@ def expected_layer_bytes(record: LayerRecord) -> int:
     """The engine's accounting for one packed layer (for tests and the app)."""
     if record.b_high is None:
         return layer_storage(record.numel, record.channels, record.kept, 0, None, None,
-                             dense_bits=torch.finfo(_dtype(record.dtype)).bits).total
+                             dense_bits=torch.finfo(dtype_from_name(record.dtype)).bits).total
     return layer_storage(record.numel, record.channels, record.n_high, record.n_low,
                          record.b_high, record.b_low).total
 
 
 # ---------------------------------------------------------------- the checksum
 
-def _digest(header: Mapping, table: bytes, data: np.ndarray) -> str:
+def file_digest(header: Mapping, table: bytes, data: np.ndarray) -> str:
     """The SHA256 the header records: of the header (without ``sha256``), the table's length and bytes, the data."""
     digest = hashlib.sha256()
     digest.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())

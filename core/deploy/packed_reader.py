@@ -17,15 +17,22 @@ from core.deploy.packed_layout import (
     LayerRecord,
     PackedFileError,
     StateEntry,
-    _code_bytes,
-    _decode_codes,
-    _decode_mask,
-    _digest,
-    _dtype,
-    _layer_bytes,
-    _mask_bytes,
+    code_bytes,
+    decode_codes,
+    decode_mask,
+    dtype_from_name,
+    file_digest,
+    layer_bytes,
+    mask_bytes,
 )
-from core.deploy.packed_validation import _check_fits, _header, _inflate, _read_file, _split, _table
+from core.deploy.packed_validation import (
+    check_fits,
+    check_header,
+    inflate_table,
+    parse_table,
+    read_file_bytes,
+    split_file,
+)
 from core.method.config import CompressionConfig
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS, decode
 from core.workloads.models import MAX_FILE_PARAMS, load_state_dict_into
@@ -33,7 +40,7 @@ from core.workloads.provenance import build_file_arch
 
 # ---------------------------------------------------------------- decoding the data blob
 
-class _Reader:
+class DataReader:
     """Takes consecutive byte ranges from the data blob."""
 
     def __init__(self, blob: np.ndarray):
@@ -52,19 +59,19 @@ class _Reader:
         return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
-def _unpack_layer(record: LayerRecord, reader: _Reader) -> torch.Tensor:
+def unpack_layer(record: LayerRecord, reader: DataReader) -> torch.Tensor:
     """Decode one layer with dense, vectorized ops: codes are scattered into a zero tensor of the
     layer's shape and decoded as the engine does (``code · scale`` per channel, cast to the dtype);
     positions not kept hold code 0, hence +0."""
     where = f"layer '{record.name}'"
-    dtype = _dtype(record.dtype)
-    keep = _decode_mask(record, reader.take(_mask_bytes(record), f"{where}'s mask"))
+    dtype = dtype_from_name(record.dtype)
+    keep = decode_mask(record, reader.take(mask_bytes(record), f"{where}'s mask"))
     if record.b_high is None:
         values = reader.tensor(dtype, (record.kept,), f"{where}'s values")
         return torch.zeros(record.numel, dtype=dtype).masked_scatter_(keep, values).view(record.shape)
     streams = []
     for suffix, count, bits in record.streams:
-        codes = _decode_codes(reader.take(_code_bytes(count, bits), f"{where}'s {suffix} codes"), count, bits)
+        codes = decode_codes(reader.take(code_bytes(count, bits), f"{where}'s {suffix} codes"), count, bits)
         scales = None
         if bits != FLOAT_PASSTHROUGH_BITS:
             scales = reader.tensor(torch.float32, (record.channels,), f"{where}'s {suffix} scales")
@@ -139,14 +146,14 @@ class PackedFile(_HeaderFields):
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every state_dict key the file holds, with the shape and dtype it declares."""
-        shapes = {r.state_key: (r.shape, _dtype(r.dtype)) for r in self.layers}
+        shapes = {r.state_key: (r.shape, dtype_from_name(r.dtype)) for r in self.layers}
         shapes.update({entry.key: (entry.shape, entry.dtype) for entry in self.state})
         return shapes
 
     def decode(self) -> dict[str, torch.Tensor]:
         """The full state_dict (packed layers decoded); memory: about the model's size."""
-        reader = _Reader(self.data)
-        state = {record.state_key: _unpack_layer(record, reader) for record in self.layers}
+        reader = DataReader(self.data)
+        state = {record.state_key: unpack_layer(record, reader) for record in self.layers}
         for entry in self.state:
             state[entry.key] = reader.tensor(entry.dtype, entry.shape, f"'{printable(entry.key, 80)}'")
         return state
@@ -162,7 +169,7 @@ class PackedFile(_HeaderFields):
             model = build_file_arch(self.arch, self.arch_kwargs, self.label, self.max_params)
         else:
             raise ValueError(f"{self.label} records no architecture: pass model_template=<an instance of the model>")
-        _check_fits(model, self.shapes(), self.label)
+        check_fits(model, self.shapes(), self.label)
         load_state_dict_into(model, self.decode(), self.label)
         return model.eval()
 
@@ -192,10 +199,10 @@ def parse_compressed(data: bytes, label: str = "the packed file", max_params: in
     """
     raw = bytes(data)  # immutable: the data view below must not change under us
     label = printable(label, 80)
-    metadata, table_bytes, blob = _split(raw, label)
-    header = _header(metadata, label)
+    metadata, table_bytes, blob = split_file(raw, label)
+    header = check_header(metadata, label)
     try:
-        intact = header.get("sha256") == _digest(header, table_bytes, blob)
+        intact = header.get("sha256") == file_digest(header, table_bytes, blob)
     except (ValueError, TypeError, RecursionError):
         intact = False
     if not intact:
@@ -205,9 +212,9 @@ def parse_compressed(data: bytes, label: str = "the packed file", max_params: in
         CompressionConfig.from_dict(header.get("config", {}))
     except ValueError as err:
         raise PackedFileError(f"{label} records settings this app cannot use: {printable(err)}.") from err
-    records, state = _table(_inflate(table_bytes, label), label, max_params,
+    records, state = parse_table(inflate_table(table_bytes, label), label, max_params,
                             keyed=header.get("version") == KEYED_FORMAT_VERSION)
-    described = sum(map(_layer_bytes, records)) + sum(entry.nbytes for entry in state)
+    described = sum(map(layer_bytes, records)) + sum(entry.nbytes for entry in state)
     if described != blob.size:
         raise PackedFileError(f"{label} is damaged: its table describes {described:,} bytes of data, "
                               f"the file holds {blob.size:,}.")
@@ -224,7 +231,7 @@ def read_compressed_bytes(data: bytes, label: str = "the packed file", max_param
 
 def read_compressed(path: str | os.PathLike) -> PackedModel:
     """Read and verify a packed file; returns its header and the full, decoded state_dict."""
-    return read_compressed_bytes(_read_file(path), Path(path).name)
+    return read_compressed_bytes(read_file_bytes(path), Path(path).name)
 
 
 def load_compressed(path: str | os.PathLike, model_template: nn.Module | None = None) -> nn.Module:
@@ -234,4 +241,4 @@ def load_compressed(path: str | os.PathLike, model_template: nn.Module | None = 
     (its arguments checked by :func:`core.workloads.provenance.check_file_arch`), or from a deep copy
     of ``model_template`` (never modified) when given: needed for models of neither kind.
     """
-    return parse_compressed(_read_file(path), Path(path).name).load(model_template)
+    return parse_compressed(read_file_bytes(path), Path(path).name).load(model_template)

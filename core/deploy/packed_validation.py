@@ -32,7 +32,7 @@ from core.deploy.packed_layout import (
     LayerRecord,
     PackedFileError,
     StateEntry,
-    _mask_kind,
+    mask_kind,
 )
 from core.method.quantization import SUPPORTED_BITS
 from core.workloads.models import CheckpointError
@@ -83,7 +83,7 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _split(raw: bytes, label: str) -> tuple[dict, bytes, np.ndarray]:
+def split_file(raw: bytes, label: str) -> tuple[dict, bytes, np.ndarray]:
     """The safetensors container's metadata, table bytes and data (a read-only view into ``raw``).
 
     Checks the framing against the bytes present: the header length (≤ :data:`MAX_HEADER_BYTES`),
@@ -123,7 +123,7 @@ def _split(raw: bytes, label: str) -> tuple[dict, bytes, np.ndarray]:
     return metadata, table, data
 
 
-def _header(metadata: dict, label: str) -> dict:
+def check_header(metadata: dict, label: str) -> dict:
     """The packed-model header: format, version, architecture and its arguments, settings."""
     text = metadata[METADATA_KEY]
     header = _json(text, label, "packed-model header") if isinstance(text, str) else None
@@ -145,7 +145,7 @@ def _header(metadata: dict, label: str) -> dict:
 
 # ---------------------------------------------------------------- the table: every record checked
 
-def _inflate(table: bytes, label: str) -> bytes:
+def inflate_table(table: bytes, label: str) -> bytes:
     """The table's JSON, decompressed to at most :data:`MAX_TABLE_BYTES` (never more is allocated)."""
     inflater = zlib.decompressobj()
     try:
@@ -209,13 +209,13 @@ def _layer(row: object, label: str, max_params: int, keyed: bool = False) -> Lay
     if not counts_fit:
         raise PackedFileError(f"{label} is damaged: {where} declares high/low counts that do not add up to its "
                               "kept weights.")
-    if mask != _mask_kind(numel, kept):
+    if mask != mask_kind(numel, kept):
         raise PackedFileError(f"{label} is damaged: {where} declares the mask kind {printable(repr(mask), 20)}, "
-                              f"its counts call for {_mask_kind(numel, kept)!r}.")
+                              f"its counts call for {mask_kind(numel, kept)!r}.")
     return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask, key)
 
 
-def _table(text: bytes, label: str, max_params: int, keyed: bool = False) -> tuple[list[LayerRecord], list[StateEntry]]:
+def parse_table(text: bytes, label: str, max_params: int, keyed: bool = False) -> tuple[list[LayerRecord], list[StateEntry]]:
     """The table's layer records and state_dict entries, checked; at most ``max_params`` values in all.
     ``keyed``: layer records may carry their state_dict key (see :func:`_layer`)."""
     table = _json(text, label, "layer table")
@@ -244,7 +244,7 @@ def _table(text: bytes, label: str, max_params: int, keyed: bool = False) -> tup
 
 # ---------------------------------------------------------------- the model a file is loaded into; a file on disk
 
-def _check_fits(model: nn.Module, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], label: str) -> None:
+def check_fits(model: nn.Module, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], label: str) -> None:
     """The file's tensors are exactly the model's, with the same shapes and dtypes (bit-exact, no casting)."""
     own = model.state_dict()
     for key, value in own.items():
@@ -263,7 +263,7 @@ def _check_fits(model: nn.Module, shapes: Mapping[str, tuple[tuple[int, ...], to
                               f"'{printable(extra[0], 80)}'.")
 
 
-def _read_file(path: str | os.PathLike) -> bytes:
+def read_file_bytes(path: str | os.PathLike) -> bytes:
     """A packed file's bytes, refusing files over :data:`MAX_FILE_BYTES` before reading them."""
     path = Path(path)
     try:

@@ -28,14 +28,14 @@ from core.deploy.packed_layout import (
     KEYED_FORMAT_VERSION,
     METADATA_KEY,
     LayerRecord,
-    _digest,
-    _dtype_name,
-    _encode_codes,
-    _encode_mask,
-    _mask_kind,
-    _tensor_bytes,
+    dtype_name,
+    encode_codes,
+    encode_mask,
+    file_digest,
+    mask_kind,
+    tensor_bytes,
 )
-from core.deploy.packed_reader import _Reader, _unpack_layer
+from core.deploy.packed_reader import DataReader, unpack_layer
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS
 from core.workloads.provenance import known_arch
 
@@ -55,9 +55,9 @@ def _layer_record(result, name: str, row: Mapping) -> tuple[LayerRecord, torch.T
     kept, n_high, n_low = int(row["kept"]), int(row["n_high"]), int(row["n_low"])
     config = result.config
     record = LayerRecord(
-        name=name, shape=shape, dtype=_dtype_name(weight.dtype), kept=kept, n_high=n_high, n_low=n_low,
+        name=name, shape=shape, dtype=dtype_name(weight.dtype), kept=kept, n_high=n_high, n_low=n_low,
         b_high=config.b_high if config.quantized else None, b_low=config.b_low if config.quantized else None,
-        mask=_mask_kind(numel, kept), key=_record_key(result, name))
+        mask=mask_kind(numel, kept), key=_record_key(result, name))
     order = result._engine.rank_order(name)
     keep = torch.zeros(numel, dtype=torch.bool)
     keep[order[numel - kept:]] = True
@@ -87,18 +87,18 @@ def _pack_layer(result, name: str, row: Mapping, repaired_weight: torch.Tensor |
     if repaired_weight is not None:
         return _repaired_layer(result, name, row, repaired_weight, quantized)
     record, order, keep = _layer_record(result, name, row)
-    parts = [_encode_mask(keep, record.mask)]
+    parts = [encode_mask(keep, record.mask)]
     if record.b_high is None:
-        parts.append(_tensor_bytes(result.weights[name].reshape(-1)[keep]))
+        parts.append(tensor_bytes(result.weights[name].reshape(-1)[keep]))
         return record, parts
     high = _high_mask(record, order)
     for suffix, _, bits in record.streams:
         chunk = result._engine.chunk(name, bits)
         codes = torch.empty_like(chunk.codes_ranked)
         codes[order] = chunk.codes_ranked  # rank order → flat order
-        parts.append(_encode_codes(codes[_stream_mask(record, keep, high, suffix)], bits))
+        parts.append(encode_codes(codes[_stream_mask(record, keep, high, suffix)], bits))
         if chunk.scales is not None:
-            parts.append(_tensor_bytes(chunk.scales.to(torch.float32)))
+            parts.append(tensor_bytes(chunk.scales.to(torch.float32)))
     if record.mixed:
         parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
     return record, parts
@@ -163,9 +163,9 @@ def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
     flat = weight.detach().cpu().reshape(-1)
     if bool((flat[~keep] != 0).any()):
         raise ValueError(f"the repair changed pruned weights of '{name}': the packed file keeps the setting's mask")
-    parts = [_encode_mask(keep, record.mask)]
+    parts = [encode_mask(keep, record.mask)]
     if record.b_high is None:
-        parts.append(_tensor_bytes(flat[keep]))
+        parts.append(tensor_bytes(flat[keep]))
         return record, parts
     if quantized is None:
         raise ValueError(f"the repair changed the quantized layer '{name}' without giving its codes: repair a "
@@ -180,7 +180,7 @@ def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
     for suffix, _, b in record.streams:
         select = _stream_mask(record, keep, high, suffix)
         if b == FLOAT_PASSTHROUGH_BITS:
-            parts.append(_encode_codes(flat[select], b))
+            parts.append(encode_codes(flat[select], b))
             continue
         if b not in quantized.scales:
             raise ValueError(f"the repair of '{name}' gives no scales for {b} bits")
@@ -188,8 +188,8 @@ def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
         if scales.numel() != record.channels:
             raise ValueError(f"the repair of '{name}' gives {scales.numel()} scales for {b} bits, the layer has "
                              f"{record.channels} output channels")
-        parts.append(_encode_codes(codes[select], b))
-        parts.append(_tensor_bytes(scales))
+        parts.append(encode_codes(codes[select], b))
+        parts.append(tensor_bytes(scales))
     if record.mixed:
         parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
     return record, parts
@@ -257,15 +257,15 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
         expected[name] = result.weights[name] if weight is None else weight
     packed_keys = {r.state_key for r in records}
     state = {k: v for k, v in source.items() if k not in packed_keys}
-    state_table = [[key, _dtype_name(value.dtype), list(value.shape)] for key, value in state.items()]
-    parts.extend(_tensor_bytes(value) for value in state.values())
+    state_table = [[key, dtype_name(value.dtype), list(value.shape)] for key, value in state.items()]
+    parts.extend(tensor_bytes(value) for value in state.values())
     data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
     table = {"layers": [r.row for r in records], "state": state_table}
     table_bytes = zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)
     if verify:
-        reader = _Reader(data)
+        reader = DataReader(data)
         for record in records:
-            if not torch.equal(_unpack_layer(record, reader), expected[record.name].cpu()):
+            if not torch.equal(unpack_layer(record, reader), expected[record.name].cpu()):
                 if repaired is not None and record.name in quantized:
                     raise ValueError(f"the repaired '{record.state_key}' is not its codes · scales: the repair's "
                                      "quantized form does not describe its weights")
@@ -284,7 +284,7 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
         header["input"] = dict(input_spec)
     if repaired is not None:
         header["repair"] = repair_record(repaired)
-    header["sha256"] = _digest(header, table_bytes, data)
+    header["sha256"] = file_digest(header, table_bytes, data)
     tensors = {"table": torch.frombuffer(bytearray(table_bytes), dtype=torch.uint8), "data": torch.from_numpy(data)}
     return save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
 

@@ -36,7 +36,7 @@ def forge(layers: list, state: list | None = None, data: bytes = b"", *, arch: s
     fields = {"format": packed_layout.FORMAT_NAME, "version": packed_layout.FORMAT_VERSION, "arch": arch,
               "arch_kwargs": arch_kwargs if arch_kwargs is not None else {}, "config": {"tau": 0.1}}
     fields.update(header)
-    fields["sha256"] = packed_layout._digest(fields, table, blob)
+    fields["sha256"] = packed_layout.file_digest(fields, table, blob)
     table_tensor = torch.frombuffer(bytearray(table), dtype=torch.uint8) if table else torch.zeros(0, dtype=torch.uint8)
     tensors = {"table": table_tensor, "data": torch.from_numpy(blob.copy())}
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(fields)})
