@@ -46,7 +46,6 @@ import os
 import random
 import socket
 import statistics
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -421,9 +420,7 @@ def run_fresh(argv: list[str]) -> int:
         env.pop("BOUNDARY_CACHE_DIR", None)
         python = clone / ".venv" / "bin" / Path(sys.executable).name
         print(f"# fresh clone of {ROOT} at {clone}, virtualenv {venv} linked as .venv, empty .cache", flush=True)
-        code = subprocess.run([str(python), "benchmarks/load_test.py", *argv], cwd=clone, env=env).returncode
-        shutil.rmtree(clone / ".cache", ignore_errors=True)
-        return code
+        return subprocess.run([str(python), "benchmarks/load_test.py", *argv], cwd=clone, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-SERVER_LOG_PREFIX = "boundary-explorer server conditions: "  # ui/server_log.py's PREFIX (no Streamlit import here)
+from ui.server_log import PREFIX as SERVER_LOG_PREFIX  # the line the app writes; one definition for both
 
 
 def _git(root: Path, *args: str) -> str:

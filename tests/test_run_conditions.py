@@ -14,11 +14,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import run_conditions  # noqa: E402
 from core.services.server_conditions import server_conditions  # noqa: E402
-from ui.server_log import PREFIX, log_server_conditions  # noqa: E402
+from ui.server_log import log_server_conditions  # noqa: E402
 
 
 def test_the_server_log_line_is_read_back(tmp_path, caplog):
-    assert PREFIX == run_conditions.SERVER_LOG_PREFIX
     with caplog.at_level("WARNING", logger="boundary_explorer"):
         logged = log_server_conditions.__wrapped__()  # not the cached call: an AppTest may have logged first
     log = tmp_path / "server.log"

@@ -6,6 +6,7 @@ unknown model, unusable images) is raised as :class:`BadInput` with one sentence
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,16 @@ from core.measure.repair import RepairConfig
 from core.measure.tuning import TuneData, TuneModel
 from core.workloads.data import DataError
 from core.workloads.models import CheckpointError
+
+#: ``progress(done, total, label)``: one stage's progress
+Progress = Callable[[int, int, str], None]
+#: ``progress(stage)``: the progress callback of a named stage (the tune modes report several)
+ProgressFor = Callable[[str], Progress]
+
+
+def quiet(stage: str) -> Progress:
+    """The :data:`ProgressFor` that reports nothing."""
+    return lambda done, total, label: None
 
 
 class BadInput(ValueError):

@@ -13,7 +13,6 @@ Nothing here prints or writes; a target the τ grid cannot reach raises
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +22,9 @@ from core.measure.allocation import Allocation, Target, per_layer_tau, smallest_
 from core.measure.allocation_joint import choose_jointly, format_candidates
 from core.measure.allocation_verify import Comparison, compare_at_equal_retention, format_comparison, test_images
 from core.measure.sensitivity import Sensitivity, SensitivityConfig, measure_sensitivity
-from core.measure.tune_inputs import BadInput
+from core.measure.tune_inputs import BadInput, ProgressFor, quiet
 from core.method.engine import Engine
 from core.workloads.models import load_card, load_pretrained
-
-Progress = Callable[[int, int, str], None]
-#: ``progress(stage)``: the progress callback of a stage (``"sensitivity"``, ``"joint check"``, ``"verification"``)
-ProgressFor = Callable[[str], Progress]
-
-
-def _quiet(stage: str) -> Progress:
-    return lambda done, total, label: None
-
 
 @dataclass(frozen=True)
 class CacheSpec:
@@ -107,7 +97,7 @@ def _measure(model: nn.Module, card: dict, config: SensitivityConfig, cache: Cac
 
 
 def shipped_sensitivity(name: str, config: SensitivityConfig, cache: CacheSpec = CacheSpec(),
-                        progress: ProgressFor = _quiet) -> Sensitivity:
+                        progress: ProgressFor = quiet) -> Sensitivity:
     """The sensitivity of the shipped checkpoint ``name`` (one of ``PRETRAINED``) under ``config``."""
     card = load_card(name)
     return _measure(load_pretrained(name), card, config, cache, progress)
@@ -115,7 +105,7 @@ def shipped_sensitivity(name: str, config: SensitivityConfig, cache: CacheSpec =
 
 def run_per_layer_tuning(name: str, config: SensitivityConfig, target: Target, *, verify_images: int | None,
                          calibration_size: int, bn_recalibration: bool, additive_only: bool,
-                         cache: CacheSpec = CacheSpec(), progress: ProgressFor = _quiet) -> PerLayerOutcome:
+                         cache: CacheSpec = CacheSpec(), progress: ProgressFor = quiet) -> PerLayerOutcome:
     """τ per layer of the shipped checkpoint ``name`` for ``target``, verified on ``verify_images`` test images.
 
     The allocation is the additive one (``additive_only``, or a ``max_drop`` target) or the best of

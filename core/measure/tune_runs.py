@@ -20,19 +20,12 @@ import pandas as pd
 
 from core.measure import tuning
 from core.measure.repair import RepairConfig
-from core.measure.tune_inputs import InputSpec, TuneInputs, load_inputs
+from core.measure.tune_inputs import InputSpec, ProgressFor, TuneInputs, load_inputs, quiet
 from core.measure.tuning import Choice
 from core.method.config import CompressionConfig
 
-Progress = Callable[[int, int, str], None]
-#: ``progress(stage)``: the progress callback of a stage (``"sweep"``, ``"setting"``, ``"repair"``)
-ProgressFor = Callable[[str], Progress]
 #: ``on_estimate(seconds, method, calibration)``: a repair's estimated time, before it starts
 OnEstimate = Callable[[float, str, str], None]
-
-
-def _quiet(stage: str) -> Progress:
-    return lambda done, total, label: None
 
 
 def _ignore(note: str) -> None:
@@ -106,7 +99,7 @@ class SettingOutcome:
 
 def run_tune_sweep(spec: InputSpec, configs: Sequence[CompressionConfig], repair: RepairConfig, *,
                    max_drop: float, thetas: Sequence[float] | None, bits: tuple[int, int], bn_recalibrate: bool,
-                   progress: ProgressFor = _quiet, on_note: Callable[[str], None] = _ignore,
+                   progress: ProgressFor = quiet, on_note: Callable[[str], None] = _ignore,
                    on_estimate: OnEstimate | None = None) -> SweepOutcome:
     """Load ``spec``, evaluate ``configs`` (with BN recalibration when asked, and after ``repair``), choose.
 
@@ -158,7 +151,7 @@ def run_tune_sweep(spec: InputSpec, configs: Sequence[CompressionConfig], repair
 
 
 def run_one_setting(spec: InputSpec, config: CompressionConfig, repair: RepairConfig, *,
-                        progress: ProgressFor = _quiet, on_note: Callable[[str], None] = _ignore,
+                        progress: ProgressFor = quiet, on_note: Callable[[str], None] = _ignore,
                     on_estimate: OnEstimate | None = None) -> SettingOutcome:
     """Load ``spec`` and evaluate ``config`` at every repair level up to ``repair.method``, each on its own.
 
