@@ -74,13 +74,14 @@ class Runner:
 def available(runtime: str) -> bool:
     """Whether ``runtime``'s package can be imported."""
     try:
-        _import(runtime)
+        require(runtime)
     except RuntimeMissing:
         return False
     return True
 
 
-def _import(runtime: str):
+def require(runtime: str):
+    """The runtime's module; :class:`RuntimeMissing` (with the pip line) when it is not installed."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {tuple(RUNTIMES)}, got {runtime!r}")
     try:
@@ -103,7 +104,7 @@ def load(path: str | Path, runtime: str, precision: str = "fp32", config: Runtim
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
-    module = _import(runtime)
+    module = require(runtime)
     try:
         run = _ort(module, path, config) if runtime == "onnxruntime" else _openvino(module, path, precision, config)
     except Exception as exc:
