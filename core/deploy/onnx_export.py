@@ -112,35 +112,60 @@ class Int8Export:
 
 # ---------------------------------------------------------------- errors that name the op or module
 
-def _user_frame(exc: BaseException, model: nn.Module) -> str | None:
-    """The model's own code where the export failed: ``Class (path) at file:line: source``."""
-    seen, frames = set(), []
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen, chain = set(), []
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        frames.extend(traceback.extract_tb(current.__traceback__))
+        chain.append(current)
         current = current.__cause__ or current.__context__
-    frames = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename
-              and not f.filename.endswith("onnx_export.py")]
-    if not frames:
+    return chain
+
+
+def _is_library(filename: str) -> bool:
+    here = Path(__file__).parent
+    return ("site-packages" in filename or "/torch/" in filename or filename.startswith("<")
+            or Path(filename).parent == here)
+
+
+def _user_frame(chain: list[BaseException], model: nn.Module) -> str | None:
+    """The model's own code where the export failed: ``Class (path) at file:line: source``.
+
+    torch.export reports the user's frame in its message ("from user code: File ..., line N");
+    the legacy exporter in the traceback. The innermost frame outside torch names the module whose
+    ``forward`` holds that line.
+    """
+    reported = [(f, int(n), src.strip()) for exc in chain
+                for f, n, _, src in _USER_FRAME.findall(_ANSI.sub("", str(exc)))]
+    traced = [(f.filename, f.lineno or 0, (f.line or "").strip()) for exc in chain
+              for f in traceback.extract_tb(exc.__traceback__) if f.name == "forward"]
+    found = [f for f in reported if not _is_library(f[0])] or [f for f in traced if not _is_library(f[0])]
+    if not found:
         return None
-    frame = frames[-1]
+    filename, line, source = found[-1]
+    best, best_line = None, -1
     for path, module in model.named_modules():
         code = getattr(type(module).forward, "__code__", None)
-        if code is not None and code.co_filename == frame.filename and code.co_firstlineno <= (frame.lineno or 0):
-            label = f"{type(module).__name__} ({path or 'the model'})"
-            return f"{label} at {Path(frame.filename).name}:{frame.lineno}: {frame.line}"
-    return f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
+        if code is not None and code.co_filename == filename and best_line < code.co_firstlineno <= line:
+            best, best_line = f"{type(module).__name__} ({path or 'the model'})", code.co_firstlineno
+    where = f"{Path(filename).name}:{line}: {source}"
+    return f"{best} at {where}" if best else where
 
 
 def _describe(exc: BaseException, model: nn.Module, what: str) -> ExportError:
-    text = str(exc)
-    ops = sorted(set(re.findall(r"\b(?:aten|prim|torch\.ops\.aten)[.:]{1,2}[A-Za-z_][\w.]*", text)))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    chain = _chain(exc)
+    texts = [_ANSI.sub("", str(e)) for e in chain]
+    ops = sorted(set(re.findall(r"\b(?:aten|prim)[.:]{1,2}[A-Za-z_][\w.]*", "\n".join(texts))))
+    root = texts[-1] if texts else ""
+    first = next((line.strip() for line in root.splitlines() if line.strip()), type(chain[-1]).__name__)
     parts = [f"cannot export {type(model).__name__} to ONNX ({what}): {first[:300]}"]
     if ops:
         parts.append(f"op: {', '.join(ops[:3])}")
-    where = _user_frame(exc, model)
+    where = _user_frame(chain, model)
     if where:
         parts.append(f"in {where}")
     return ExportError("; ".join(parts))
@@ -157,10 +182,14 @@ def _export(model: nn.Module, path: Path, example: torch.Tensor, config: ExportC
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if config.exporter == "dynamo":
-                program = torch.onnx.export(
-                    model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=config.opset,
-                    optimize=True, verbose=False)
+                # torch.export once (non-strict), so a model that cannot be captured fails fast and
+                # names its own line; torch.onnx.export's own retries (strict, then a JIT trace) would
+                # each pay the full capture again
+                exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                               strict=False)
+                program = torch.onnx.export(exported, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                            output_names=[OUTPUT_NAME], opset_version=config.opset,
+                                            optimize=True, verbose=False)
                 program.save(str(path))
             else:
                 torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
