@@ -13,17 +13,18 @@ from torch import nn
 
 from core.common.formatting import printable
 from core.deploy.packed_layout import (
-    KEYED_FORMAT_VERSION,
     LayerRecord,
     PackedFileError,
     StateEntry,
     code_bytes,
     decode_codes,
     decode_mask,
+    decode_selector,
     dtype_from_name,
     file_digest,
     layer_bytes,
     mask_bytes,
+    selector_stored_bytes,
 )
 from core.deploy.packed_validation import (
     check_fits,
@@ -77,12 +78,7 @@ def unpack_layer(record: LayerRecord, reader: DataReader) -> torch.Tensor:
             scales = reader.tensor(torch.float32, (record.channels,), f"{where}'s {suffix} scales")
         streams.append((codes, scales, bits))
     if record.mixed:
-        sel = reader.take(math.ceil(record.kept / 8), f"{where}'s high/low selector")
-        bits = np.unpackbits(sel, count=record.kept, bitorder="little")
-        if int(np.count_nonzero(bits)) != record.n_high:
-            raise PackedFileError(f"{where}: the selector marks {int(np.count_nonzero(bits))} weights high, "
-                                  f"expected {record.n_high}")
-        high_kept = torch.from_numpy(bits).view(torch.bool)
+        high_kept = decode_selector(record, reader.take(selector_stored_bytes(record), f"{where}'s high/low selector"))
         high = torch.zeros(record.numel, dtype=torch.bool).masked_scatter_(keep, high_kept)
         selects = [high, keep & ~high]
     else:
@@ -212,8 +208,7 @@ def parse_compressed(data: bytes, label: str = "the packed file", max_params: in
         CompressionConfig.from_dict(header.get("config", {}))
     except ValueError as err:
         raise PackedFileError(f"{label} records settings this app cannot use: {printable(err)}.") from err
-    records, state = parse_table(inflate_table(table_bytes, label), label, max_params,
-                            keyed=header.get("version") == KEYED_FORMAT_VERSION)
+    records, state = parse_table(inflate_table(table_bytes, label), label, max_params, version=header["version"])
     described = sum(map(layer_bytes, records)) + sum(entry.nbytes for entry in state)
     if described != blob.size:
         raise PackedFileError(f"{label} is damaged: its table describes {described:,} bytes of data, "

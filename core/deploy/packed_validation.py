@@ -27,8 +27,8 @@ from core.common.formatting import printable
 from core.deploy.packed_layout import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    KEYED_FORMAT_VERSION,
     METADATA_KEY,
+    READ_VERSIONS,
     LayerRecord,
     PackedFileError,
     StateEntry,
@@ -129,9 +129,11 @@ def check_header(metadata: dict, label: str) -> dict:
     header = _json(text, label, "packed-model header") if isinstance(text, str) else None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise PackedFileError(f"{label} is not a Boundary Explorer packed model file.")
-    if header.get("version") not in (FORMAT_VERSION, KEYED_FORMAT_VERSION):
-        raise PackedFileError(f"{label} is packed format version {printable(repr(header.get('version')), 40)}; "
-                              f"this build reads version {FORMAT_VERSION} and version {KEYED_FORMAT_VERSION}.")
+    version = header.get("version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise PackedFileError(f"{label} is packed format version {printable(repr(version), 40)}; this build reads "
+                              f"versions {', '.join(map(str, READ_VERSIONS[:-1]))} and {READ_VERSIONS[-1]}"
+                              f"{' (a newer build wrote it)' if _is_count(version) and version > FORMAT_VERSION else ''}.")
     if header.get("arch") is not None and not isinstance(header["arch"], str):
         raise PackedFileError(f"{label} is damaged: its architecture name is not text.")
     if not isinstance(header.get("arch_kwargs", {}), dict):
@@ -182,12 +184,12 @@ def _dtype_of(value: object, allowed: tuple[str, ...], where: str, label: str) -
     return getattr(torch, value)
 
 
-def _layer(row: object, label: str, max_params: int, keyed: bool = False) -> LayerRecord:
-    """One layer record of the table, every field checked (types, ranges, and against each other).
+def _layer(row: object, label: str, max_params: int, version: int = FORMAT_VERSION) -> LayerRecord:
+    """One layer record of a ``version`` file's table, every field checked (types, ranges, against each
+    other, and the mask kind against the one ``version`` stores for these counts).
 
-    ``keyed`` (a version-:data:`KEYED_FORMAT_VERSION` file): a record may carry its state_dict key as a
-    tenth field."""
-    fields = (9, 10) if keyed else (9,)
+    From version 2 a record may carry its state_dict key as a tenth field."""
+    fields = (9,) if version == 1 else (9, 10)
     if not isinstance(row, list) or len(row) not in fields:
         raise PackedFileError(f"{label} is damaged: a layer record of its table does not have "
                               f"{' or '.join(map(str, fields))} fields.")
@@ -209,21 +211,22 @@ def _layer(row: object, label: str, max_params: int, keyed: bool = False) -> Lay
     if not counts_fit:
         raise PackedFileError(f"{label} is damaged: {where} declares high/low counts that do not add up to its "
                               "kept weights.")
-    if mask != mask_kind(numel, kept):
+    if mask != mask_kind(numel, kept, version):
         raise PackedFileError(f"{label} is damaged: {where} declares the mask kind {printable(repr(mask), 20)}, "
-                              f"its counts call for {mask_kind(numel, kept)!r}.")
-    return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask, key)
+                              f"its counts call for {mask_kind(numel, kept, version)!r}.")
+    return LayerRecord(name, shape, dtype, kept, n_high, n_low, b_high, b_low, mask, key, version)
 
 
-def parse_table(text: bytes, label: str, max_params: int, keyed: bool = False) -> tuple[list[LayerRecord], list[StateEntry]]:
+def parse_table(text: bytes, label: str, max_params: int, version: int = FORMAT_VERSION
+                ) -> tuple[list[LayerRecord], list[StateEntry]]:
     """The table's layer records and state_dict entries, checked; at most ``max_params`` values in all.
-    ``keyed``: layer records may carry their state_dict key (see :func:`_layer`)."""
+    ``version``: the file's format version (:data:`~core.deploy.packed_layout.READ_VERSIONS`; see :func:`_layer`)."""
     table = _json(text, label, "layer table")
     if not (isinstance(table, dict) and isinstance(table.get("layers"), list) and isinstance(table.get("state"), list)):
         raise PackedFileError(f"{label} is damaged: its layer table lacks the 'layers' and 'state' lists.")
     if len(table["layers"]) + len(table["state"]) > MAX_TABLE_ROWS:
         raise PackedFileError(f"{label} is refused: its table lists more than {MAX_TABLE_ROWS:,} tensors.")
-    records = [_layer(row, label, max_params, keyed) for row in table["layers"]]
+    records = [_layer(row, label, max_params, version) for row in table["layers"]]
     state = []
     for row in table["state"]:
         if not isinstance(row, list) or len(row) != 3:

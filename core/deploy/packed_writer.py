@@ -25,12 +25,12 @@ from torch import nn
 from core.deploy.packed_layout import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    KEYED_FORMAT_VERSION,
     METADATA_KEY,
     LayerRecord,
     dtype_name,
     encode_codes,
     encode_mask,
+    encode_selector,
     file_digest,
     mask_kind,
     tensor_bytes,
@@ -77,7 +77,7 @@ def _stream_mask(record: LayerRecord, keep: torch.Tensor, high: torch.Tensor, su
 
 
 def _pack_layer(result, name: str, row: Mapping, repaired_weight: torch.Tensor | None = None,
-                quantized: "QuantizedCodes | None" = None) -> tuple[LayerRecord, list[np.ndarray]]:
+                quantized: QuantizedCodes | None = None) -> tuple[LayerRecord, list[np.ndarray]]:
     """The layer's record and its byte parts, in blob order: mask, (codes, scales) per stream, selector.
 
     ``repaired_weight`` (with ``quantized``, its codes and scales, for a quantized setting): the
@@ -100,7 +100,7 @@ def _pack_layer(result, name: str, row: Mapping, repaired_weight: torch.Tensor |
         if chunk.scales is not None:
             parts.append(tensor_bytes(chunk.scales.to(torch.float32)))
     if record.mixed:
-        parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
+        parts.append(encode_selector(high[keep], record))
     return record, parts
 
 
@@ -191,7 +191,7 @@ def _repaired_layer(result, name: str, row: Mapping, weight: torch.Tensor,
         parts.append(encode_codes(codes[select], b))
         parts.append(tensor_bytes(scales))
     if record.mixed:
-        parts.append(np.packbits(high[keep].numpy(), bitorder="little"))
+        parts.append(encode_selector(high[keep], record))
     return record, parts
 
 
@@ -272,7 +272,7 @@ def compressed_bytes(result, arch: str | None = None, arch_kwargs: Mapping | Non
                 raise RuntimeError(f"packing layer '{record.name}' is not lossless (a bug: please report it)")
     header = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION if all(r.key is None for r in records) else KEYED_FORMAT_VERSION,
+        "version": FORMAT_VERSION,
         "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
         "config": result.config.to_dict(),
         "retention": float(result.retention),

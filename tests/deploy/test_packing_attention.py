@@ -1,8 +1,8 @@
 """Packed files of models whose pruned weights include attention projections (``in_proj_weight``).
 
 Such a layer is named by its parameter's dotted path and stored under that state_dict key (a
-tenth field of its table record, in a version-2 file); every other file stays version 1 with
-nine-field records, as before.
+tenth field of its table record); other records keep nine fields. Files are written as version 3;
+such records were introduced by version 2 (version-1 files have none), and both still read.
 """
 from __future__ import annotations
 
@@ -71,26 +71,27 @@ def test_attention_projections_round_trip_bit_exactly(attention_engine, setting,
         assert expected_layer_bytes(record) == stats.loc[record.name, "compressed_bytes"], record.name
 
 
-def test_a_file_with_a_keyed_layer_is_version_2_and_others_stay_version_1(attention_engine, tiny_net):
+def test_only_keyed_layers_have_a_tenth_field(attention_engine, tiny_net):
     _, engine = attention_engine
     header, table = table_of(compressed_bytes(engine.apply(SETTINGS["mixed 4/8"])))
-    assert header["version"] == packed_layout.KEYED_FORMAT_VERSION == 2
+    assert header["version"] == packed_layout.FORMAT_VERSION == 3
     rows = {row[0]: row for row in table["layers"]}
     assert rows["attn.in_proj_weight"][9:] == ["attn.in_proj_weight"]
     assert len(rows["attn.out_proj"]) == 9 and len(rows["embed"]) == 9  # modules' weights: as before
     header, table = table_of(compressed_bytes(Engine(tiny_net).apply(SETTINGS["mixed 4/8"])))
-    assert header["version"] == packed_layout.FORMAT_VERSION == 1
+    assert header["version"] == packed_layout.FORMAT_VERSION
     assert all(len(row) == 9 for row in table["layers"])
 
 
-def test_a_keyed_record_needs_version_2():
+def test_a_keyed_record_needs_version_2_or_later():
     row = ["attn", [4, 2], "float32", 8, 8, 0, None, None, "all", "attn.in_proj_weight"]
     data = bytes(32)
     with pytest.raises(PackedFileError, match="does not have 9 fields"):
-        parse_compressed(forge([row], data=data, arch=None))
-    packed = parse_compressed(forge([row], data=data, arch=None, version=2))
-    assert [record.state_key for record in packed.layers] == ["attn.in_proj_weight"]
-    assert list(packed.decode()) == ["attn.in_proj_weight"]
+        parse_compressed(forge([row], data=data, arch=None, version=1))
+    for version in (2, 3):
+        packed = parse_compressed(forge([row], data=data, arch=None, version=version))
+        assert [record.state_key for record in packed.layers] == ["attn.in_proj_weight"]
+        assert list(packed.decode()) == ["attn.in_proj_weight"]
     with pytest.raises(PackedFileError, match="does not have 9 or 10 fields"):
         parse_compressed(forge([row + ["x"]], data=data, arch=None, version=2))
     with pytest.raises(PackedFileError, match="not a name"):
@@ -98,8 +99,8 @@ def test_a_keyed_record_needs_version_2():
     twice = [row, ["other", [4, 2], "float32", 8, 8, 0, None, None, "all", "attn.in_proj_weight"]]
     with pytest.raises(PackedFileError, match="lists a tensor twice"):
         parse_compressed(forge(twice, data=data + data, arch=None, version=2))
-    with pytest.raises(PackedFileError, match="version 3.*reads version 1 and version 2"):
-        parse_compressed(forge([row], data=data, arch=None, version=3))
+    with pytest.raises(PackedFileError, match="version 4; this build reads versions 1, 2 and 3"):
+        parse_compressed(forge([row], data=data, arch=None, version=4))
 
 
 def test_a_repaired_projection_is_stored_under_its_key(attention_engine):

@@ -3,7 +3,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.method.quantization import Chunk, dequantize, layer_storage, mask_bytes, q_max, quantize
+from core.method.quantization import (
+    Chunk,
+    dequantize,
+    elias_fano_bytes,
+    elias_fano_low_bits,
+    layer_storage,
+    mask_bytes,
+    q_max,
+    quantize,
+    selector_bytes,
+)
 
 
 def test_quantize_hand_checked_4bit():
@@ -52,11 +62,16 @@ def test_chunk_decodes_to_direct_quantization(bits, seed):
 
 
 def test_storage_accounting():
-    # 1000 weights, 100 kept: bitmap 125 B vs 100 16-bit indices 200 B → bitmap
-    assert mask_bytes(1000, 100) == 125
-    assert mask_bytes(1000, 10) == 20  # 10 indices × 2 B beat the 125 B bitmap
+    # 1000 weights, 100 kept: bitmap 125 B, 100 16-bit indices 200 B, Elias–Fano with r = 3 low bits
+    # 38 B (300 bits) + 29 B (100 + 124 + 1 upper bits) = 67 B → Elias–Fano
+    assert elias_fano_low_bits(1000, 100) == 3 and elias_fano_bytes(1000, 100) == 67
+    assert mask_bytes(1000, 100) == 67
+    assert mask_bytes(1000, 10) == 12  # Elias–Fano r = 6: 8 B + 4 B beat 10 indices × 2 B and the bitmap
+    assert mask_bytes(1000, 900) == 125  # dense: the bitmap
     assert mask_bytes(1000, 1000) == 0
     s = layer_storage(1000, 10, n_high=60, n_low=40, b_high=8, b_low=4)
-    assert (s.mask, s.values, s.selector, s.scales) == (125, 60 + 20, 13, 2 * 10 * 4)
+    # selector: 60 of 100 high → the 13 B bitmap (Elias–Fano would take 20 B)
+    assert (s.mask, s.values, s.selector, s.scales) == (67, 60 + 20, 13, 2 * 10 * 4)
+    assert selector_bytes(1000, 50) == elias_fano_bytes(1000, 50) < 125  # few high: Elias–Fano
     dense = layer_storage(1000, 10, 1000, 0, None, None)
     assert dense.total == 4000
