@@ -35,6 +35,7 @@ packed file, loadable by ``load_compressed`` and the app's upload) and ``DIR/swe
 run on its own):
 
     python -m core.tune --model resnet18 --data cifar10 --tau 0.2 --repair reconstruct --out repaired/
+    python -m core.tune --model resnet20 --tau 0.2 --theta 0.3 --export onnx --out deployed/
 
 It prints one row per level (accuracy, Δ vs dense with its paired 95 % interval, retention,
 packed bytes, repair seconds) and writes the same three files, ``model.packed`` carrying the
@@ -338,9 +339,15 @@ def run_setting(args: argparse.Namespace) -> int:
     run = run_one_setting(spec, config, repair, progress=_progress, on_note=_note,
                           on_estimate=announce)
     print(run.report())
-    _write_outputs(args.out, run.files)
+    files = dict(run.files)
+    if args.export == "onnx":  # model.onnx, model.int8.onnx, deploy.csv (core.measure.deploy_run)
+        from core.measure.deploy_run import deploy_outputs
+        onnx_files, table = deploy_outputs(run, repair, progress=_progress)
+        files.update(onnx_files)
+        print(table.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _write_outputs(args.out, files)
     print(f"wrote {args.out / 'settings.json'}, {args.out / 'model.packed'} (repair '{repair.method}'), "
-          f"{args.out / 'sweep.csv'}")
+          f"{args.out / 'sweep.csv'}" + (", model.onnx, model.int8.onnx, deploy.csv" if args.export else ""))
     return 0
 
 
@@ -429,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="evaluate this one τ (instead of a sweep) and write the sweep's three files for it")
     setting.add_argument("--theta", type=float, default=None, metavar="TH",
                          help="with --tau: also quantize, θ relative (θ·max|W| per layer), with --bits")
+    setting.add_argument("--export", choices=("onnx",), default=None,
+                         help="also write model.onnx, model.int8.onnx and deploy.csv (runtimes timed and evaluated)")
     repair.add_argument("--repair", choices=METHODS, default="none",
                         help="none; bn (BatchNorm statistics); bias (+ per-channel mean correction); reconstruct "
                              "(+ layer-wise least squares of the kept weights); each includes the ones before")
@@ -453,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.calibration_size < 1:
             raise UsageError(f"--calibration-size must be ≥ 1, got {args.calibration_size}")
-        return MODES[_mode(args)](args)
+        mode = _mode(args)
+        if args.export and mode != "setting":
+            raise UsageError("--export onnx exports one setting: give --tau (and --theta)")
+        return MODES[mode](args)
     except (UsageError, BadInput) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
