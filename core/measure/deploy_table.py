@@ -77,6 +77,8 @@ class DeployConfig:
     * ``eval_images``: images for the accuracy (None: the whole set given); 0: no accuracy.
     * ``eval_batch``: images per accuracy batch.
     * ``budget_s``, ``min_rounds``, ``max_rounds``: the timer's budget per batch size.
+    * ``accuracy_rows``: (runtime, precision, model) rows to evaluate (empty: all; the dense torch
+      row is always evaluated: it is the paired reference). Others get no accuracy (NaN).
     """
 
     batches: tuple[int, ...] = (1, 64)
@@ -87,6 +89,8 @@ class DeployConfig:
     budget_s: float = 3.0
     min_rounds: int = 5
     max_rounds: int = 200
+    #: rows whose accuracy is measured, as (runtime, precision, model); empty: every row
+    accuracy_rows: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.batches or any(not isinstance(b, int) or b < 1 for b in self.batches):
@@ -175,7 +179,9 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
     example = (data.images[:1] if data is not None else torch.randn((1,) + files.input_shape))
     shape = tuple(example.shape[1:])
     n_eval = 0 if data is None else (len(data) if config.eval_images is None else min(config.eval_images, len(data)))
-    total = len(config.batches) * 2 + (len(wanted) if n_eval else 0)
+    evaluated = [key for key in wanted if not config.accuracy_rows or key in config.accuracy_rows
+                 or key == (TORCH, "fp32", "dense")]
+    total = len(config.batches) * 2 + (len(evaluated) if n_eval else 0)
     done = 0
 
     def step(label: str) -> None:
@@ -213,7 +219,8 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
             if n_eval and batch == max(config.batches):
                 order = balanced_order(data.labels)[:n_eval]
                 images = data.images[order].contiguous()
-                for key, run in runners.items():
+                for key in evaluated:
+                    run = runners[key]
                     static = key[0] == "openvino"
                     predictions[key] = _predict(run, images, batch if static else config.eval_batch, static)
                     step(f"accuracy of {key[0]} {key[1]} {key[2]}")
@@ -245,7 +252,7 @@ def _table(wanted, timings, predictions, labels, files: SettingFiles, config: De
                    "speedup_vs_runtime_dense": base.median_s / timing.median_s if base is not None else float("nan"),
                    "file": name, "bytes": size.raw if name != "-" else None,
                    "zipped_bytes": size.zipped if name != "-" else None}
-            if labels is not None:
+            if labels is not None and (runtime, precision, model) in predictions:
                 right = predictions[(runtime, precision, model)] == labels
                 accuracy = float(right.float().mean())
                 collapsed = dense_accuracy - accuracy > COLLAPSE_POINTS / 100
