@@ -7,8 +7,9 @@ from core.services.repairs import JOB_LEVELS
 from core.services.session import ExploreRequest
 from core.services.session_accuracy import ACCURACY_TARGETS
 from core.services.session_measurements import LATENCY_BATCHES
-from ui.explore_view import estimate_done, show_accuracy, show_latency
-from ui.repair_view import await_repair, repair_choice, show_repair
+from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets
+from ui import glossary
+from ui.repair_view import await_repair, repair_choice, repair_wanted, show_pending, show_repair
 from ui.errors import literal
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
@@ -21,6 +22,7 @@ state = st.session_state
 st.title("Explore")
 st.caption(f"**{literal(loaded.label)}** · weights from {literal(loaded.source)}. Move the sliders: every number "
            "below is recomputed for the new setting; the loaded model itself is never modified.")
+show_presets(session)
 
 # ---------------------------------------------------------------- controls
 c1, c2, c3 = st.columns(3)
@@ -80,8 +82,10 @@ with guard("Updating the view"):
     config, notes = current_config(session)
     for note in notes:
         st.warning(note)
+    asked = session.repairs.applied_level(state["repair"])
     request = ExploreRequest(config=config, layer=state["hist_layer"], latency_batch=int(state["latency_batch"]),
-                             repair=state["repair"], device=device())
+                             repair=state["repair"], run_repair=repair_wanted(session, config, asked),
+                             device=device())
     view = session.update(request)
 if view is None:
     st.stop()
@@ -93,60 +97,66 @@ for note in view.notes:
 # ---------------------------------------------------------------- headline metrics (heavy ones filled in below)
 stats = result.stats
 n_high, kept = int(stats["n_high"].sum()), int(stats["kept"].sum())
-row1, row2, row3 = st.columns(4), st.columns(4), st.columns(4)
-row1[0].metric("Retention ρ · counted", fmt_pct(result.retention), f"{100 * (result.retention - 1):+.1f} pts vs dense",
-               delta_color="off", help="Kept weights / all weights of the pruned layers (Conv/Linear; plus norm "
-                                       "scales with the paper option).")
-row1[1].metric("Compute reduction · counted MACs", fmt_pct(result.compute_reduction),
-               help="1 − kept MACs / all MACs of the pruned layers, counted from the layer shapes (a conv weight "
-                    "counts once per output position). An estimate of what a sparse kernel could skip: PyTorch's "
-                    "dense kernels still multiply the zeros, see the measured latency.")
-row1[2].metric("Stored size · computed", fmt_bytes(result.model_bytes_compressed),
+collapse_slot = st.empty()  # the explanation when the accuracy has collapsed (filled once the estimate says so)
+row1 = st.columns(4)
+row1[0].metric("Retention ρ", fmt_pct(result.retention), f"{kept:,} of {int(stats['numel'].sum()):,} weights",
+               delta_color="off", delta_arrow="off",
+               help=f"{glossary.term('retention')} Counted: kept weights / all weights of the pruned layers (Conv/Linear; "
+                    "plus norm scales with the paper option).")
+row1[1].metric("Stored size", fmt_bytes(result.model_bytes_compressed),
                f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
                f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
-               help="Bytes of the compressed storage: keep-mask or indices, codes at their bit-widths, the 1-bit "
-                    "high/low selector and per-channel scales (core.method.quantization.layer_storage), plus every other "
-                    "parameter and buffer as fp32. Computed from the format, not a file on disk.")
-accuracy_slot = row1[3].empty()
-latency_slot = row2[0].empty()
-memory = session.measurements.memory()
-row2[1].metric("Memory · this session, counted", fmt_bytes(memory.session),
-               f"model {fmt_bytes(memory.model)}; server process {fmt_bytes(memory.process_rss)} (measured RSS)",
-               delta_color="off", delta_arrow="off",
-               help="Counted bytes this session holds on its own: the engine's working buffer, which is also the "
-                    f"compressed model's weights, and BN-recalibrated copies. Shared by every session on this model: "
-                    f"{fmt_bytes(memory.shared)} of rank orders, quantized chunks and repaired "
-                    f"models, and the model "
-                    f"itself ({fmt_bytes(memory.model)} of parameters and buffers; the engine reads its weights "
-                    "there, without a copy). The server process's resident "
-                    "memory (psutil) covers every session and PyTorch itself.")
-move = view.last_theta_move
-row2[2].metric("Chunk switches M · last θ move", "–" if move is None else f"{move.switches:,}",
-               None if move is None else f"T_switch {1e3 * move.t_switch_s:.2f} ms (measured)", delta_color="off", delta_arrow="off",
-               help="Kept weights whose chunk (b_low ↔ b_high) changed at the last change of θ or the bit-widths, "
-                    "and the measured time spent writing them (T_switch).")
-row2[3].metric("Weights in high precision", f"{n_high:,}" if config.quantized else "–",
-               f"{fmt_pct(n_high / kept) if kept else '0 %'} of kept" if config.quantized else None, delta_color="off", delta_arrow="off",
-               help="n_high: kept weights taking their value from the b_high chunk.")
-
-row3[0].metric("Weights kept · counted", f"{kept:,}", f"of {int(stats['numel'].sum()):,}", delta_color="off", delta_arrow="off")
-last = view.last_move
-row3[1].metric("Last update · weights rewritten", "–" if last is None else f"{last.changed:,}",
-               None if last is None else f"engine {1e3 * last.update_s:.1f} ms", delta_color="off", delta_arrow="off",
-               help="The engine rewrites only the weights whose source (zero / original / chunk) changed.")
+               help="Computed: the bytes of the compressed storage, keep-mask or indices, codes at their bit-widths, "
+                    "the 1-bit high/low selector and per-channel scales (core.method.quantization.layer_storage), "
+                    "plus every other parameter and buffer as fp32. From the format, not a file on disk (the file "
+                    "is measured under Realized savings).")
+accuracy_slot = row1[2].empty()
+latency_slot = row1[3].empty()
 full = view.full
 if full is not None:
     ref = view.full_dense
-    row3[2].metric("Accuracy · full test, measured", fmt_pct(full.accuracy, 2),
-                   None if ref is None else f"{100 * (full.accuracy - ref.accuracy):+.2f} pts vs dense "
-                                            f"{fmt_pct(ref.accuracy, 2)}",
-                   help=f"All {full.n:,} images of {literal(session.data_label())}, fp32. Dense reference: "
-                        f"{view.full_dense_source}.")
-elif session.has_labels:
-    row3[2].metric("Accuracy · full test", "not measured", help="Use the button below (seconds to a minute).")
-row3[3].metric("First paint · measured", f"{1e3 * view.timings['total']:.0f} ms",
-               help="Server-side time of the engine step and the histogram for this view; accuracy and latency "
-                    "follow, queued with the other sessions' work. The page footer adds the rendering.")
+    st.metric("Accuracy · full test", fmt_pct(full.accuracy, 2),
+              None if ref is None else f"{100 * (full.accuracy - ref.accuracy):+.2f} pts vs dense "
+                                       f"{fmt_pct(ref.accuracy, 2)}",
+              help=f"Measured on all {full.n:,} images of {literal(session.data_label())}, fp32. Dense reference: "
+                   f"{view.full_dense_source}.")
+
+with st.expander("More figures: compute, memory, chunk switches, timings"):
+    more1, more2 = st.columns(4), st.columns(4)
+    more1[0].metric("Compute reduction", fmt_pct(result.compute_reduction),
+                    help="Counted: 1 − kept MACs / all MACs of the pruned layers, from the layer shapes (a conv weight "
+                         "counts once per output position). An estimate of what a sparse kernel could skip: "
+                         "PyTorch's dense kernels still multiply the zeros, see the measured latency.")
+    memory = session.measurements.memory()
+    more1[1].metric("Memory · this session", fmt_bytes(memory.session),
+                    f"model {fmt_bytes(memory.model)}; process {fmt_bytes(memory.process_rss)} RSS",
+                    delta_color="off", delta_arrow="off",
+                    help="Counted: bytes this session holds on its own: the engine's working buffer, which is also the "
+                         f"compressed model's weights, and BN-recalibrated copies. Shared by every session on this "
+                         f"model: {fmt_bytes(memory.shared)} of rank orders, quantized chunks and repaired models, "
+                         f"and the model itself ({fmt_bytes(memory.model)} of parameters and buffers; the engine "
+                         "reads its weights there, without a copy). The server process's resident memory (psutil, "
+                         "measured) covers every session and PyTorch itself.")
+    move = view.last_theta_move
+    more1[2].metric("Chunk switches M", "–" if move is None else f"{move.switches:,}",
+                    None if move is None else f"T_switch {1e3 * move.t_switch_s:.2f} ms", delta_color="off",
+                    delta_arrow="off", help=glossary.help_for("M", "T_switch", "counted", "measured"))
+    more1[3].metric("High-precision weights", f"{n_high:,}" if config.quantized else "–",
+                    f"{fmt_pct(n_high / kept) if kept else '0 %'} of kept" if config.quantized else None,
+                    delta_color="off", delta_arrow="off",
+                    help="n_high: kept weights taking their value from the b_high chunk (|W| ≥ θ).")
+    last = view.last_move
+    more2[0].metric("Weights rewritten", "–" if last is None else f"{last.changed:,}",
+                    None if last is None else f"engine {1e3 * last.update_s:.1f} ms", delta_color="off",
+                    delta_arrow="off", help="At the last update: the engine rewrites only the weights whose source "
+                                            "(zero / original / chunk) changed.")
+    more2[1].metric("First paint", f"{1e3 * view.timings['total']:.0f} ms",
+                    help="Measured: server-side time of the engine step and the histogram for this view; accuracy "
+                         "and latency follow, queued with the other sessions' work. The page footer adds the "
+                         "rendering.")
+    if full is None and session.has_labels:
+        more2[2].metric("Accuracy · full test", "not measured", help="Use the button under the accuracy "
+                                                                     "(seconds to a minute).")
 
 # ---------------------------------------------------------------- charts
 left, right = st.columns([3, 2])
@@ -175,6 +185,8 @@ with acc:
     repair_box = st.container()
     if view.repair is not None:
         show_repair(view.repair, repair_box)
+    elif view.repair_pending is not None:
+        show_pending(session, config, view.repair_pending, level, view.repair_estimate_s, repair_box)
     if view.accuracy_available:
         population = 10_000 if session.data is None else len(session.data)
         st.select_slider("Refine until the Δ interval is within", ACCURACY_TARGETS, key="accuracy_target",
@@ -268,13 +280,14 @@ if state["latency_on"]:
             lat = session.measurements.latency(result, int(state["latency_batch"]), device(), poll=waiting_for_latency)
     show_latency(latency_slot, latency_detail, lat)
 else:
-    latency_slot.metric("Latency · measured", "off", help="Switch latency measurement on below.")
+    latency_slot.metric("Latency", "off", help="Measured on request: switch latency measurement on below.")
 
 if view.accuracy_available:
     estimate = view.estimate
     target = float(state["accuracy_target"])
     data_label = literal(session.data_label())
     show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, data_label=data_label)
+    collapsed = show_collapse(collapse_slot, session, config, estimate, view.repair_pending or level)
 
     def waiting_for_accuracy():
         show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, waiting=session.queue_state(),
@@ -292,6 +305,8 @@ if view.accuracy_available:
             while not estimate_done(estimate, target):
                 estimate = session.accuracy.refine(result, level, device(), poll=waiting_for_accuracy)
                 show_accuracy(accuracy_slot, accuracy_detail, estimate, target, level, data_label=data_label)
+                if not collapsed:  # drawn once per run (its button has one key)
+                    collapsed = show_collapse(collapse_slot, session, config, estimate, view.repair_pending or level)
 elif session.has_labels:
     accuracy_slot.metric("Accuracy", "n/a", help="See the note above.")
 elif session.data is not None:

@@ -5,12 +5,21 @@ so a figure refines in place.
 """
 from __future__ import annotations
 
+import streamlit as st
 
 from core.common.formatting import fmt_pct
 from core.measure.latency import LatencyReport
 from core.measure.paired import PairedEstimate
 from core.services.compute_queue import QueueState
-from core.services.repairs import LABELS as REPAIR_LABELS
+from core.method.config import CompressionConfig
+from core.services.presets import PRESETS, Preset
+from core.services.repairs import JOB_LEVELS, LABELS as REPAIR_LABELS
+from core.services.session import ExploreSession
+from ui.repair_view import request_repair
+from ui.state import apply_config, current_config
+
+#: a loss of more than this (the whole paired interval below it) is a collapse the page explains
+COLLAPSE_POINTS = 0.10
 
 
 def estimate_done(estimate: PairedEstimate | None, target: float) -> bool:
@@ -33,18 +42,18 @@ def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, 
     level = "bn" if repair is True else ("none" if repair is False else repair)
     repaired = "" if level == "none" else f" After repair: {REPAIR_LABELS[level]}."
     if estimate is None:
-        slot.metric("Accuracy Δ vs dense · paired", "…", help=_waiting_text(waiting) + repaired)
+        slot.metric("Accuracy Δ vs dense", "…", help=_waiting_text(waiting) + repaired)
         detail.caption(f"Accuracy{'' if level == 'none' else ' (' + REPAIR_LABELS[level] + ')'}: "
                        f"{_waiting_text(waiting)}")
         return
     low, high = estimate.delta_interval
     status = ("all images" if estimate.complete else
               "done" if estimate_done(estimate, target) else _waiting_text(waiting) if waiting else "refining…")
-    slot.metric(f"Accuracy Δ vs dense · paired, ±{100 * estimate.delta_half_width:.1f}",
+    slot.metric(f"Accuracy Δ vs dense ±{100 * estimate.delta_half_width:.1f}",
                 f"{100 * estimate.delta:+.2f} pts",
                 f"{fmt_pct(estimate.accuracy)} vs dense {fmt_pct(estimate.dense_accuracy)} on {estimate.n:,} images",
                 delta_color="off", delta_arrow="off",
-                help="The compressed model's accuracy minus the dense model's, on the same test images (a growing, "
+                help="Paired: the compressed model's accuracy minus the dense model's, on the same test images (a growing, "
                      f"class-balanced sample of {data_label}), with its paired 95 % interval "
                      f"[{100 * low:+.2f}, {100 * high:+.2f}] points." + repaired)
     share = estimate.n / estimate.population
@@ -60,16 +69,20 @@ def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, 
 
 def show_latency(slot, detail, latency: LatencyReport | None, waiting: QueueState | None = None) -> None:
     if latency is None:
-        slot.metric("Latency · measured", "…", help=_waiting_text(waiting))
+        slot.metric("Latency", "…", help="Measured: " + _waiting_text(waiting))
         detail.caption(f"Latency: {_waiting_text(waiting)}")
         return
-    label = f"Latency, batch {latency.batch} · measured" + ("" if latency.quiet else " under load")
-    slot.metric(label, f"{latency.compressed_ms:.2f} ms",
-                f"{latency.compressed_ms - latency.dense_ms:+.2f} ms vs dense {latency.dense_ms:.2f} ms",
-                delta_color="inverse",
-                help=f"Median of {latency.runs} timed forward passes of each model on {latency.device.upper()}, one "
-                     "thread, dense and compressed alternating after a warm-up. The compressed model stores zeros "
-                     "densely, so PyTorch runs the same kernels: expect no speed-up from pruning alone.")
+    verdict = latency.verdict
+    clear = latency.quiet and verdict != "no clear difference"
+    slot.metric(f"Latency, batch {latency.batch}" + ("" if latency.quiet else " (busy)"), f"{latency.compressed_ms:.2f} ms",
+                f"{latency.compressed_ms - latency.dense_ms:+.2f} ms vs dense {latency.dense_ms:.2f} ms: "
+                + (verdict if latency.quiet else "measured under load"),
+                delta_color="inverse" if clear else "off", delta_arrow="auto" if clear else "off",
+                help=f"Measured: the median of {latency.runs} timed forward passes of each model on "
+                     f"{latency.device.upper()}, one thread, dense and compressed alternating after a warm-up. "
+                     "Coloured only when the difference is clear (a sign test on the alternating rounds) and "
+                     "nothing else ran meanwhile. The compressed model stores zeros densely, so PyTorch runs the "
+                     "same kernels: expect no speed-up from pruning alone.")
     quiet = ("Measured alone (no other job running) and kept for every session."
              if latency.quiet else
              f"Taken under load: other work ran at the same time (this thread got {fmt_pct(latency.cpu_share, 0)} "
@@ -78,3 +91,46 @@ def show_latency(slot, detail, latency: LatencyReport | None, waiting: QueueStat
             f" Memory during the runs: {latency.memory_method}, {latency.peak_compressed_mib:.0f} MiB.")
     detail.caption(f"Dense {latency.dense_ms:.2f} ms, compressed {latency.compressed_ms:.2f} ms, "
                    f"{latency.runs} rounds. {quiet}{peak}")
+
+
+def _apply_preset(session: ExploreSession, chosen: Preset) -> None:
+    """A preset button's callback: its setting and repair into the controls (a job level runs at once)."""
+    apply_config(chosen.config, session, repair=chosen.repair)
+    st.session_state["preset_applied"] = chosen.label
+    if chosen.repair in JOB_LEVELS and chosen.repair in session.repairs.levels():
+        config, _ = current_config(session)
+        request_repair(session, config, chosen.repair)
+
+
+def show_presets(session: ExploreSession) -> None:
+    """A row of named starting points (:data:`core.services.presets.PRESETS`), each a button with its why."""
+    columns = st.columns([1] + [2] * len(PRESETS))
+    columns[0].markdown("**Start from:**")
+    for column, chosen in zip(columns[1:], PRESETS):
+        column.button(chosen.label, key=f"preset_{chosen.key}", help=chosen.description, width="stretch",
+                      on_click=_apply_preset, args=(session, chosen))
+
+
+def show_collapse(slot, session: ExploreSession, config: CompressionConfig, estimate: PairedEstimate | None,
+                  level: str) -> bool:
+    """When the accuracy has collapsed (the paired interval entirely below −:data:`COLLAPSE_POINTS`): one
+    sentence on why, and a button that runs the strongest repair offered here; whether it was drawn.
+    Otherwise ``slot`` is cleared."""
+    if estimate is None or estimate.delta_interval[1] >= -COLLAPSE_POINTS:
+        slot.empty()
+        return False
+    strongest = session.repairs.levels()[-1]
+    drop = f"{100 * estimate.delta:+.0f} points"
+    with slot.container():
+        if level == strongest:
+            st.warning(f"**Still {drop} after {REPAIR_LABELS[level]}**: too few weights are left for any re-fit "
+                       "of their values to reproduce the dense model's outputs. Lower τ.")
+            return True
+        st.warning(f"**The pruned network has collapsed ({drop} vs dense).** Zeroing every weight below τ·max|W| "
+                   "shifts each layer's outputs, and the layers after it (BatchNorm first) no longer match them; "
+                   "nothing is wrong with the engine, and no retraining is needed to bring most of it back"
+                   + (" (Learn explains)." if level == "none" else "."))
+        if strongest != "none":
+            st.button(f"Repair it: {REPAIR_LABELS[strongest]}", key="collapse_repair", type="primary",
+                      on_click=request_repair, args=(session, config, strongest))
+    return True

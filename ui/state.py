@@ -22,6 +22,7 @@ import torch
 
 from core.common.timing import percentile
 from core.services.choices import LoadedModel, load_choice, model_choices
+from core.services.presets import DEFAULT as DEFAULT_PRESET
 from core.services.repairs import check_level
 from core.services.uploads import read_upload
 from core.workloads.data import DataError
@@ -35,18 +36,20 @@ log = logging.getLogger("boundary_explorer")
 UPLOAD_KEY = "upload"
 TORCHVISION_KEY = "torchvision"
 PALETTE = (2, 3, 4, 8)
-#: every persistent setting and its default
+#: every persistent setting and its default: the compression setting and repair of the first preset
+#: (:data:`core.services.presets.DEFAULT`, a setting that shows the method working)
 DEFAULTS: dict[str, object] = {
-    "tau": 0.2,
-    "quantize": True,
-    "theta_mode": "relative",
-    "theta_relative": 0.3,
+    "tau": DEFAULT_PRESET.config.tau,
+    "quantize": DEFAULT_PRESET.config.quantized,
+    "theta_mode": DEFAULT_PRESET.config.theta_mode,
+    "theta_relative": DEFAULT_PRESET.config.theta,
     "theta_fraction": 0.5,
     "theta_absolute": 0.05,
-    "b_low": 4,
-    "b_high": 8,
-    "repair": "none",
-    "bn_recal": False,  # mirror of "repair" != "none" (the old toggle's key; see sync_repair)
+    "b_low": DEFAULT_PRESET.config.b_low,
+    "b_high": DEFAULT_PRESET.config.b_high,
+    "repair": DEFAULT_PRESET.repair,
+    "repair_auto": False,
+    "bn_recal": DEFAULT_PRESET.repair != "none",  # mirror of "repair" != "none" (the old key; see sync_repair)
     "include_norm": False,
     "hist_log": False,
     "latency_on": True,
@@ -59,16 +62,44 @@ WIDGET_KEYS = tuple(DEFAULTS) + ("model_key", "hist_layer", "upload_arch", "tv_a
                                   "tv_own_transforms", "tv_image_size", "tv_mean", "tv_std", "data_source")
 
 
+KEEP_PREFIX = "_keep_"  # a widget's value, kept under a key no widget owns (see init_state)
+
+
+def set_widget(key: str, value: object) -> None:
+    """Set a widget's value from code (a preset, a loaded file, a callback): the widget and its kept copy.
+
+    The kept copy (:func:`init_state`) is what restores the widget on a page that does not draw it.
+    """
+    state = st.session_state
+    if key in state:  # drop the widget's own value too: a widget not drawn in this run would shadow the new one
+        del state[key]
+    state[key] = value
+    state[KEEP_PREFIX + key] = value
+
+
 def init_state() -> None:
-    """Defaults for new sessions, and keep widget values alive across pages."""
+    """Defaults for new sessions, and keep widget values alive across pages, without ever overriding a widget.
+
+    Streamlit drops a widget's key from the state at the end of a run that did not draw it
+    (another page), so each widget's value is also kept under ``_keep_<key>`` and restored from
+    there only when the key is missing. Writing a widget's own key on every run (the usual
+    ``state[key] = state[key]``) would not do: a value written through Session State is sent
+    back to the browser as the widget's value, and it is the value this run *started* with, so
+    a key press made while the page reruns is overwritten and lost (measured: 10 ArrowRight
+    presses on τ at 4/s landed as +0.09, at 8/s as +0.08).
+    """
     state = st.session_state
     state["_run_started"] = time.perf_counter()
+    for key in WIDGET_KEYS:
+        kept = KEEP_PREFIX + key
+        if key not in state and kept in state:
+            state[key] = state[kept]
     for key, value in DEFAULTS.items():
         if key not in state:
             state[key] = value
     for key in WIDGET_KEYS:
         if key in state:
-            state[key] = state[key]
+            state[KEEP_PREFIX + key] = state[key]
     state.setdefault("layer_tau", {})
     state.setdefault("update_times_ms", {})
 
@@ -128,9 +159,9 @@ def consume_pending_upload() -> None:
 def _reset_model_state(session: ExploreSession) -> None:
     state = st.session_state
     state["layer_tau"] = {}
-    state["hist_layer"] = session.largest_layer()
+    set_widget("hist_layer", session.largest_layer())
     top = session.global_max_abs()
-    state["theta_absolute"] = round(0.3 * top, 4)
+    set_widget("theta_absolute", float(f"{0.3 * session.typical_max_abs():.3g}"))  # some weights on each side
     state["_theta_absolute_max"] = float(f"{top * 1.001:.4g}") if top > 0 else 1.0  # rounded up
     state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
 
@@ -209,18 +240,19 @@ def apply_config(config: CompressionConfig, session: ExploreSession | None = Non
             notes.append(f"{len(unknown)} per-layer τ value(s) not applied, for layers this model does not have: "
                          + ", ".join(unknown[:10]) + (" …" if len(unknown) > 10 else ""))
         overrides = {name: tau for name, tau in overrides.items() if name in valid}
-    state["tau"] = config.tau
-    state["quantize"] = config.quantized
-    state["theta_mode"] = config.theta_mode
+    set_widget("tau", config.tau)
+    set_widget("quantize", config.quantized)
+    set_widget("theta_mode", config.theta_mode)
     if config.quantized:
-        state[f"theta_{config.theta_mode}"] = config.theta
+        set_widget(f"theta_{config.theta_mode}", config.theta)
         top = state.get("_theta_absolute_max", 1.0)
         if config.theta_mode == "absolute" and config.theta > top:
             state["_theta_absolute_max"] = float(f"{config.theta:.4g}")  # the slider reaches the value applied
             notes.append(f"θ = {config.theta:g} (absolute) is above every weight of this model (max|W| = {top:g}): "
                          "every kept weight takes the b_low chunk. The θ slider now reaches that value.")
-    state["b_low"], state["b_high"] = config.b_low, config.b_high
-    state["include_norm"] = config.include_norm
+    set_widget("b_low", config.b_low)
+    set_widget("b_high", config.b_high)
+    set_widget("include_norm", config.include_norm)
     state["layer_tau"] = overrides
     state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
     if repair is None and bn_recalibrate is not None:
@@ -236,8 +268,8 @@ _REPAIR_WRITTEN = "_repair_written"  # the (level, bn_recal) pair set_repair wro
 def set_repair(level: str) -> None:
     """Set the repair level and its ``bn_recal`` mirror (``ValueError`` for an unknown level)."""
     state = st.session_state
-    state["repair"] = check_level(level)
-    state["bn_recal"] = level != "none"
+    set_widget("repair", check_level(level))
+    set_widget("bn_recal", level != "none")
     state[_REPAIR_WRITTEN] = (state["repair"], state["bn_recal"])
 
 

@@ -116,8 +116,8 @@ def render_torchvision() -> None:
     names = list(tv.architectures_within())
     if state.get("tv_arch") not in names:
         state["tv_arch"] = "resnet18" if "resnet18" in names else names[0]
-    for key, value in _TEXT_DEFAULTS.items():
-        state.setdefault(key, value)
+    for key, value in {**_TEXT_DEFAULTS, "tv_own_transforms": True}.items():
+        state.setdefault(key, value)  # defaults through the state only: a widget given both warns
     st.selectbox("torchvision architecture", names, key="tv_arch",
                  help=f"Every classification model of torchvision.models up to "
                       f"{tv.MAX_TORCHVISION_PARAMS / 1e6:.0f} M parameters.")
@@ -125,7 +125,7 @@ def render_torchvision() -> None:
     if state["tv_weights"] == "pretrained":
         info = tv.pretrained(state["tv_arch"])
         st.caption(literal(f"Read from {info.path} (never downloaded; fetch {info.url} elsewhere and put it there)."))
-        st.checkbox("Use the weights' own pre-processing (transforms())", value=True, key="tv_own_transforms")
+        st.checkbox("Use the weights' own pre-processing (transforms())", key="tv_own_transforms")
     else:
         st.file_uploader(f"State dict of {state['tv_arch']} (≤ {MAX_UPLOAD_MB} MB)", key="tv_file",
                          max_upload_size=MAX_UPLOAD_MB,

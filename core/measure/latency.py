@@ -8,6 +8,8 @@ is PyTorch's exact ``max_memory_allocated`` during those calls.
 """
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 from contextlib import nullcontext
@@ -44,6 +46,23 @@ class LatencyReport:
     cpu_share: float = 1.0  # this thread's CPU time / wall time during the timed calls
     threads: int = 1
     quiet: bool = True  # set by the caller: measured with nothing else running, and not disturbed
+
+    @property
+    def verdict(self) -> str:
+        """``"faster"``, ``"slower"`` or ``"no clear difference"``: the compressed model against the dense one.
+
+        A two-sided sign test on the alternating rounds (round i: compressed run i against dense
+        run i, under the same conditions), at the 5 % level: clear only when the compressed run
+        won (or lost) in significantly more rounds than chance gives, whatever the medians say.
+        """
+        pairs = [(c, d) for c, d in zip(self.compressed_runs_ms, self.dense_runs_ms) if c != d]
+        n, wins = len(pairs), sum(c < d for c, d in pairs)
+        if n == 0:
+            return "no clear difference"
+        tail = sum(math.comb(n, k) for k in range(min(wins, n - wins) + 1)) / 2 ** n
+        if min(1.0, 2 * tail) >= 0.05:
+            return "no clear difference"
+        return "faster" if wins > n - wins else "slower"
 
     @property
     def disturbed(self) -> bool:

@@ -128,6 +128,22 @@ class ExploreSession:
     def global_max_abs(self) -> float:
         return max(self.engine.max_abs(name) for name in self.engine.layer_names)
 
+    def typical_max_abs(self) -> float:
+        """max|W| of the layer that holds the median weight, layers ordered by max|W| (a weighted median).
+
+        A scale for absolute thresholds that fits most of the weights: the global max|W| is often
+        one small layer's (a stem, a classifier), and 0.3 of it lies above every weight of the
+        large layers.
+        """
+        names = sorted(self.engine.layer_names, key=self.engine.max_abs)
+        sizes = [self.engine.snapshot.layer(n).numel for n in names]
+        half, running = sum(sizes) / 2, 0
+        for name, size in zip(names, sizes):
+            running += size
+            if running >= half:
+                return self.engine.max_abs(name)
+        return 0.0
+
     def largest_layer(self) -> str:
         return max(self.engine.layer_names, key=lambda n: self.engine.snapshot.layer(n).numel)
 
@@ -195,6 +211,10 @@ class ExploreSession:
                          f"{self.repairs.unavailable().get(asked, '')} The figures are without it.")
         # a slider move cancels the repair of the setting before
         self.repairs.release(keep=self.repairs.key(config, level) if level in JOB_LEVELS else None)
+        pending = None
+        if level in JOB_LEVELS and not request.run_repair and self.repairs.cached(config, level) is None:
+            pending, level = level, ("bn" if "bn" in self.repairs.levels() else "none")
+        estimate_s = self.repairs.cached_estimate(config, pending or level)
         full = full_dense = estimate = deviation = found_fidelity = None
         full_dense_source = ""
         available = False
@@ -218,4 +238,4 @@ class ExploreSession:
             notes=notes, accuracy_available=available, fidelity=found_fidelity,
             realized=self.measurements.cached_realized(config, batch, device),
             repair_level=level, repair=self.repairs.cached(config, level),
-            repair_estimate_s=self.repairs.cached_estimate(config, level))
+            repair_estimate_s=estimate_s, repair_pending=pending)

@@ -108,6 +108,10 @@ class SessionRepairs:
         """The finished repair of ``config`` at ``level`` if any session made it (and it is still cached)."""
         return REPAIR_CACHE.get(self.key(config, level)) if level in JOB_LEVELS else None
 
+    def running(self, config: CompressionConfig, level: str) -> bool:
+        """Whether a repair of ``config`` at ``level`` is running now (this session's or another's)."""
+        return level in JOB_LEVELS and repairs.running(self.key(config, level)) is not None
+
     def cached_estimate(self, config: CompressionConfig, level: str) -> float | None:
         """The time estimate of that repair (seconds) if any session made it; None for a level without a job."""
         return repairs.ESTIMATE_CACHE.get(self.key(config, level)) if level in JOB_LEVELS else None

@@ -25,6 +25,10 @@ class ExploreRequest:
     latency_batch: int = 1
     bn_recalibrate: bool = False  # the explorer's old flag: True asks for the "bn" level when ``repair`` is "none"
     repair: str = "none"  # a level of core.services.repairs.LEVELS
+    #: whether a job level's repair (minutes on a large model) may run for this setting now; when
+    #: False and it is not cached, the figures are for the quick part of the level (BN
+    #: recalibration) and the view names the repair as pending (the page runs it on request)
+    run_repair: bool = True
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -75,4 +79,7 @@ class ExploreView:
     repair_level: str = "none"  # the repair level the accuracy figures are for (what was asked, if it applies)
     repair: RepairResult | None = None  # the finished repair of this setting at a job level, when known
     repair_estimate_s: float | None = None  # its time estimate, when made
+    #: the job level asked for but not run for this setting (``run_repair=False``); ``repair_level`` is then
+    #: the quick level the figures are for instead
+    repair_pending: str | None = None
 

@@ -20,6 +20,7 @@ from core.workloads.models import state_dict_digest as weights_fingerprint
 from core.workloads.models import build
 from core.services.teaching import worked_example
 from tests.app.apptest_tools import no_errors, start
+from tests.app.tune_tools import run_jobs
 
 
 
@@ -100,10 +101,10 @@ def test_tau_moves_retention_and_histogram_beta():
 def test_theta_moves_n_high_and_counts_switches():
     at = start(tau=0.2, quantize=True, theta_mode="relative", theta_relative=0.2)
     no_errors(at)
-    n_high_before = count(metric(at, "Weights in high precision").value)
+    n_high_before = count(metric(at, "High-precision weights").value)
     at.slider(key="theta_relative").set_value(0.6).run()
     no_errors(at)
-    n_high_after = count(metric(at, "Weights in high precision").value)
+    n_high_after = count(metric(at, "High-precision weights").value)
     switches = count(metric(at, "Chunk switches").value)
     engine = explorer(at).engine
     expected = 0
@@ -116,7 +117,7 @@ def test_theta_moves_n_high_and_counts_switches():
     # switching quantization off hides n_high
     at.toggle(key="quantize").set_value(False).run()
     no_errors(at)
-    assert metric(at, "Weights in high precision").value == "–"
+    assert metric(at, "High-precision weights").value == "–"
 
 
 def test_per_layer_tau_override():
@@ -358,7 +359,7 @@ def test_tune_sweep_answers_and_applies_tau(tmp_path, monkeypatch):
     at.slider(key="tune_tau_max").set_value(0.3).run()
     at.slider(key="tune_steps").set_value(3).run()
     at.toggle(key="tune_bn").set_value(False).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_frame"]
     assert set(frame["method"]) == {"dense", "boundary", "global_magnitude"}
