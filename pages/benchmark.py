@@ -11,6 +11,7 @@ from core.measure.paper_suite import (
 )
 from core.measure.paper_tables import PAPER_RESULTS, compare_with_paper
 from core.services.choices import shipped_checkpoints
+from ui import glossary
 from ui.sidebar import page_setup
 from ui.state import devices, footer, guard
 
@@ -31,6 +32,18 @@ def _progress_bar(text: str):
     return bar, update
 
 
+#: the run table's column headers' tooltips: what each figure is, and whether it is counted or measured
+RUN_COLUMNS = {
+    "tau": st.column_config.NumberColumn("tau", help=glossary.term("τ")),
+    "retention": st.column_config.NumberColumn("retention", help=glossary.help_for("retention", "counted")),
+    "compute_reduction": st.column_config.NumberColumn(
+        "compute_reduction", help="1 − retention: the share of the pruned layers' multiply-adds that could be "
+                                  "skipped.\n\n" + glossary.help_for("counted")),
+    **{column: st.column_config.NumberColumn(column, help=glossary.help_for("measured"))
+       for column in ("inference_time_s", "inference_time_dense_s", "peak_memory_mib", "accuracy", "accuracy_dense")},
+}
+
+
 def _show(key: str, which: str) -> None:
     df = state.get(key)
     if df is None:
@@ -41,7 +54,7 @@ def _show(key: str, which: str) -> None:
     st.markdown("**Our runs** (one row per run, measured here)")
     shown = df[["run", "model", "dataset", "tau", "retention", "compute_reduction", "inference_time_s",
                 "inference_time_dense_s", "peak_memory_mib", "accuracy", "accuracy_dense", "device"]]
-    st.dataframe(shown, hide_index=True, width="stretch")
+    st.dataframe(shown, hide_index=True, width="stretch", column_config=RUN_COLUMNS)
     for note in df.attrs.get("notes", []):
         st.caption("Note: " + note)
     st.download_button("Download the CSV", df.to_csv(index=False).encode(), file_name=f"{which}_pruning_results.csv",
@@ -76,7 +89,7 @@ else:
                      help="Off: all 10,000 test images per run, as the paper (about a minute on this CPU).")
     paper_norm = c.toggle("paper pseudocode: prune BatchNorm scales too", False, key="bench_norm",
                           help="The paper's `hasattr(layer, 'weight')` also prunes BatchNorm scales.")
-    bn = c.toggle("BN recalibration after pruning", False, key="bench_bn")
+    bn = c.toggle("BN recalibration after pruning", False, key="bench_bn", help=glossary.term("repair levels"))
     cnn = CnnBenchmarkConfig(model=model, max_batches=20 if quick else None, include_norm=paper_norm,
                              bn_recalibrate=bn, device=device)
     st.caption(f"`python -m experiments.run_boundary_pruning_cnn --dataset cifar10 --model {model} --threshold "

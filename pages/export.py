@@ -11,6 +11,7 @@ from core.services.uploads import (
     read_settings_repair,
     settings_json,
 )
+from ui import glossary
 from ui.errors import literal, show_error, show_warning
 from ui.sidebar import page_setup
 from ui.state import apply_config, current_config, footer, guard
@@ -88,7 +89,7 @@ with guard("Preparing the export"):
                       f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
                       f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
                       help="The file's bytes; the difference to the computed size is the container (header, "
-                           "table, safetensors framing).")
+                           "table, safetensors framing).\n\n" + glossary.help_for("measured", "computed"))
             if file.method != "none":
                 st.caption(f"Carries the repair “{export_repair.LABELS[file.method]}” (fitted on {file.n_images} "
                            f"training images in {file.seconds:.1f} s · measured; {file.changed} tensors changed, "

@@ -37,7 +37,7 @@ def render_repair_story(model: str) -> None:
     if story is None:
         st.info(f"The measured figures for {name} are not here yet: `{shown}` is missing. "
                 "This command produces it (an hour or more on a 2-core CPU; add `--taus 0.2` for one τ):")
-        st.code(REPAIR_COMMANDS[model], language="bash")
+        st.code(REPAIR_COMMANDS[model], language="bash", wrap_lines=True)
 
     st.markdown("**1 · Pruning shifts every layer's output statistics.** Removing the small weights of a layer "
                 "changes the mean and the variance of every output channel. A BatchNorm layer after it still "

@@ -14,6 +14,7 @@ import core.services.teaching as teaching
 from tests.app.test_pages import explorer, metric, no_errors, start
 from tests.services.repair_fixture import write_repair_csv
 from core.workloads.models import state_dict_digest as weights_fingerprint
+from ui.charts import REFERENCE
 
 pytestmark = pytest.mark.usefixtures("fresh_caches")  # every test starts without cached models
 
@@ -131,7 +132,9 @@ def test_learn_with_the_csv_shows_the_measured_figures(monkeypatch, tmp_path):
     for figure in ("65.43 %", "70.12 %", "80.21 %"):  # BN, bias, reconstruction at τ = 0.2, from the file
         assert figure in text
     spec = chart(at, "repair_accuracy")
-    assert [trace["name"] for trace in spec["data"]] == ["pruned, no repair", "+ BN recalibration",
-                                                          "+ bias correction", "+ reconstruction"]
+    series = [trace["name"] for trace in spec["data"] if trace.get("meta") != REFERENCE]
+    assert series == ["pruned, no repair", "+ BN recalibration", "+ bias correction", "+ reconstruction"]
+    references = [trace["name"] for trace in spec["data"] if trace.get("meta") == REFERENCE]
+    assert references == ["dense (88.17 %)", "chance (10 classes)"]  # named in the legend, not as text on the plot
     assert any("+ reconstruction (%)" in table.value.columns for table in at.dataframe)
     assert not any("not here yet" in i.value for i in at.info)
