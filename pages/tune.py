@@ -13,18 +13,17 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.measure.allocation import Target, per_layer_tau
-from core.measure.allocation_joint import choose_jointly
+from core.measure.allocation import Target
 from core.measure.allocation_verify import METHOD_LABELS as ALLOC_LABELS
-from core.measure.allocation_verify import compare_at_equal_retention, test_images
 from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
-from core.measure.sensitivity import SensitivityConfig, measure_sensitivity, resolve_precision
-from core.method.engine import Engine
-from core.services.session_repairs import CALIBRATION_IMAGES
-from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
+from core.measure.sensitivity import SensitivityConfig, resolve_precision
 from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
+from core.measure.sweeps import QuantSetting, SweepConfig
+from core.services import tune_jobs
+from core.services.session_repairs import CALIBRATION_IMAGES
+from ui import tune_charts, tune_user_data
+from ui import tune_jobs as jobs_view
 from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap
-from ui import tune_user_data
 from ui.errors import literal
 from ui.sidebar import page_setup
 from ui.state import PALETTE, apply_config, current_config, device, footer, guard
@@ -56,21 +55,9 @@ st.caption(f"Model: **{literal(loaded.label)}**. Every point is a measured CIFAR
            "set) with its Wilson 95 % interval; results are cached on disk, so a repeated sweep is instant.")
 
 config_now, _ = current_config(session)
+watcher = id(session)  # this session, as the watcher of the jobs it starts (they are shared by key)
 SUBSETS = {"50 per class (500 images, fast)": 50, "100 per class (1,000 images)": 100,
            "full test set (10,000 images, slow)": None}
-
-
-def _model_id() -> str | None:
-    card = loaded.card or {}
-    return f"sha256:{card['sha256']}" if "sha256" in card else None
-
-
-def _run(sweep_config: SweepConfig, bar) -> pd.DataFrame:
-    def progress(done: int, total: int, label: str) -> None:
-        bar.progress(done / max(total, 1), text=f"{done}/{total}: {label}")
-
-    return run_sweep(loaded.model, sweep_config, model_id=_model_id(), mean=loaded.mean, std=loaded.std,
-                     device=device(), on_progress=progress)
 
 
 # ---------------------------------------------------------------- τ sweep
@@ -88,17 +75,19 @@ sweep_config = SweepConfig(taus=taus, bn_recalibration=with_bn and session.has_b
                            per_class=SUBSETS[subset_label], calibration_size=CALIBRATION_IMAGES,
                            include_norm=config_now.include_norm)
 if st.button("Run τ sweep", type="primary", key="tune_run"):
-    bar = st.progress(0.0, text="starting the sweep…")
-    with guard("The τ sweep", "Check the CIFAR-10 data (see the README) or pick fewer τ values."):
-        state["tune_frame"] = _run(sweep_config, bar)
-        state["tune_key"] = (loaded.key, sweep_config, device())
-    bar.empty()
+    jobs_view.start("tune_sweep_job", tune_jobs.sweep(loaded, sweep_config, device(), watcher), watcher)
+with guard("The τ sweep", "Check the CIFAR-10 data (see the README) or pick fewer τ values."):
+    jobs_view.track("tune_sweep_job", "τ sweep", watcher,
+                    lambda result, key: state.update(tune_frame=result, tune_key=key[1:]),
+                    lambda part: tune_charts.draw_sweep(part, "tune_acc_partial"))
 
 frame = state.get("tune_frame")
 if frame is not None and state.get("tune_key", (None,))[0] != loaded.key:
     frame = None  # a sweep of another model
 if frame is None:
-    st.info("Press **Run τ sweep** to measure the curves (rows already computed once are read from the disk cache).")
+    if not jobs_view.running("tune_sweep_job"):
+        st.info("Press **Run τ sweep** to measure the curves (rows already computed once are read from the disk "
+                "cache). It runs in the background: the rest of the page stays usable, and it can be cancelled.")
 else:
     data = frame.assign(series=series_labels(frame))
     curves = data[(data["method"] != "dense") & data["theta"].isna()]
@@ -160,15 +149,16 @@ f.caption(f"Current τ = {config_now.tau:g}. θ = 0 puts every kept weight in th
           "the largest weight per layer in the low chunk.")
 thetas = tuple(float(t) for t in np.round(np.linspace(0.0, theta_max, theta_steps), 4))
 if st.button("Run θ sweep", key="tune_theta_run", disabled=not pairs):
-    bar = st.progress(0.0, text="starting the θ sweep…")
     with guard("The θ sweep"):
         quant = tuple(QuantSetting(t, int(p.split("/")[0]), int(p.split("/")[1])) for p in pairs for t in thetas)
         theta_config = SweepConfig(taus=(config_now.tau,), quant=quant, bn_recalibration=False, baselines=(),
                                    per_class=SUBSETS[subset_label], calibration_size=CALIBRATION_IMAGES,
                                    include_norm=config_now.include_norm)
-        state["tune_theta_frame"] = _run(theta_config, bar)
-        state["tune_theta_key"] = loaded.key
-    bar.empty()
+        jobs_view.start("tune_theta_job", tune_jobs.sweep(loaded, theta_config, device(), watcher), watcher)
+with guard("The θ sweep"):
+    jobs_view.track("tune_theta_job", "θ sweep", watcher,
+                    lambda result, key: state.update(tune_theta_frame=result, tune_theta_key=key[1]),
+                    lambda part: tune_charts.draw_sweep(part, "tune_theta_partial", x="theta"))
 theta_frame = state.get("tune_theta_frame")
 if theta_frame is not None and state.get("tune_theta_key") == loaded.key:
     q = theta_frame[theta_frame["theta"].notna()].copy()
@@ -184,7 +174,7 @@ if theta_frame is not None and state.get("tune_theta_key") == loaded.key:
     st.plotly_chart(fig, key="tune_theta_chart")
     st.caption("What you see: measured accuracy as θ moves weights from the high-bit to the low-bit chunk, at the "
                "τ the sweep ran with.")
-else:
+elif not jobs_view.running("tune_theta_job"):
     st.caption("Press **Run θ sweep** to measure accuracy against θ for the chosen bit-widths.")
 
 # ---------------------------------------------------------------- Pareto
@@ -218,24 +208,25 @@ sens_bn = k.toggle("recalibrate BN after pruning each layer (about 3× slower)",
 k.caption(f"Inference in {resolve_precision('auto', device())} (an estimate: bf16 where the CPU runs it natively; "
           "the dense reference at the same precision).")
 if st.button("Measure sensitivity", key="tune_sens_run", type="primary", disabled=not sens_taus):
-    bar = st.progress(0.0, text="starting…")
     with guard("The sensitivity measurement", "Pick fewer τ values or images."):
         sens_config = SensitivityConfig(taus=tuple(sens_taus), n_images=int(sens_images),
                                         source=SENS_SOURCES[sens_source], bn_recalibration=bool(sens_bn))
+        jobs_view.start("tune_sens_job", tune_jobs.sensitivity(loaded, sens_config, device(), watcher), watcher)
 
-        def sens_progress(done: int, total: int, label: str) -> None:
-            bar.progress(done / max(total, 1), text=f"{done}/{total}: {label}")
 
-        state["tune_sens"] = measure_sensitivity(loaded.model, sens_config, model_id=_model_id(), mean=loaded.mean,
-                                                 std=loaded.std, device=device(), on_progress=sens_progress)
-        state["tune_sens_key"] = loaded.key
-        state.pop("tune_alloc", None)
-    bar.empty()
+def _store_sensitivity(result, key) -> None:
+    state.update(tune_sens=result, tune_sens_key=key[1])
+    state.pop("tune_alloc", None)
 
+
+with guard("The sensitivity measurement", "Pick fewer τ values or images."):
+    jobs_view.track("tune_sens_job", "Sensitivity", watcher, _store_sensitivity,
+                    lambda part: tune_charts.draw_sensitivity(part, "tune_sens_partial"))
 sensitivity = state.get("tune_sens") if state.get("tune_sens_key") == loaded.key else None
 if sensitivity is None:
-    st.info("Press **Measure sensitivity** to fill the layer × τ map (a second run of the same settings reads the "
-            "disk cache).")
+    if not jobs_view.running("tune_sens_job"):  # while it runs, the panel above fills in the map
+        st.info("Press **Measure sensitivity** to fill the layer × τ map (a second run of the same settings reads "
+                "the disk cache).")
 else:
     st.plotly_chart(sensitivity_heatmap(100 * sensitivity.drops(), sensitivity.shares()), key="tune_sens_map")
     st.caption(f"What you see: accuracy drop in points (red = worse) with only that layer pruned at τ; beside each "
@@ -276,28 +267,16 @@ else:
                            "sensitivity's images and keep the most accurate (summed single-layer drops predict "
                            "the joint effect poorly). Off: the allocation from the summed drops as it is.")
     if st.button("Find per-layer τ and verify", key="tune_alloc_run", type="primary"):
-        bar = st.progress(0.0, text="choosing τ per layer…")
         with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
-            target = Target(kind, value)
-            engine = Engine(loaded.model)
-            if joint and kind != "max_drop":
-                bar.progress(0.0, text="running the candidates whole on the sensitivity's images…")
-                allocation = choose_jointly(loaded.model, sensitivity, engine, target, model_id=_model_id(),
-                                            mean=loaded.mean, std=loaded.std, device=device())
-            else:
-                allocation = per_layer_tau(sensitivity, engine, target)
-            test = test_images(VERIFY[verify_label], loaded.mean, loaded.std)
-
-            def alloc_progress(done: int, total: int, label: str) -> None:
-                bar.progress(done / max(total, 1), text=f"verifying {done}/{total}: {label}")
-
-            comparison = compare_at_equal_retention(
-                loaded.model, allocation, engine=engine, data=test, calibration_size=VERIFY_CALIBRATION,
-                bn_recalibration=bool(alloc_bn) and session.has_batchnorm, model_id=_model_id(), mean=loaded.mean,
-                std=loaded.std, device=device(), on_progress=alloc_progress)
-            state["tune_alloc"] = (allocation, comparison)
-            state["tune_alloc_key"] = loaded.key
-        bar.empty()
+            job = tune_jobs.per_layer(loaded, sensitivity, Target(kind, value), joint=bool(joint),
+                                      verify_images=VERIFY[verify_label],
+                                      bn_recalibration=bool(alloc_bn) and session.has_batchnorm,
+                                      calibration_size=VERIFY_CALIBRATION, device=device(), watcher=watcher)
+            jobs_view.start("tune_alloc_job", job, watcher)
+    with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
+        jobs_view.track("tune_alloc_job", "Per-layer τ", watcher,
+                        lambda result, key: state.update(tune_alloc=(result.allocation, result.comparison),
+                                                         tune_alloc_key=key[1]))
 
     found = state.get("tune_alloc") if state.get("tune_alloc_key") == loaded.key else None
     if found is not None:

@@ -17,9 +17,12 @@ import streamlit as st
 
 from core.measure.tuning import choose, settings
 from core.method.config import CompressionConfig
+from core.services import tune_jobs
 from core.services.session import ExploreSession
 from core.services.session_repairs import CALIBRATION_IMAGES
-from core.services.user_tuning import KL_IMAGES, class_mapping, run_user_sweep, tune_data, tune_model
+from core.services.user_tuning import KL_IMAGES, class_mapping
+from ui import tune_charts
+from ui import tune_jobs as jobs_view
 from ui.charts import curves_figure, pareto_figure
 from ui.errors import literal
 from ui.state import PALETTE, apply_config, current_config, guard
@@ -33,13 +36,6 @@ def _subset_choices(n: int) -> dict[str, int | None]:
     choices = {f"{k:,} images (class-balanced, faster)": k for k in SUBSETS if k is not None and k < n}
     choices[f"all {n:,} images"] = None
     return choices
-
-
-def _progress(bar, what: str):
-    def report(done: int, total: int, label: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{what} {done}/{total}: {label}")
-
-    return report
 
 
 def _measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -67,18 +63,13 @@ def _table(frame: pd.DataFrame, labelled: bool) -> pd.DataFrame:
     return table
 
 
-def _sweep(session: ExploreSession, configs: list[CompressionConfig], n_images: int | None, bn: bool,
-           what: str) -> pd.DataFrame:
-    """Run the sweep with a progress bar (errors shown by the caller's guard)."""
-    bar = st.progress(0.0, text=f"starting the {what}…")
-    try:
-        tuned = tune_model(session.loaded)
-        data = tune_data(session.data, session.loaded.model, n_images)
-        calibration = session.data.images[:CALIBRATION_IMAGES] if bn else None
-        return run_user_sweep(tuned, data, configs, calibration, on_progress=_progress(bar, what)).assign(
-            description=data.description)
-    finally:
-        bar.empty()
+def _start(session: ExploreSession, slot: str, configs: list[CompressionConfig], n_images: int | None, bn: bool,
+           what: str) -> None:
+    """Start (or join) the sweep as a background job kept in ``slot`` (errors shown by the caller's guard)."""
+    watcher = id(session)
+    job = tune_jobs.user_sweep(session.loaded, session.data, configs, n_images, CALIBRATION_IMAGES if bn else None,
+                               watcher, what)
+    jobs_view.start(slot, job, watcher)
 
 
 def render(session: ExploreSession) -> None:
@@ -94,7 +85,8 @@ def render(session: ExploreSession) -> None:
            if labelled else "no labels, so fidelity to the dense model replaces accuracy: top-1 agreement "
                             f"(on every evaluated image) and the mean KL divergence (on the first {KL_IMAGES})")
         + ". Every figure is measured (fp32, CPU) by the sweep of `python -m core.tune`; Δ vs dense is paired "
-          "(the same images) with its 95 % interval. Nothing is cached on disk: each run measures.")
+          "(the same images) with its 95 % interval. Nothing is cached on disk: a sweep is kept for this server "
+          "process only.")
     if labelled:
         with st.expander("Class folders → model outputs"):
             st.dataframe(class_mapping(data), hide_index=True, key="tune_class_map")
@@ -111,18 +103,21 @@ def render(session: ExploreSession) -> None:
                        help=f"Re-estimate BatchNorm statistics on the first {CALIBRATION_IMAGES} of your images "
                             "(labels are not used) after pruning, as Explore does with its BN toggle.")
     taus = tuple(float(t) for t in np.round(np.linspace(0.0, tau_max, steps), 4) if t > 0)
-    sweep_key = data_key + (taus, subsets[subset_label], bool(with_bn and session.has_batchnorm))
     if st.button("Run τ sweep", type="primary", key="tune_run"):
         with guard("The τ sweep", "Pick fewer τ values or images."):
-            frame = _sweep(session, settings(taus, None, 4, 8), subsets[subset_label],
-                           bool(with_bn and session.has_batchnorm), "τ sweep")
-            state["tune_user_frame"] = (sweep_key, frame)
+            _start(session, "tune_user_job", settings(taus, None, 4, 8), subsets[subset_label],
+                   bool(with_bn and session.has_batchnorm), "τ sweep")
+    with guard("The τ sweep", "Pick fewer τ values or images."):
+        jobs_view.track("tune_user_job", "τ sweep", id(session),
+                        lambda result, key: state.update(tune_user_frame=(key[1:], result)),
+                        lambda part: tune_charts.draw_user_sweep(part, "tune_user_partial"))
     stored = state.get("tune_user_frame")
     frame = stored[1] if stored is not None and stored[0][:2] == data_key else None
-    if frame is None:
-        st.info("Press **Run τ sweep** to measure the curves on your images.")
-    else:
+    if frame is not None:
         _show_tau_sweep(session, frame, labelled, metric, config_now)
+    elif not jobs_view.running("tune_user_job"):  # while it runs, the panel above shows the rows so far
+        st.info("Press **Run τ sweep** to measure the curves on your images (in the background: the rest of the "
+                "page stays usable, and it can be cancelled).")
 
     # ------------------------------------------------------------ θ sweep
     st.subheader(f"{metric.capitalize()} vs θ at the current τ")
@@ -138,12 +133,16 @@ def render(session: ExploreSession) -> None:
     if st.button("Run θ sweep", key="tune_theta_run", disabled=not pairs):
         with guard("The θ sweep", "Pick fewer θ values or bit-widths."):
             configs = [c for p in pairs for c in settings((config_now.tau,), thetas, *map(int, p.split("/")))]
-            theta_frame = _sweep(session, configs, subsets[subset_label], False, "θ sweep")
-            state["tune_user_theta"] = (data_key, theta_frame)
+            _start(session, "tune_user_theta_job", configs, subsets[subset_label], False, "θ sweep")
+    with guard("The θ sweep", "Pick fewer θ values or bit-widths."):
+        jobs_view.track("tune_user_theta_job", "θ sweep", id(session),
+                        lambda result, key: state.update(tune_user_theta=(key[1:3], result)),
+                        lambda part: tune_charts.draw_user_sweep(part, "tune_user_theta_partial", x="theta"))
     stored_theta = state.get("tune_user_theta")
     theta_frame = stored_theta[1] if stored_theta is not None and stored_theta[0] == data_key else None
     if theta_frame is None:
-        st.caption("Press **Run θ sweep** to measure against θ for the chosen bit-widths.")
+        if not jobs_view.running("tune_user_theta_job"):  # while it runs, the panel above shows the rows so far
+            st.caption("Press **Run θ sweep** to measure against θ for the chosen bit-widths.")
     else:
         q = _measured(theta_frame[theta_frame["theta"].notna()])
         q = q.assign(series="τ=" + q["tau"].map("{:g}".format) + ", " + q["b_low"].astype(str) + "/"

@@ -17,12 +17,14 @@ import copy
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
+from core.common.steps import checkpoint, interruptible
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, CLASSES, augment, load_cifar10, normalize
 
 Z_95 = 1.959963984540054
@@ -92,6 +94,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, devi
         predictions = []
         with autocast:
             for start in range(0, len(images), batch_size):
+                checkpoint()  # a job running this may stop between batches (core.common.steps)
                 x = images[start:start + batch_size].to(device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -110,7 +113,8 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 1000, device: s
         run = copy.deepcopy(model).to(device)  # never move the caller's model
     elif _uses_conv(model):
         run = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    predictions = predict(run, data.images, batch_size, device)
+    with interruptible(run) if run is not model else nullcontext():  # a private copy: stop within a layer
+        predictions = predict(run, data.images, batch_size, device)
     correct = predictions == data.labels
     per_class = tuple(
         int(correct[data.labels == c].sum()) / int((data.labels == c).sum()) if (data.labels == c).any()
@@ -191,8 +195,9 @@ def bn_recalibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 500
         module.momentum = None
     calibrated.train()
     device = next(calibrated.parameters()).device
-    for start in range(0, len(images), batch_size):
-        calibrated(images[start:start + batch_size].to(device))
+    with interruptible(calibrated):  # a job running this may stop within a layer (core.common.steps)
+        for start in range(0, len(images), batch_size):
+            calibrated(images[start:start + batch_size].to(device))
     for module, momentum in saved_momentum.items():
         module.momentum = momentum
     return calibrated.eval()

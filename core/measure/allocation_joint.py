@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.common.steps import turn
 from core.measure.accuracy import EvalData, calibration_images, has_batchnorm
 from core.measure.allocation import (
     ALLOCATION_CACHE_VERSION,
@@ -150,8 +151,9 @@ def choose_jointly(
         key = {"config": candidate.config().to_dict()}
         values = cache.get(key)
         if values is None:
-            predicted, log_probs = recipe_outputs(engine.apply(candidate.config()).model, images.images,
-                                                  sensitivity.precision, calibration if bn else None, device)
+            with turn():  # one step: in a job, a turn on the compute queue (core.common.steps)
+                predicted, log_probs = recipe_outputs(engine.apply(candidate.config()).model, images.images,
+                                                      sensitivity.precision, calibration if bn else None, device)
             picked = log_probs[torch.arange(len(images)), images.labels]
             values = {"correct": int((predicted == images.labels).sum()), "loss": float(-picked.mean())}
             cache.put(key, values)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.common.steps import interruptible, turn
 from core.measure.accuracy import EvalData, bn_recalibrate, calibration_images, eval_data, has_batchnorm, predict
 from core.measure.allocation import ALLOCATION_CACHE_VERSION, Allocation, ProgressCallback, allocation_cache_dir, fixed_bytes
 from core.measure.baselines import magnitude_baseline
@@ -93,11 +94,13 @@ def test_images(n: int | None = None, mean: Sequence[float] = CIFAR_MEAN, std: S
 
 
 def _predict_fp32(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
+    """Predictions of ``model`` (a private one: it is changed to channels_last and, in a job, hooked)."""
     run = model
     if any(isinstance(m, nn.Conv2d) for m in model.modules()) and torch.device(device).type == "cpu":
         with torch.no_grad():
             run = model.to(memory_format=torch.channels_last)
-    return predict(run, images, batch_size=1000, device=device, precision="fp32")
+    with interruptible(run):
+        return predict(run, images, batch_size=1000, device=device, precision="fp32")
 
 
 def compare_at_equal_retention(
@@ -162,26 +165,27 @@ def compare_at_equal_retention(
         stored = cache.get(key)
         cached = stored is not None
         if stored is None:
-            start = time.perf_counter()
-            if method == "global_magnitude":
-                pruned, _ = magnitude_baseline(model, "global_magnitude", int(setting))
-                counts = {name: int(torch.count_nonzero(layer_weight(pruned, name))) for name in layers}
-                kept_here = sum(counts.values())
-                size = int(fixed_bytes(engine, layers) + sum(
-                    layer_storage(engine.sorted_magnitudes(name).numel(), 1, count, 0, None, None,
-                                  dense_bits=torch.finfo(engine.sorted_magnitudes(name).dtype).bits).total
-                    for name, count in counts.items()))
-            else:
-                result = engine.apply(setting if setting is not None else CompressionConfig())
-                pruned = result.model
-                stats = result.stats.set_index("name")
-                kept_here = int(stats.loc[layers, "kept"].sum())
-                size = int(result.model_bytes_compressed)
-            if flag:
-                pruned = bn_recalibrate(pruned, calibration_set())
-            predicted = _predict_fp32(pruned, data.images, device)
-            stored = {"kept": kept_here, "bytes": size, "predictions": predicted.tolist(),
-                      "seconds": time.perf_counter() - start}
+            with turn():  # one step: in a job, a turn on the compute queue (core.common.steps)
+                start = time.perf_counter()
+                if method == "global_magnitude":
+                    pruned, _ = magnitude_baseline(model, "global_magnitude", int(setting))
+                    counts = {name: int(torch.count_nonzero(layer_weight(pruned, name))) for name in layers}
+                    kept_here = sum(counts.values())
+                    size = int(fixed_bytes(engine, layers) + sum(
+                        layer_storage(engine.sorted_magnitudes(name).numel(), 1, count, 0, None, None,
+                                      dense_bits=torch.finfo(engine.sorted_magnitudes(name).dtype).bits).total
+                        for name, count in counts.items()))
+                else:
+                    result = engine.apply(setting if setting is not None else CompressionConfig())
+                    pruned = result.model
+                    stats = result.stats.set_index("name")
+                    kept_here = int(stats.loc[layers, "kept"].sum())
+                    size = int(result.model_bytes_compressed)
+                if flag:
+                    pruned = bn_recalibrate(pruned, calibration_set())
+                predicted = _predict_fp32(pruned, data.images, device)
+                stored = {"kept": kept_here, "bytes": size, "predictions": predicted.tolist(),
+                          "seconds": time.perf_counter() - start}
             cache.put(key, stored)
         predicted = torch.tensor(stored["predictions"], dtype=torch.int64)
         predictions[(method, flag)] = predicted

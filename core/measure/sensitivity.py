@@ -28,7 +28,10 @@ tensors), the recipe (precision, BN recalibration and its images), the device an
 version, and the cell's layer and τ; a second run reads it without running the model, an
 interrupted run resumes where it stopped and a grid with more τ values measures only those.
 ``on_progress(done, total, label)`` is called before the first cell (``done = 0``) and after
-every (layer, τ) cell, cached or computed.
+every (layer, τ) cell, cached or computed; ``on_cells(frame)`` after every cell with the rows of
+:data:`COLUMNS` so far (the heatmap fills in). Every computed cell is one
+:func:`core.common.steps.turn` (in a job: a turn on the compute queue, and a cancel stops it within
+a layer); :func:`sensitivity_plan` says beforehand which cells will run, for a time estimate.
 
 Speed. One cell is one ``engine.apply`` (milliseconds) and one inference over the images; on
 this 2-core CPU in bf16 that is about 0.2 s for ResNet-20 and 2.1 s for ResNet-18 per 1,000
@@ -51,6 +54,7 @@ from torch import nn
 
 from core.common import paths
 from core.common.hardware import native_bf16
+from core.common.steps import interruptible, turn
 from core.measure.accuracy import (
     PRECISIONS,
     EvalData,
@@ -58,8 +62,14 @@ from core.measure.accuracy import (
     calibration_images,
     has_batchnorm,
 )
+from core.measure.disk_cache import (
+    JsonCache,
+    base_context,
+    calibration_key,
+    images_key,
+    key_hash,
+)
 from core.measure.paired import balanced_order, paired_interval
-from core.measure.disk_cache import JsonCache, base_context, calibration_key, images_key, key_hash
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.method.pruning import check_tau, prunable_layers
@@ -221,7 +231,7 @@ def recipe_outputs(model: nn.Module, images: torch.Tensor, precision: str, calib
     if channels_last:
         run = run.to(memory_format=torch.channels_last)
     parts = []
-    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+    with interruptible(run), torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), BATCH):
             x = images[start:start + BATCH].to(device)
             if channels_last:
@@ -267,6 +277,11 @@ class _Runner:
         return self._dense
 
     def cell(self, layer: str, tau: float) -> dict:
+        """Measure one (layer, τ) cell (one step: in a job, one turn on the compute queue)."""
+        with turn():
+            return self._cell(layer, tau)
+
+    def _cell(self, layer: str, tau: float) -> dict:
         result = self.engine.apply(CompressionConfig(layer_tau={layer: tau}))
         kept = int(result.stats.loc[result.stats["name"] == layer, "kept"].iloc[0])
         predicted, log_probs = self.outputs(result.model)
@@ -296,6 +311,72 @@ def _context(model, config: SensitivityConfig, model_id, images: EvalData, preci
     }
 
 
+class _Plan:
+    """What a measurement will visit: its images, its layers in module order, and its disk cache."""
+
+    def __init__(self, model: nn.Module, config: SensitivityConfig, data: EvalData | None,
+                 calibration: torch.Tensor | None, model_id: str | None, mean: tuple[float, ...],
+                 std: tuple[float, ...], device: str | torch.device, engine: Engine | None, use_cache: bool,
+                 cache_root: str | os.PathLike | None):
+        self.precision = resolve_precision(config.precision, device)
+        self.images, self.population, self.description = sensitivity_images(config, data, mean, std)
+        if engine is not None:
+            numels = {name: int(engine.sorted_magnitudes(name).numel()) for name in engine.layer_names}
+        else:  # the engine's layers, in its order, without building it (a fully cached run never does)
+            numels = {layer.name: int(layer.weight.numel()) for layer in prunable_layers(model)}
+        layers = list(numels)
+        if config.layers is not None:
+            unknown = [name for name in config.layers if name not in numels]
+            if unknown:
+                raise ValueError(f"no prunable layer named '{unknown[0]}'")
+            layers = [name for name in layers if name in config.layers]
+        if not layers:
+            raise ValueError("the model has no Conv/Linear layer to measure")
+        self.numels, self.layers = numels, layers
+        self.total = sum(numels[name] for name in layers)
+        self.context = _context(model, config, model_id, self.images, self.precision, calibration, mean, std, device)
+        root = Path(cache_root) if cache_root is not None else sensitivity_cache_dir()
+        self.cache = JsonCache(root, self.context, use_cache)
+
+    def keys(self, taus: Sequence[float]) -> list[dict]:
+        """The cache key of every cell, in the order they are measured (layer by layer, τ ascending)."""
+        return [{"layer": name, "numel": self.numels[name], "tau": tau} for name in self.layers for tau in taus]
+
+
+def sensitivity_plan(
+    model: nn.Module,
+    config: SensitivityConfig = SensitivityConfig(),
+    *,
+    data: EvalData | None = None,
+    calibration: torch.Tensor | None = None,
+    model_id: str | None = None,
+    mean: Iterable[float] = CIFAR_MEAN,
+    std: Iterable[float] = CIFAR_STD,
+    device: str | torch.device = "cpu",
+    use_cache: bool = True,
+    cache_root: str | os.PathLike | None = None,
+) -> tuple[float, ...]:
+    """The relative cost of every cell :func:`measure_sensitivity` will report, in its order, without running one.
+
+    A cell's cost is the model runs it makes, counted in images (its images, plus the
+    calibration images with BN recalibration); the first computed cell also runs the dense
+    reference; a cell read from the disk cache costs 0. Same arguments as :func:`measure_sensitivity`.
+    """
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    plan = _Plan(model, config, data, calibration, model_id, mean, std, device, None, use_cache, cache_root)
+    bn = plan.context["recipe"]["bn_recalibration"]
+    calibration_size = len(calibration) if calibration is not None else config.calibration_size
+    one = float(len(plan.images) + (calibration_size if bn else 0))
+    units, dense = [], False
+    for key in plan.keys(config.taus):
+        if plan.cache.get(key) is not None:
+            units.append(0.0)
+        else:
+            units.append(one if dense else 2 * one)  # the first computed cell also runs the dense model
+            dense = True
+    return tuple(units)
+
+
 def measure_sensitivity(
     model: nn.Module,
     config: SensitivityConfig = SensitivityConfig(),
@@ -310,6 +391,7 @@ def measure_sensitivity(
     use_cache: bool = True,
     cache_root: str | os.PathLike | None = None,
     on_progress: ProgressCallback | None = None,
+    on_cells: Callable[[pd.DataFrame], None] | None = None,
 ) -> Sensitivity:
     """The paired accuracy drop of every layer pruned alone at every τ of ``config.taus``.
 
@@ -323,31 +405,18 @@ def measure_sensitivity(
         raise TypeError(f"measure_sensitivity needs a torch.nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    precision = resolve_precision(config.precision, device)
-    images, population, description = sensitivity_images(config, data, mean, std)
+    plan = _Plan(model, config, data, calibration, model_id, mean, std, device, engine, use_cache, cache_root)
+    images, population, description, precision = plan.images, plan.population, plan.description, plan.precision
+    numels, layers, total, context, cache = plan.numels, plan.layers, plan.total, plan.context, plan.cache
     runner = _Runner(model, config, images, precision, calibration, mean, std, device, engine)
-    if engine is not None:
-        numels = {name: int(engine.sorted_magnitudes(name).numel()) for name in engine.layer_names}
-    else:  # the engine's layers, in its order, without building it (a fully cached run never does)
-        numels = {layer.name: int(layer.weight.numel()) for layer in prunable_layers(model)}
-    layers = list(numels)
-    if config.layers is not None:
-        unknown = [name for name in config.layers if name not in numels]
-        if unknown:
-            raise ValueError(f"no prunable layer named '{unknown[0]}'")
-        layers = [name for name in layers if name in config.layers]
-    if not layers:
-        raise ValueError("the model has no Conv/Linear layer to measure")
-    total = sum(numels[name] for name in layers)
-    context = _context(model, config, model_id, images, precision, calibration, mean, std, device)
-    cache = JsonCache(Path(cache_root) if cache_root is not None else sensitivity_cache_dir(), context, use_cache)
     cells = len(layers) * len(config.taus)
     if on_progress is not None:
         on_progress(0, cells, "starting")
     records, computed, cached, done = [], 0, 0, 0
     dense_correct = None
+    n = len(images)
     for name in layers:
-        rows, fresh = [], False
+        fresh = False
         for tau in config.taus:
             key = {"layer": name, "numel": numels[name], "tau": tau}
             row = cache.get(key)
@@ -356,14 +425,7 @@ def measure_sensitivity(
                 row = runner.cell(name, tau)
                 cache.put(key, row)
                 fresh = True
-            rows.append(row)
             done += 1
-            if on_progress is not None:
-                on_progress(done, cells, f"{name} τ={tau:g}" + (" (cached)" if hit else ""))
-        computed += fresh
-        cached += not fresh
-        for row in rows:
-            n = len(images)
             low, high = paired_interval(row["newly_right"], row["newly_wrong"], n, population)
             dense_correct = row["dense_correct"]
             records.append({
@@ -373,6 +435,12 @@ def measure_sensitivity(
                 "drop": (row["newly_wrong"] - row["newly_right"]) / n, "drop_low": -high, "drop_high": -low,
                 "loss_increase": row["loss_increase"], "kl": row["kl"],
             })
+            if on_progress is not None:
+                on_progress(done, cells, f"{name} τ={tau:g}" + (" (cached)" if hit else ""))
+            if on_cells is not None:
+                on_cells(pd.DataFrame.from_records(records, columns=list(COLUMNS)))
+        computed += fresh
+        cached += not fresh
     frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     return Sensitivity(
         frame=frame, taus=config.taus, layers=tuple(layers), dense_accuracy=dense_correct / len(images),

@@ -14,6 +14,9 @@
 * ``dense``             the unpruned model (τ = 0, retention 1), the reference for
                         :func:`largest_tau_within`.
 
+τ = 0 keeps every weight, so boundary pruning and the baselines at τ = 0 *are* the dense model:
+their rows (without θ) take the dense row's measured accuracy instead of running it again.
+
 Each of these is evaluated as it is and, when the config asks for it and the model has
 BatchNorm, after :func:`core.measure.accuracy.bn_recalibrate` on :func:`core.measure.accuracy.calibration_images`
 (``bn_recalibrated`` column). Accuracy is :func:`core.measure.accuracy.evaluate` on the full test set,
@@ -31,7 +34,10 @@ Contract:
   keys returns the stored numbers without running the model (``cached`` column). ``seconds``
   is always the time the row took when it was computed;
 * ``on_progress(done, total, label)`` is called once before the first row (``done = 0``) and
-  after every row, cached or computed.
+  after every row, cached or computed; ``on_rows(frame)`` after every row with the rows so far;
+* every computed row is one :func:`core.common.steps.turn` (in a job: a turn on the compute
+  queue, and a cancel stops it within a layer); :func:`sweep_plan` says beforehand which rows
+  will run and what each costs, for a time estimate.
 
 CLI:  ``python -m core.measure.sweeps resnet20 --taus 0 0.05 0.1 0.2 --per-class 100``.
 """
@@ -49,11 +55,7 @@ import torch
 from torch import nn
 
 from core.common import paths
-from core.measure.baselines import BASELINES, magnitude_baseline
-from core.measure.disk_cache import JsonCache, base_context, images_key, tensor_digest
-from core.method.config import CompressionConfig
-from core.method.engine import CompressionResult, Engine
-from core.workloads.data import CIFAR_MEAN, CIFAR_STD
+from core.common.steps import turn
 from core.measure.accuracy import (
     CALIBRATION_RECIPE,
     EvalData,
@@ -65,8 +67,13 @@ from core.measure.accuracy import (
     has_batchnorm,
     wilson_interval,
 )
+from core.measure.baselines import BASELINES, magnitude_baseline
+from core.measure.disk_cache import JsonCache, base_context, images_key, tensor_digest
+from core.method.config import CompressionConfig
+from core.method.engine import CompressionResult, Engine
 from core.method.pruning import check_tau
 from core.method.quantization import DEFAULT_PALETTE
+from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 
 SWEEP_CACHE_VERSION = 1
 METHODS: tuple[str, ...] = ("dense", "boundary") + BASELINES
@@ -158,7 +165,7 @@ class _Row:
         return {"method": self.method, "tau": self.tau, "bn": self.bn,
                 "quant": None if q is None else [q.theta, q.theta_mode, q.b_low, q.b_high]}
 
-    def base(self) -> "_Row":
+    def base(self) -> _Row:
         return _Row(self.method, self.tau, self.quant, False)
 
     def label(self) -> str:
@@ -176,6 +183,21 @@ def _plan(config: SweepConfig, bn: bool) -> list[_Row]:
         rows += [_Row(method, tau, None, b) for method in config.baselines for b in flags]
         rows += [_Row("boundary", tau, q, b) for q in config.quant for b in flags]
     return rows
+
+
+def _is_dense(row: _Row) -> bool:
+    """Whether the row is the dense model under another name: τ = 0 without θ keeps every weight."""
+    return row.method != "dense" and row.tau == 0.0 and row.quant is None
+
+
+def _eval_size(config: SweepConfig, data: EvalData | None) -> int:
+    """How many images a row evaluates (without decoding them)."""
+    if data is None:
+        return 10_000 if config.per_class is None else 10 * int(config.per_class)
+    if config.per_class is None:
+        return len(data)
+    counts = torch.bincount(data.labels)
+    return int(counts.clamp(max=int(config.per_class)).sum())
 
 
 # ---------------------------------------------------------------- fingerprints and the cache
@@ -254,15 +276,25 @@ class _Runner:
         return out
 
     def compute(self, row: _Row) -> dict:
-        start = time.perf_counter()
-        model, retention, size_ratio = self._pruned(row.base())
-        if row.bn:
-            model = bn_recalibrate(model, self.calibration)
-        report = evaluate(model, self.eval_set, device=self.device)
-        correct = round(report.accuracy * report.n)
-        low, high = wilson_interval(correct, report.n)
-        return {"retention": retention, "accuracy": report.accuracy, "n": report.n, "ci_low": low,
-                "ci_high": high, "size_ratio": size_ratio, "seconds": time.perf_counter() - start}
+        """Evaluate ``row`` (one step: in a job, one turn on the compute queue)."""
+        with turn():
+            start = time.perf_counter()
+            model, retention, size_ratio = self._pruned(row.base())
+            if row.bn:
+                model = bn_recalibrate(model, self.calibration)
+            report = evaluate(model, self.eval_set, device=self.device)
+            correct = round(report.accuracy * report.n)
+            low, high = wilson_interval(correct, report.n)
+            return {"retention": retention, "accuracy": report.accuracy, "n": report.n, "ci_low": low,
+                    "ci_high": high, "size_ratio": size_ratio, "seconds": time.perf_counter() - start}
+
+    def alias(self, row: _Row, dense: dict) -> dict:
+        """The values of a row that is the dense model (:func:`_is_dense`): the dense row's measured figures."""
+        size_ratio = float("nan")
+        if row.method == "boundary":
+            with turn():
+                size_ratio = self.engine.apply(CompressionConfig(tau=0.0, include_norm=self.config.include_norm)).size_ratio
+        return {**dense, "retention": 1.0, "size_ratio": size_ratio, "seconds": 0.0}
 
 
 def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: EvalData | None,
@@ -309,6 +341,7 @@ def run_sweep(
     use_cache: bool = True,
     cache_root: str | os.PathLike | None = None,
     on_progress: ProgressCallback | None = None,
+    on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """Accuracy and retention of boundary pruning and the baselines across ``config.taus``.
 
@@ -328,18 +361,19 @@ def run_sweep(
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     bn = config.bn_recalibration and has_batchnorm(model)
     rows = _plan(config, bn)
-    cache = JsonCache(sweep_cache_dir() if cache_root is None else Path(cache_root),
-                      _context(model, config, model_id, data, calibration, mean, std, device, bn), use_cache)
+    cache = _cache(model, config, model_id, data, calibration, mean, std, device, bn, use_cache, cache_root)
     runner = _Runner(model, config, data, calibration, mean, std, device)
     if on_progress is not None:
         on_progress(0, len(rows), "starting")
-    records = []
+    records, dense = [], {}
     for done, row in enumerate(rows, start=1):
         values = cache.get(row.key())
         cached = values is not None
         if values is None:
-            values = runner.compute(row)
+            values = runner.alias(row, dense[row.bn]) if _is_dense(row) else runner.compute(row)
             cache.put(row.key(), values)
+        if row.method == "dense":
+            dense[row.bn] = {k: values[k] for k in ("accuracy", "n", "ci_low", "ci_high")}
         q = row.quant
         records.append({
             "method": row.method, "tau": row.tau,
@@ -351,11 +385,53 @@ def run_sweep(
         })
         if on_progress is not None:
             on_progress(done, len(rows), row.label())
+        if on_rows is not None:
+            on_rows(_frame(records))
+    return _frame(records)
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     frame["b_low"] = frame["b_low"].astype("Int64")
     frame["b_high"] = frame["b_high"].astype("Int64")
     frame["n"] = frame["n"].astype(int)
     return frame
+
+
+def _cache(model: nn.Module, config: SweepConfig, model_id: str | None, data: EvalData | None,
+           calibration: torch.Tensor | None, mean: tuple[float, ...], std: tuple[float, ...],
+           device: str | torch.device, bn: bool, use_cache: bool,
+           cache_root: str | os.PathLike | None) -> JsonCache:
+    return JsonCache(sweep_cache_dir() if cache_root is None else Path(cache_root),
+                     _context(model, config, model_id, data, calibration, mean, std, device, bn), use_cache)
+
+
+def sweep_plan(
+    model: nn.Module,
+    config: SweepConfig = SweepConfig(),
+    *,
+    data: EvalData | None = None,
+    calibration: torch.Tensor | None = None,
+    model_id: str | None = None,
+    mean: Iterable[float] = CIFAR_MEAN,
+    std: Iterable[float] = CIFAR_STD,
+    device: str | torch.device = "cpu",
+    use_cache: bool = True,
+    cache_root: str | os.PathLike | None = None,
+) -> tuple[float, ...]:
+    """The relative cost of every row :func:`run_sweep` will report, in its order, without running anything.
+
+    A row's cost is the images it runs through the model (the evaluated images, plus the
+    calibration images when it is BN-recalibrated); 0 for a row read from the disk cache and for
+    a row that is the dense model (τ = 0 without θ). Same arguments as :func:`run_sweep`.
+    """
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    bn = config.bn_recalibration and has_batchnorm(model)
+    cache = _cache(model, config, model_id, data, calibration, mean, std, device, bn, use_cache, cache_root)
+    images = _eval_size(config, data)
+    calibration_size = len(calibration) if calibration is not None else config.calibration_size
+    return tuple(0.0 if _is_dense(row) or cache.get(row.key()) is not None
+                 else float(images + (calibration_size if row.bn else 0)) for row in _plan(config, bn))
 
 
 def sweep_pretrained(name: str, config: SweepConfig = SweepConfig(), **kwargs) -> pd.DataFrame:

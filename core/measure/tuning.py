@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.common.steps import interruptible, turn
 from core.deploy.packed_writer import compressed_bytes
 from core.measure.accuracy import bn_recalibrate, calibration_images, eval_data, has_batchnorm, predict
 from core.measure.calibration import calibration_split
@@ -298,9 +299,11 @@ def _dense_row(tuned: TuneModel, engine: Engine, data: TuneData, batch_size: int
     """
     start = time.perf_counter()
     report(0)
-    dense = predict(tuned.model, data.images, batch_size)
-    base = engine.apply(CompressionConfig(tau=0.0))
-    row = _row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)
+    with turn():
+        base = engine.apply(CompressionConfig(tau=0.0))  # τ = 0 keeps every weight: the dense model, a private copy
+        with interruptible(base.model):
+            dense = predict(base.model, data.images, batch_size)
+        row = _row(None, False, base, data.labels, dense, dense, len(packed(base, tuned)), time.perf_counter() - start)
     report(1)
     return dense, row
 
@@ -311,7 +314,8 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
                      repair: RepairConfig | None = None, repair_images: torch.Tensor | None = None,
                      keep_packed: dict | None = None,
                      on_repair_progress: Callable[[int, int, str], None] | None = None,
-                     engine: Engine | None = None) -> pd.DataFrame:
+                     engine: Engine | None = None,
+                     on_rows: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
     """One row per evaluated setting (see :data:`COLUMNS`); the dense model is the row with τ 0 and no θ.
 
     ``calibration``: images for BN recalibration; with them (and a model with BatchNorm) every
@@ -319,6 +323,8 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
     ``repair`` (with ``repair_images``, the calibration images; method other than ``none``): every
     setting is also evaluated after that repair (``repair`` names it, ``repair_seconds`` its time);
     ``keep_packed`` (a dict) receives those rows' packed files under ``(config, method)``.
+    ``on_rows(frame)`` is called after every row with the rows so far. Each row is one
+    :func:`core.common.steps.turn` (in a job: a turn on the compute queue; a cancel stops it within a layer).
     """
     repairing = repair is not None and repair.method != "none"
     if repairing and repair_images is None:
@@ -329,30 +335,44 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
     engine = engine or make_engine(tuned)
     dense, dense_row = _dense_row(tuned, engine, data, batch_size, lambda done: report(done, total, "dense"))
     rows = [dense_row]
+
+    def reported(label: str) -> None:
+        report(len(rows), total, label)
+        if on_rows is not None:
+            on_rows(_frame(rows))
+
+    if on_rows is not None:
+        on_rows(_frame(rows))
     for config in configs:
-        start = time.perf_counter()
-        result = engine.apply(config)
-        predicted = predict(result.model, data.images, batch_size)
-        rows.append(_row(config, False, result, data.labels, dense, predicted, len(packed(result, tuned)),
-                         time.perf_counter() - start))
-        report(len(rows), total, _label(config, False))
-        if recalibrate:
+        with turn():
             start = time.perf_counter()
-            model = bn_recalibrate(result.model, calibration)
-            predicted = predict(model, data.images, batch_size)
-            rows.append(_row(config, True, result, data.labels, dense, predicted, len(packed(result, tuned, model)),
+            result = engine.apply(config)
+            with interruptible(result.model):
+                predicted = predict(result.model, data.images, batch_size)
+            rows.append(_row(config, False, result, data.labels, dense, predicted, len(packed(result, tuned)),
                              time.perf_counter() - start))
-            report(len(rows), total, _label(config, True))
+        reported(_label(config, False))
+        if recalibrate:
+            with turn():
+                start = time.perf_counter()
+                model = bn_recalibrate(result.model, calibration)
+                with interruptible(model):
+                    predicted = predict(model, data.images, batch_size)
+                rows.append(_row(config, True, result, data.labels, dense, predicted,
+                                 len(packed(result, tuned, model)), time.perf_counter() - start))
+            reported(_label(config, True))
         if repairing:
-            start = time.perf_counter()
-            fixed = repair_setting(tuned.model, engine, result, repair_images, repair, on_progress=on_repair_progress)
-            predicted = predict(fixed.model, data.images, batch_size)
-            file = packed(result, tuned, repaired=fixed)
-            if keep_packed is not None:
-                keep_packed[(config, repair.method)] = file
-            rows.append(_row(config, False, result, data.labels, dense, predicted, len(file),
-                             time.perf_counter() - start, fixed))
-            report(len(rows), total, _label(config, False) + f" +{repair.method}")
+            with turn():
+                start = time.perf_counter()
+                fixed = repair_setting(tuned.model, engine, result, repair_images, repair,
+                                       on_progress=on_repair_progress)
+                predicted = predict(fixed.model, data.images, batch_size)
+                file = packed(result, tuned, repaired=fixed)
+                if keep_packed is not None:
+                    keep_packed[(config, repair.method)] = file
+                rows.append(_row(config, False, result, data.labels, dense, predicted, len(file),
+                                 time.perf_counter() - start, fixed))
+            reported(_label(config, False) + f" +{repair.method}")
     return _frame(rows)
 
 

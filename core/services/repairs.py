@@ -26,9 +26,6 @@ unrelated widget does not restart a repair; a slider move releases it at once
 """
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 
@@ -37,6 +34,7 @@ import torch
 from core.common.lru import LRUCache
 from core.measure.calibration import calibration_split
 from core.measure.repair import METHODS, RepairCancelled, RepairConfig, RepairResult
+from core.services.jobs import Job, JobRegistry
 
 #: the Explore page's repair levels, in order (each includes the ones before it)
 LEVELS: tuple[str, ...] = METHODS
@@ -58,9 +56,7 @@ ESTIMATE_CACHE = LRUCache(256)
 #: how long a job nobody watches keeps running (a page's rerun re-watches it within its first paint)
 UNWATCHED_GRACE_S = 2.0
 
-log = logging.getLogger(__name__)
-_JOBS: dict[Hashable, "RepairJob"] = {}
-_JOBS_LOCK = threading.Lock()
+_JOBS = JobRegistry()
 
 
 def check_level(level: str) -> str:
@@ -115,130 +111,49 @@ def calibration(n_fit: int, n_holdout: int, seed: int, mean: tuple[float, ...],
 
 def clear() -> None:
     """Forget finished repairs, estimates and calibration images (running jobs are cancelled)."""
-    with _JOBS_LOCK:
-        jobs = list(_JOBS.values())
-        _JOBS.clear()
-    for job in jobs:
-        job.cancel()
+    _JOBS.clear()
     REPAIR_CACHE.clear()
     ESTIMATE_CACHE.clear()
     calibration.cache_clear()
 
 
-class RepairJob:
-    """One repair running in a worker thread, shared by every session that watches it.
+class RepairJob(Job[RepairResult]):
+    """One repair running in a worker thread, shared by every session that watches it (a :class:`Job`).
 
     ``done``/``total``/``layer``: the progress after the last finished layer. When the thread
     ends, exactly one of ``result`` (also put into :data:`REPAIR_CACHE`) and ``error`` is set
     (:class:`core.measure.repair.RepairCancelled` when it was cancelled).
     """
 
-    def __init__(self, key: Hashable, work: Callable[["RepairJob"], RepairResult], estimate_s: float | None = None):
-        self.key = key
-        self.estimate_s = estimate_s
-        self.done, self.total, self.layer = 0, 0, ""
-        self.started = time.perf_counter()
-        self.result: RepairResult | None = None
-        self.error: BaseException | None = None
-        self._work = work
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
-        self._lock = threading.Lock()
-        self._watchers: set[int] = set()
-        self._unwatched_since: float | None = time.monotonic()
-        self._thread = threading.Thread(target=self._main, name="repair-job", daemon=True)
-
-    # -------------------------------------------------------- state
+    def __init__(self, key: Hashable, work: Callable[[RepairJob], RepairResult], estimate_s: float | None = None):
+        super().__init__(key, work, estimate_s, name="repair")
 
     @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
+    def grace_s(self) -> float:
+        return UNWATCHED_GRACE_S
 
     @property
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
+    def layer(self) -> str:
+        """The last repaired layer."""
+        return self.label
 
-    @property
-    def fraction(self) -> float:
-        """Share of the layers done, in [0, 1] (0 until the first layer is done)."""
-        return min(1.0, self.done / self.total) if self.total else 0.0
+    def cancelled_error(self) -> BaseException:
+        return RepairCancelled(self.done, self.total)
 
-    @property
-    def cancelled(self) -> bool:
-        """Cancelled, or nobody has watched it for :data:`UNWATCHED_GRACE_S` (checked before every layer)."""
-        if self._cancel.is_set():
-            return True
-        with self._lock:
-            since = self._unwatched_since
-            return not self._watchers and since is not None and time.monotonic() - since > UNWATCHED_GRACE_S
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for the job to end; whether it has."""
-        return self._finished.wait(timeout)
-
-    # -------------------------------------------------------- watching and cancelling
-
-    def watch(self, watcher: int) -> None:
-        """``watcher`` (a session's id) wants the result: the job keeps running."""
-        with self._lock:
-            self._watchers.add(watcher)
-            self._unwatched_since = None
-
-    def unwatch(self, watcher: int, *, now: bool = False) -> None:
-        """``watcher`` no longer waits. With ``now`` and nobody else watching, the job is cancelled at once;
-        otherwise it is cancelled after :data:`UNWATCHED_GRACE_S` unless someone watches it again."""
-        with self._lock:
-            self._watchers.discard(watcher)
-            empty = not self._watchers
-            if empty and self._unwatched_since is None:
-                self._unwatched_since = time.monotonic()
-        if empty and now:
-            self.cancel()
-
-    def cancel(self) -> None:
-        """Stop before the next layer (or while waiting for the queue); nothing is cached."""
-        self._cancel.set()
-
-    def check(self) -> None:
-        """Raise :class:`RepairCancelled` if cancelled (the compute queue's poll while the job waits)."""
-        if self.cancelled:
-            raise RepairCancelled(self.done, self.total)
+    def is_cancellation(self, error: BaseException) -> bool:
+        return isinstance(error, RepairCancelled) or super().is_cancellation(error)
 
     def progress(self, done: int, total: int, layer: str) -> None:
         """``on_progress`` of :func:`core.measure.repair.repair`."""
-        self.done, self.total, self.layer = done, total, layer
+        super().progress(done, total, layer)
 
-    # -------------------------------------------------------- the thread
-
-    def start(self) -> "RepairJob":
-        self._thread.start()
-        return self
-
-    def _main(self) -> None:
-        try:
-            result = self._work(self)
-            REPAIR_CACHE.put(self.key, result)
-            self.result = result
-            log.info("repair (%s) finished in %.1f s", result.method, result.seconds)
-        except RepairCancelled as err:
-            self.error = err
-            log.info("repair cancelled after %d of %d layers (%.1f s)", err.done, err.total, self.elapsed_s)
-        except BaseException as err:  # noqa: BLE001 (handed to the page, which reports it)
-            self.error = err
-            log.warning("repair failed: %s: %s", type(err).__name__, err)
-        finally:
-            self._work = None  # its closure holds the session's result: let it go with the job
-            with _JOBS_LOCK:
-                if _JOBS.get(self.key) is self:
-                    del _JOBS[self.key]
-            self._finished.set()
+    def finish(self, result: RepairResult) -> None:
+        REPAIR_CACHE.put(self.key, result)
 
 
 def running(key: Hashable) -> RepairJob | None:
     """The job repairing ``key`` now, unless it was cancelled."""
-    with _JOBS_LOCK:
-        job = _JOBS.get(key)
-    return None if job is None or job.cancelled else job
+    return _JOBS.running(key)
 
 
 def submit(key: Hashable, work: Callable[[RepairJob], RepairResult], watcher: int,
@@ -248,11 +163,4 @@ def submit(key: Hashable, work: Callable[[RepairJob], RepairResult], watcher: in
     ``work`` must honour ``job.cancelled`` (pass it as ``repair``'s ``cancel``). A job that was
     cancelled but has not reached its next layer yet is not joined: a new one starts.
     """
-    with _JOBS_LOCK:
-        job = _JOBS.get(key)
-        if job is not None and not job.cancelled and not job.finished:
-            job.watch(watcher)
-            return job
-        job = _JOBS[key] = RepairJob(key, work, estimate_s)
-        job.watch(watcher)
-    return job.start()
+    return _JOBS.submit(key, lambda: RepairJob(key, work, estimate_s), watcher)

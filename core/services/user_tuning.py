@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import torch
 
+from core.common.steps import interruptible, turn
 from core.measure.accuracy import bn_recalibrate, has_batchnorm, predict
 from core.measure.fidelity import fidelity
 from core.measure.paired import balanced_order
-from core.measure.tuning import TuneData, TuneModel, run_tuning_sweep
+from core.measure.tuning import TuneData, TuneModel, make_engine, run_tuning_sweep
 from core.method.config import CompressionConfig
-from core.method.engine import Engine
 from core.services.choices import LoadedModel
 from core.workloads.image_folder import ImageSet
 
@@ -97,36 +97,58 @@ def _row_settings(configs: Sequence[CompressionConfig], recalibrated: bool
     return rows
 
 
+def user_sweep_plan(tuned: TuneModel, data: TuneData, configs: Sequence[CompressionConfig],
+                    calibration: torch.Tensor | None = None, kl_images: int = KL_IMAGES) -> tuple[float, ...]:
+    """The relative cost of every step :func:`run_user_sweep` reports, in its order (images run through a model)."""
+    recalibrated = calibration is not None and has_batchnorm(tuned.model)
+    n, steps = float(len(data.labels)), []
+    for config, bn in _row_settings(configs, recalibrated):
+        steps.append(n + (len(calibration) if bn else 0))
+    if not data.labelled:
+        kl = float(min(kl_images, len(data.labels)))
+        steps += [kl + (len(calibration) if bn else 0) for _, bn in _row_settings(configs, recalibrated)[1:]]
+    return tuple(steps)
+
+
 def run_user_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[CompressionConfig],
                    calibration: torch.Tensor | None = None, on_progress: Progress | None = None,
-                   kl_images: int = KL_IMAGES) -> pd.DataFrame:
+                   kl_images: int = KL_IMAGES,
+                   on_rows: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
     """:func:`core.measure.tuning.run_tuning_sweep` on ``data``; for unlabelled data also ``mean_kl``.
 
     Returns the sweep's frame (columns :data:`core.measure.tuning.COLUMNS`, accuracies as fractions;
     the dense row has τ 0 and no θ) with a column ``mean_kl``: KL(p_dense ‖ p_setting) in nats on the
     first ``kl_images`` images, 0 for the dense row, NaN for labelled data (not measured there).
     ``calibration``: images for BN recalibration (every setting is then also evaluated recalibrated,
-    for a model with BatchNorm). ``on_progress(done, total, label)`` is called after every step.
+    for a model with BatchNorm). ``on_progress(done, total, label)`` is called after every step,
+    ``on_rows(frame)`` with the rows so far (``mean_kl`` NaN until measured). Each step is one
+    :func:`core.common.steps.turn` (in a job: a turn on the compute queue, and a cancel stops it).
     """
     report = on_progress or (lambda done, total, label: None)
     recalibrated = calibration is not None and has_batchnorm(tuned.model)
     rows = _row_settings(configs, recalibrated)
     extra = 0 if data.labelled else len(rows) - 1
     total = len(rows) + extra
+    rows_out = (lambda part: on_rows(part.assign(mean_kl=math.nan))) if on_rows is not None else None
+    engine = make_engine(tuned)
     frame = run_tuning_sweep(tuned, data, configs, calibration,
-                             on_progress=lambda done, _total, label: report(done, total, label))
+                             on_progress=lambda done, _total, label: report(done, total, label), engine=engine,
+                             on_rows=rows_out)
     if data.labelled:
         return frame.assign(mean_kl=math.nan)
     images = data.images[:kl_images]
-    engine = Engine(tuned.model, example_input=torch.zeros(1, 3, tuned.preprocess.image_size,
-                                                             tuned.preprocess.image_size))
+    dense = engine.apply(CompressionConfig()).model  # τ = 0: the dense model, a private copy
     kl = [0.0]
     for done, (config, bn) in enumerate(rows[1:], start=len(rows) + 1):
-        model = engine.apply(config).model
-        if bn:
-            model = bn_recalibrate(model, calibration)
-        kl.append(fidelity(tuned.model, model, images).mean_kl)
+        with turn():
+            model = engine.apply(config).model
+            if bn:
+                model = bn_recalibrate(model, calibration)
+            with interruptible(dense), interruptible(model):
+                kl.append(fidelity(dense, model, images).mean_kl)
         report(done, total, f"mean KL, τ={config.tau:g}" + (" +BN" if bn else ""))
+        if on_rows is not None:
+            on_rows(frame.assign(mean_kl=kl + [math.nan] * (len(frame) - len(kl))))
     return frame.assign(mean_kl=kl)
 
 

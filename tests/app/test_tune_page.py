@@ -10,6 +10,7 @@ import core.measure.sensitivity
 import core.services.session
 from core.method.config import CompressionConfig
 from tests.app.apptest_tools import APP, no_errors
+from tests.app.tune_tools import run_jobs
 
 TIMEOUT = 300
 
@@ -30,7 +31,7 @@ def test_sensitivity_map_per_layer_tau_and_apply_in_one_click(tmp_path):
     assert not [b for b in at.button if b.key == "tune_alloc_run"]  # the per-layer section waits for a sensitivity
     at.multiselect(key="tune_sens_taus").set_value([0.1, 0.3]).run()
     at.select_slider(key="tune_sens_images").set_value(100).run()
-    at.button(key="tune_sens_run").click().run()
+    run_jobs(at.button(key="tune_sens_run").click().run())
     no_errors(at)
     sensitivity = at.session_state["tune_sens"]
     assert sensitivity.taus == (0.1, 0.3) and sensitivity.n == 100 and sensitivity.computed == len(sensitivity.layers)
@@ -38,7 +39,7 @@ def test_sensitivity_map_per_layer_tau_and_apply_in_one_click(tmp_path):
     charts = {c.proto.id for c in at.get("plotly_chart")}
     assert any("tune_sens_map" in key for key in charts)
     # a second measurement of the same settings is read from the disk cache
-    at.button(key="tune_sens_run").click().run()
+    run_jobs(at.button(key="tune_sens_run").click().run())
     assert at.session_state["tune_sens"].cached == len(sensitivity.layers)
 
     for label, key in (("stored size (KiB)", "tune_alloc_bytes"), ("largest estimated drop (points)", "tune_alloc_drop")):
@@ -48,7 +49,7 @@ def test_sensitivity_map_per_layer_tau_and_apply_in_one_click(tmp_path):
     at.radio(key="tune_alloc_kind").set_value("retention (% of Conv/Linear weights kept)").run()
     at.number_input(key="tune_alloc_retention").set_value(50.0).run()
     at.radio(key="tune_alloc_verify").set_value("1,000 test images (faster)").run()
-    at.button(key="tune_alloc_run").click().run()
+    run_jobs(at.button(key="tune_alloc_run").click().run())
     no_errors(at)
     allocation, comparison = at.session_state["tune_alloc"]
     assert allocation.retention <= 0.5

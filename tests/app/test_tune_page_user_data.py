@@ -14,10 +14,18 @@ from streamlit.testing.v1 import AppTest
 
 import core.measure.sweeps
 import core.services.session
-import ui.tune_user_data
+import core.services.tune_jobs
 from core.measure.accuracy import EvalData, bn_recalibrate, evaluate
 from core.workloads import torchvision_models as tv
-from tests.app.apptest_tools import APP, CIFAR_STATS, has_chart, image_zip, no_errors, texts
+from tests.app.apptest_tools import (
+    APP,
+    CIFAR_STATS,
+    has_chart,
+    image_zip,
+    no_errors,
+    texts,
+)
+from tests.app.tune_tools import run_jobs
 
 TIMEOUT = 240
 
@@ -72,7 +80,7 @@ def test_labelled_images_sweep_choose_and_apply(cifar_sized):
     assert not [b for b in at.button if b.key in ("tune_sens_run", "tune_alloc_run")]
 
     at.slider(key="tune_steps").set_value(3).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_user_frame"][1]
     assert list(frame["tau"]) == [0.0, 0.25, 0.5] and (frame["n"] == 12).all()
@@ -97,7 +105,7 @@ def test_theta_sweep_on_labelled_images(cifar_sized):
     no_errors(at)
     at.slider(key="tune_theta_steps").set_value(3).run()
     at.multiselect(key="tune_pairs").set_value(["2/8"]).run()
-    at.button(key="tune_theta_run").click().run()
+    run_jobs(at.button(key="tune_theta_run").click().run())
     no_errors(at)
     theta = at.session_state["tune_user_theta"][1]
     assert sorted(theta["theta"].dropna()) == [0.0, 0.4, 0.8]
@@ -112,7 +120,7 @@ def test_unlabelled_images_measure_fidelity(cifar_sized):
     assert any("Fidelity to the dense model vs τ" in s.value for s in at.subheader)
     assert any("Not available without labels" in i for i in texts(at.info))
     at.slider(key="tune_steps").set_value(3).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_user_frame"][1]
     assert frame["accuracy"].iloc[0] == 1.0 and frame["mean_kl"].iloc[0] == 0.0
@@ -126,9 +134,9 @@ def test_a_failing_sweep_is_an_error_message_not_a_traceback(cifar_sized, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr(ui.tune_user_data, "run_user_sweep", broken)
+    monkeypatch.setattr(core.services.tune_jobs, "run_user_sweep", broken)
     at = tune_with(cifar_sized, image_zip({"cat": 2, "ship": 2}))
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     assert not at.exception
     assert any("The τ sweep failed" in e and "out of cheese" in e for e in texts(at.error)), texts(at.error)
     assert "tune_user_frame" not in at.session_state
@@ -143,7 +151,7 @@ def test_torchvision_cifar_sized_model_on_cifar10_runs_the_cifar_sweep(cifar_siz
     at.slider(key="tune_steps").set_value(3).run()
     at.slider(key="tune_tau_max").set_value(0.2).run()
     at.toggle(key="tune_bn").set_value(False).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_frame"]
     assert set(frame["tau"]) == {0.0, 0.1, 0.2} and (frame["n"] == 500).all()
@@ -174,7 +182,7 @@ def test_a_shipped_cifar_model_on_the_users_images_sweeps_those_images():
     session = at.session_state["explorer"]
     assert session.evaluates_cifar and session.data is not None and len(session.data) == 6
     at.slider(key="tune_steps").set_value(3).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_user_frame"][1]
     assert len(frame) == 3 and (frame["n"] == 6).all() and "tune_frame" not in at.session_state

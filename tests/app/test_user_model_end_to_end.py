@@ -27,6 +27,7 @@ from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads import torchvision_models as tv
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, CLASSES, augment, load_cifar10, normalize
+from tests.app.tune_tools import run_jobs
 from ui.errors import unescape
 
 APP = "../../app.py"  # resolved against this file's folder
@@ -125,7 +126,7 @@ def test_the_tune_page_tunes_the_users_model_and_agrees_with_core(user, core_fig
     assert len(at.session_state["explorer"].data) == PER_CLASS * len(CLASSES)
     at.slider(key="tune_tau_max").set_value(max(TAUS)).run()
     at.slider(key="tune_steps").set_value(len(TAUS) + 1).run()
-    at.button(key="tune_run").click().run()
+    run_jobs(at.button(key="tune_run").click().run())
     assert not at.exception and not at.error, [unescape(e.value) for e in at.error]
     frame = at.session_state["tune_user_frame"][1]
     assert dict(zip(frame["tau"], frame["accuracy"])) == pytest.approx(core_figures, abs=1e-12)
