@@ -34,6 +34,8 @@ module (never a bare traceback).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import tempfile
 import traceback
@@ -96,6 +98,9 @@ class ExportConfig:
 @dataclass(frozen=True)
 class Int8Export:
     """What :func:`export_int8` wrote: the file, the weights it holds, and what stayed fp32.
+
+    ``weights``: the int8 weights as stored in the file (BatchNorm folded: codes sign-flipped where
+    γ < 0, scales × |γ/√(σ²+ε)|); its ``report`` is the chunk → int8 mapping's (before folding).
 
     ``engine_layers``: layers whose int8 codes are the engine's; ``ort_layers``: layers ORT
     quantized itself (no engine codes); ``kept_float``: Conv/Gemm left in fp32 (``keep_float``).
@@ -229,7 +234,8 @@ class _Reader:
         pass
 
 
-def _check_images(images: torch.Tensor | None) -> torch.Tensor:
+def check_calibration_images(images: torch.Tensor | None) -> torch.Tensor:
+    """``images`` if they can calibrate an int8 export (N×C×H×W, N ≥ 1, finite); else :class:`CalibrationError`."""
     if images is None or not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         raise CalibrationError("an int8 export needs calibration images (N×C×H×W, N ≥ 1): unlabelled training "
                                "images or the user's own images, never test images; none were given")
@@ -255,11 +261,29 @@ def _quantize(fp32_path: Path, out_path: Path, images: torch.Tensor, config: Exp
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.calibration_method]
-    quantize_static(str(fp32_path), str(out_path), _Reader(images, config.calibration_batch),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude_nodes,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                   "CalibPercentile": 99.999})
+    with _quiet_root_logger():
+        quantize_static(str(fp32_path), str(out_path), _Reader(images, config.calibration_batch),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude_nodes,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       "CalibPercentile": 99.999})
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Drop ORT's root-logger advice to run its pre-processing: the graph it gets is already folded
+    (BatchNorm into Conv) and shape-complete from torch.onnx, and a pre-processed graph would rename
+    the initializers this module replaces."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _replace_weights(model, weights: Int8Weights, biases: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -328,7 +352,7 @@ def export_int8(model: nn.Module, path: str | Path, images: torch.Tensor | None,
     """
     import onnx
 
-    images = _check_images(images)
+    images = check_calibration_images(images)
     deployed, folded = deployed_model(model, weights)
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="boundary-onnx-") as tmp:

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from core.deploy.int8_weights import Int8Weights, engine_codes, to_int8
-from core.deploy.onnx_export import ExportConfig, Int8Export, export_fp32, export_int8
+from core.deploy.onnx_export import (
+    ExportConfig,
+    Int8Export,
+    check_calibration_images,
+    export_fp32,
+    export_int8,
+)
 
 DENSE_FILE = "dense.onnx"
 FP32_FILE = "model.onnx"
@@ -104,8 +110,7 @@ def export_setting(dense: nn.Module, engine, result, folder: str | Path, calibra
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = repaired.model if repaired is not None else result.model
-    if calibration is None or calibration.ndim != 4 or calibration.shape[0] == 0:
-        export_int8(model, folder / INT8_FILE, calibration, config=config)  # raises CalibrationError
+    calibration = check_calibration_images(calibration)  # before any file is written
     example = calibration[:2]
     dense_path = export_fp32(dense, folder / DENSE_FILE, example, config)
     fp32_path = export_fp32(model, folder / FP32_FILE, example, config)

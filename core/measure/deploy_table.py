@@ -25,7 +25,9 @@ openvino            fp32, bf16,  ``dense.onnx`` (fp32, bf16), ``model.onnx`` (fp
 
 Cancel/progress follow the repair's contract: ``cancel`` is None, a ``threading.Event`` or a
 callable returning True; ``on_progress(done, total, step)`` after every step; a cancelled run raises
-:class:`DeployCancelled` and returns nothing.
+:class:`DeployCancelled` and returns nothing. Inside a :class:`core.services.jobs.Job` each step is a
+turn of the shared compute queue and a checkpoint (:mod:`core.common.steps`): every row of one batch
+size is timed within one turn, so other sessions' work does not land between the rows compared.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.common.steps import checkpoint, turn
 from core.common.timing import time_interleaved
 from core.deploy.onnx_runtimes import (
     RUNTIMES,
@@ -159,6 +162,7 @@ def _predict(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batc
              static: bool) -> torch.Tensor:
     out = []
     for start in range(0, images.shape[0], batch):
+        checkpoint()  # a job running this may stop between batches (core.common.steps)
         x = images[start:start + batch].numpy()
         n = x.shape[0]
         if static and n < batch:  # a static-batch model: pad the last batch, drop the padding's outputs
@@ -190,6 +194,7 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
         if on_progress is not None:
             on_progress(done, total, label)
         _check_cancel(cancel, done, total)
+        checkpoint()
 
     _check_cancel(cancel, 0, total)
     torch_models = {"dense": dense, "compressed": compressed}
@@ -200,19 +205,21 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
     try:
         for batch in config.batches:
             runners = {}
-            for runtime, precision, model in wanted:
-                key = (runtime, precision, model)
-                if runtime == TORCH:
-                    runners[key] = _torch_runner(torch_models[model])
-                else:
-                    path = files.dense if model == "dense" else files.int8 if precision == "int8" else files.fp32
-                    rc = RuntimeConfig(threads=config.threads, batch=batch if runtime == "openvino" else None)
-                    runners[key] = load(path, runtime, precision, rc)
+            with turn():  # inside a job: one turn of the shared compute queue per step
+                for runtime, precision, model in wanted:
+                    key = (runtime, precision, model)
+                    if runtime == TORCH:
+                        runners[key] = _torch_runner(torch_models[model])
+                    else:
+                        path = files.dense if model == "dense" else files.int8 if precision == "int8" else files.fp32
+                        rc = RuntimeConfig(threads=config.threads, batch=batch if runtime == "openvino" else None)
+                        runners[key] = load(path, runtime, precision, rc)
             step(f"compiled the models for batch {batch}")
             x = np.ascontiguousarray(torch.randn((batch,) + shape, generator=torch.Generator().manual_seed(batch)).numpy())
-            measured = time_interleaved({key: (lambda r=run, x=x: r(x)) for key, run in runners.items()}, "cpu",
-                                        warmup=2, min_rounds=config.min_rounds, max_rounds=config.max_rounds,
-                                        budget_s=config.budget_s)
+            with turn():  # every row of one batch size timed in the same turn, interleaved
+                measured = time_interleaved({key: (lambda r=run, x=x: r(x)) for key, run in runners.items()}, "cpu",
+                                            warmup=2, min_rounds=config.min_rounds, max_rounds=config.max_rounds,
+                                            budget_s=config.budget_s)
             for key, timing in measured.items():
                 timings[key + (batch,)] = timing
             step(f"timed batch {batch}")
@@ -222,7 +229,8 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
                 for key in evaluated:
                     run = runners[key]
                     static = key[0] == "openvino"
-                    predictions[key] = _predict(run, images, batch if static else config.eval_batch, static)
+                    with turn():
+                        predictions[key] = _predict(run, images, batch if static else config.eval_batch, static)
                     step(f"accuracy of {key[0]} {key[1]} {key[2]}")
                 labels = data.labels[order]
     finally:
