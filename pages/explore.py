@@ -7,7 +7,8 @@ from core.services.repairs import JOB_LEVELS
 from core.services.session import ExploreRequest
 from core.services.session_accuracy import ACCURACY_TARGETS
 from core.services.session_measurements import LATENCY_BATCHES
-from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets
+from core.services.recorded import AS_LOADED
+from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets, show_recorded
 from ui import glossary
 from ui.repair_view import await_repair, repair_choice, repair_wanted, show_pending, show_repair
 from ui.errors import literal
@@ -82,6 +83,11 @@ with guard("Updating the view"):
     config, notes = current_config(session)
     for note in notes:
         st.warning(note)
+    recorded = loaded.recorded
+    as_loaded = recorded is not None and config == recorded.config
+    show_recorded(recorded, as_loaded, session)
+    if as_loaded:  # the upload as it is: compressing it again with its own setting would not give it back
+        config = AS_LOADED
     asked = session.repairs.applied_level(state["repair"])
     request = ExploreRequest(config=config, layer=state["hist_layer"], latency_batch=int(state["latency_batch"]),
                              repair=state["repair"], run_repair=repair_wanted(session, config, asked),
@@ -103,13 +109,17 @@ row1[0].metric("Retention ρ", fmt_pct(result.retention), f"{kept:,} of {int(sta
                delta_color="off", delta_arrow="off",
                help=f"{glossary.term('retention')} Counted: kept weights / all weights of the pruned layers (Conv/Linear; "
                     "plus norm scales with the paper option).")
-row1[1].metric("Stored size", fmt_bytes(result.model_bytes_compressed),
-               f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
-               f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
-               help="Computed: the bytes of the compressed storage, keep-mask or indices, codes at their bit-widths, "
-                    "the 1-bit high/low selector and per-channel scales (core.method.quantization.layer_storage), "
-                    "plus every other parameter and buffer as fp32. From the format, not a file on disk (the file "
-                    "is measured under Realized savings).")
+if as_loaded:
+    row1[1].metric("Stored size", fmt_bytes(recorded.file_bytes), f"the uploaded {recorded.kind}, measured",
+                   delta_color="off", delta_arrow="off", help="Measured: the size of the file you uploaded.")
+else:
+    row1[1].metric("Stored size", fmt_bytes(result.model_bytes_compressed),
+                   f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
+                   f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
+                   help="Computed: the bytes of the compressed storage, keep-mask or indices, codes at their bit-widths, "
+                        "the 1-bit high/low selector and per-channel scales (core.method.quantization.layer_storage), "
+                        "plus every other parameter and buffer as fp32. From the format, not a file on disk (the "
+                        "file is measured under Realized savings).")
 accuracy_slot = row1[2].empty()
 latency_slot = row1[3].empty()
 full = view.full

@@ -3,6 +3,7 @@ import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
 from core.services import export_repair
+from core.services.recorded import settings_for_other_model
 from core.services.uploads import (
     MAX_SETTINGS_MB,
     display_name,
@@ -124,15 +125,21 @@ uploaded = st.file_uploader(f"Settings JSON (≤ {MAX_SETTINGS_MB} MB)", key="se
                             max_upload_size=MAX_SETTINGS_MB)
 if uploaded is not None and st.button("Apply these settings", key="apply_settings"):
     name = display_name(uploaded.name)
+    other_model = None
     try:  # read_settings refuses files over MAX_SETTINGS_BYTES before parsing them
-        skipped = apply_config(read_settings(uploaded.getvalue()), session,
-                               repair=read_settings_repair(uploaded.getvalue()))
+        config, level = read_settings(uploaded.getvalue()), read_settings_repair(uploaded.getvalue())
+        other_model = settings_for_other_model(uploaded.getvalue(), session.loaded.arch, session.loaded.arch_kwargs)
+        skipped = [] if other_model else apply_config(config, session, repair=level)
     except ValueError as err:  # ConfigError included: the message names the field (and may quote the file)
         show_error(f"{name} is not a settings file this app can apply: {str(err).rstrip('.')}. "
                    "Export a settings file above and load that one.")
     else:
-        for note in skipped:  # names from the file: shown literally
-            show_warning(note)
-        st.success("Settings applied: open the Explore page to see them.")
+        if other_model:
+            show_error(f"{name} was not applied: {other_model}. Load that model first, or export this model's "
+                       "own settings.")
+        else:
+            for note in skipped:  # names from the file: shown literally
+                show_warning(note)
+            st.success("Settings applied: open the Explore page to see them.")
 
 footer(page="export")

@@ -13,6 +13,7 @@ from core.measure.paired import PairedEstimate
 from core.services.compute_queue import QueueState
 from core.method.config import CompressionConfig
 from core.services.presets import PRESETS, Preset
+from core.services.recorded import RecordedSetting
 from core.services.repairs import JOB_LEVELS, LABELS as REPAIR_LABELS
 from core.services.session import ExploreSession
 from ui.repair_view import request_repair
@@ -134,3 +135,24 @@ def show_collapse(slot, session: ExploreSession, config: CompressionConfig, esti
             st.button(f"Repair it: {REPAIR_LABELS[strongest]}", key="collapse_repair", type="primary",
                       on_click=request_repair, args=(session, config, strongest))
     return True
+
+
+def _back_to_recorded(session: ExploreSession, recorded: RecordedSetting) -> None:
+    apply_config(recorded.config, session, repair="none")
+
+
+def show_recorded(recorded: RecordedSetting | None, as_loaded: bool, session: ExploreSession) -> None:
+    """For an uploaded export of this app: say whether the page shows it as loaded or compresses it again."""
+    if recorded is None:
+        return
+    if as_loaded:
+        st.info(f"**The uploaded {recorded.kind}, as it is** ({recorded.describe()}). The sliders stand at its "
+                "setting; its weights are shown without compressing them again: retention counted on them, the "
+                "size the file's. An upload is its own dense reference, so its accuracy is measured as it is "
+                "(Δ 0): compare the full-test figure with the one before export. Move a slider to compress "
+                "these weights again.")
+        return
+    st.info(f"**Compressing the uploaded weights again** with this setting: the figures are relative to the "
+            f"uploaded {recorded.kind} ({recorded.describe()}), not to the original dense model.")
+    st.button("Back to the file's own setting", key="back_to_recorded", on_click=_back_to_recorded,
+              args=(session, recorded))

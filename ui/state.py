@@ -164,6 +164,8 @@ def _reset_model_state(session: ExploreSession) -> None:
     set_widget("theta_absolute", float(f"{0.3 * session.typical_max_abs():.3g}"))  # some weights on each side
     state["_theta_absolute_max"] = float(f"{top * 1.001:.4g}") if top > 0 else 1.0  # rounded up
     state["layer_tau_editor_version"] = state.get("layer_tau_editor_version", 0) + 1
+    if session.loaded.recorded is not None:  # an export of this app: the sliders take its setting
+        apply_config(session.loaded.recorded.config, session, repair="none")
 
 
 def explorer() -> ExploreSession | None:

@@ -24,6 +24,7 @@ from core.workloads import torchvision_models as tv
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD, CLASSES
 from core.workloads.preprocess import Preprocess
 from core.workloads.provenance import describe
+from core.services.recorded import RecordedSetting
 from core.workloads.models import (
     PRETRAINED,
     REGISTRY,
@@ -70,6 +71,8 @@ class LoadedModel:
     #: how images become this model's input (None: the registry's CIFAR-10 recipe, 32 px with ``mean``/``std``)
     preprocess: Preprocess | None = None
     categories: tuple[str, ...] = ()  # the name of each output, where known (pretrained weights, CIFAR-10)
+    #: for an uploaded export of this app: the setting it records (the page shows it as loaded)
+    recorded: RecordedSetting | None = None
 
     @property
     def in_dim(self) -> int:

@@ -33,6 +33,7 @@ import re
 import struct
 import time
 import zipfile
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ from torch import nn
 from core.common.formatting import fmt_bytes
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
+from core.services import recorded
 from core.services.choices import LoadedModel, model_inputs, torchvision_loaded
+from core.services.recorded import config_summary
 from core.services.repairs import check_level, level_from_settings
 from core.workloads import torchvision_models as tv
 from core.workloads.models import (
@@ -341,7 +344,8 @@ def read_upload(data: bytes, filename: str, arch: str | None = None,
         note += "; " + "; ".join(notes)
     if settings:
         note += "; exported by this app with settings " + _settings_summary(settings)
-    return _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
+    loaded = _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
+    return replace(loaded, recorded=recorded.from_settings(settings, len(data)))
 
 
 def is_packed(data: bytes) -> bool:
@@ -382,8 +386,9 @@ def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preproces
         preprocess = Preprocess.from_dict(packed.input_spec, name)
     digest = hashlib.sha256(data).hexdigest()
     note = (f"uploaded packed model {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
-            + _config_summary(packed.config))
-    return _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
+            + config_summary(packed.config))
+    loaded = _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
+    return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data)))
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
@@ -394,16 +399,9 @@ def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
                             input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict())
 
 
-def _config_summary(config: CompressionConfig) -> str:
-    parts = [f"τ={config.tau:g}"]
-    if config.quantized:
-        parts.append(f"θ={config.theta:g} ({config.theta_mode}), {config.b_low}/{config.b_high} bit")
-    return ", ".join(parts)
-
-
 def _settings_summary(text: str) -> str:
     try:
-        return _config_summary(read_settings(text))
+        return config_summary(read_settings(text))
     except ConfigError:
         return "(unreadable)"
 
