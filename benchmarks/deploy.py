@@ -50,9 +50,11 @@ import torch
 from run_conditions import machine_conditions
 from torch import nn
 
+from core.deploy.onnx_export import ExportConfig
 from core.measure.accuracy import calibration_images, eval_data
 from core.measure.calibration import calibration_split
 from core.measure.deploy_export import export_setting
+from core.measure.deploy_layers import int8_layer_errors
 from core.measure.deploy_table import TORCH, DeployConfig, measure_deployment
 from core.measure.repair import RepairConfig, repair_setting
 from core.method.config import CompressionConfig
@@ -147,8 +149,15 @@ def run_model(name: str, args, peaks: dict) -> pd.DataFrame:
     model = s["repaired"].model if s["repaired"] is not None else s["result"].model
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as folder:
         start = time.perf_counter()
+        export = ExportConfig(keep_float=tuple(args.keep_float) if name == args.models[0] else ())
         files = export_setting(s["dense"], s["engine"], s["result"], args.out / name if args.out else folder,
-                               s["calibration"], repaired=s["repaired"])
+                               s["calibration"], repaired=s["repaired"], config=export)
+        if args.layer_errors:
+            errors = int8_layer_errors(files.fp32, files.int8, s["calibration"][:64])
+            print(f"\n{name}: int8 file vs fp32 file, per Conv/Gemm output (cumulative relative squared error, "
+                  f"64 calibration images)\n" + errors.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        if export.keep_float:
+            print(f"{name}: kept in fp32 (weights and activations): {', '.join(export.keep_float)}")
         export_s = time.perf_counter() - start
         wanted = () if args.accuracy == "all" else (
             (TORCH, "fp32", "compressed"), ("onnxruntime", "int8", "compressed"), ("openvino", "int8", "compressed"))
@@ -232,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fma-units", type=int, default=2, help="512-bit FMA / VNNI instructions per cycle per core")
     parser.add_argument("--clock-ghz", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None, help="keep the exported files under DIR/<model>/")
+    parser.add_argument("--layer-errors", action="store_true", help="print the int8 file's per-layer output error")
+    parser.add_argument("--keep-float", nargs="+", default=[], metavar="MODULE",
+                        help="Conv/Linear modules of the first model kept in fp32 in the int8 file")
     parser.add_argument("--csv", type=Path, default=None, help="write every table to this CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

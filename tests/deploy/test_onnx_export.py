@@ -145,3 +145,12 @@ def test_keep_float_leaves_that_layer_in_fp32(tmp_path):
     with pytest.raises(ExportError, match="nope"):
         export_int8(s.result.model, tmp_path / "n.onnx", s.calibration[:32],
                     config=ExportConfig(keep_float=("nope",), exporter="torchscript"))
+
+
+def test_per_layer_int8_error_names_every_layer():
+    from core.measure.deploy_layers import int8_layer_errors
+
+    s = setting()
+    errors = int8_layer_errors(s.files.fp32, s.files.int8, s.images)
+    assert list(errors.name) == ["conv1", "conv2", "fc"]
+    assert (errors.err > 0).all() and (errors.err < 0.01).all()  # small on the calibration distribution
