@@ -9,8 +9,9 @@ raw file bytes against the raw bytes of ``torch.save`` of the fp32 state_dict, t
 breakdown of the file (keep mask, codes, selector, scales, other tensors, container), the mask and
 selector encodings chosen per layer, the masks' entropy bound (Σ numel · H(kept/numel)), and what the
 same data would take in the version-1 layout (bitmap/index masks, bitmap selectors). Write and read
-times are single runs after one untimed write (which has the engine build its chunks), ``verify=False`` (the app writes with verification, about one extra read), as
-wall-clock and as this process's CPU time (which a loaded, shared machine inflates far less).
+times are single runs after one untimed write (which has the engine build its chunks), with
+``verify=False`` (the app writes with verification, about one extra read), as wall-clock and as
+this process's CPU time (which a loaded, shared machine inflates far less).
 Every file is read back and compared with the model it stores, bit for bit. Nothing is cached.
 """
 from __future__ import annotations
