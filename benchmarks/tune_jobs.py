@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.measure import sensitivity, sweeps
 from core.measure.sensitivity import SensitivityConfig
 from core.measure.sweeps import SweepConfig
 from core.services import tune_jobs
@@ -45,8 +46,9 @@ def start(job_kind: str, loaded):
 
 
 def run(job_kind: str, loaded, cancel_at: float | None) -> None:
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["BOUNDARY_CACHE_DIR"] = cache
+    with tempfile.TemporaryDirectory() as cache:  # a fresh result cache (the decoded images stay where they are)
+        sweeps.sweep_cache_dir = lambda: Path(cache) / "sweeps"
+        sensitivity.sensitivity_cache_dir = lambda: Path(cache) / "sensitivity"
         job = start(job_kind, loaded)
         first = first_at = None
         cancelled_at = None

@@ -9,7 +9,8 @@ A long measurement in ``core`` (a sweep, the sensitivity map, a per-layer check)
   check, which raises (for example :class:`Cancelled`) once the job is cancelled; outside a job it
   does nothing;
 * :func:`interruptible`: a checkpoint before every leaf module's forward of a model *the caller
-  owns* (a private copy), so that a cancel takes effect within one layer instead of one batch.
+  owns* (a private copy), so that a cancel takes effect within one layer instead of one batch;
+* :func:`cancel_requested`: the same question as a flag, for work that takes a ``cancel`` callable.
 
 The job installs its check and its turn for its worker thread with :func:`job_steps`; both are
 per thread, so other sessions' threads are never affected. Nothing here changes a figure: the
@@ -60,6 +61,16 @@ def checkpoint() -> None:
     check = getattr(_local, "check", None)
     if check is not None:
         check()
+
+
+def cancel_requested() -> bool:
+    """Whether this thread's job was cancelled, for work that polls a flag instead of calling
+    :func:`checkpoint` (``core.measure.repair.repair(..., cancel=cancel_requested)``); False outside a job."""
+    try:
+        checkpoint()
+    except Cancelled:
+        return True
+    return False
 
 
 @contextmanager

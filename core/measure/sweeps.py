@@ -215,24 +215,29 @@ def _target_kept(result: CompressionResult) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- running a sweep
 
+def sweep_engine(model: nn.Module, config: SweepConfig) -> Engine:
+    """The engine a sweep of ``config`` uses: the default palette and every bit-width of its θ settings."""
+    bits = {b for q in config.quant for b in (q.b_low, q.b_high)}
+    return Engine(model, palette=set(DEFAULT_PALETTE) | bits)
+
+
 class _Runner:
     """Builds what the rows need only when a row is not in the cache."""
 
     def __init__(self, model: nn.Module, config: SweepConfig, data: EvalData | None,
                  calibration: torch.Tensor | None, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: str | torch.device):
+                 device: str | torch.device, engine: Engine | None = None):
         self.model, self.config, self.device = model, config, device
         self._data, self._calibration = data, calibration
         self.mean, self.std = mean, std
-        self._engine: Engine | None = None
+        self._engine: Engine | None = engine
         self._eval: EvalData | None = None
         self._models: dict[_Row, tuple[nn.Module, float, float]] = {}
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            bits = {b for q in self.config.quant for b in (q.b_low, q.b_high)}
-            self._engine = Engine(self.model, palette=set(DEFAULT_PALETTE) | bits)
+            self._engine = sweep_engine(self.model, self.config)
         return self._engine
 
     @property
@@ -342,6 +347,7 @@ def run_sweep(
     cache_root: str | os.PathLike | None = None,
     on_progress: ProgressCallback | None = None,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
+    engine: Engine | None = None,
 ) -> pd.DataFrame:
     """Accuracy and retention of boundary pruning and the baselines across ``config.taus``.
 
@@ -350,7 +356,8 @@ def run_sweep(
     ``calibration_images(config.calibration_size, config.calibration_seed, mean, std)``).
     ``model_id``: a stable identifier of the weights (e.g. ``"sha256:<checkpoint sha>"``)
     for the cache key; by default the state_dict is hashed. ``cache_root`` defaults to
-    :func:`sweep_cache_dir`.
+    :func:`sweep_cache_dir`. ``engine``: :func:`sweep_engine` of ``model`` and ``config``, to reuse
+    (built on the first row that needs it otherwise).
 
     Returns one row per evaluated setting with the columns :data:`COLUMNS`, in plan order
     (dense first, then per τ: boundary, baselines, θ/bit-width settings). ``model`` is not
@@ -362,7 +369,7 @@ def run_sweep(
     bn = config.bn_recalibration and has_batchnorm(model)
     rows = _plan(config, bn)
     cache = _cache(model, config, model_id, data, calibration, mean, std, device, bn, use_cache, cache_root)
-    runner = _Runner(model, config, data, calibration, mean, std, device)
+    runner = _Runner(model, config, data, calibration, mean, std, device, engine)
     if on_progress is not None:
         on_progress(0, len(rows), "starting")
     records, dense = [], {}

@@ -31,10 +31,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from core.common.lru import LRUCache
-from core.common.steps import turn
-from core.measure.accuracy import has_batchnorm
+from core.common.steps import interruptible, turn
+from core.measure.accuracy import eval_data, has_batchnorm, predict
 from core.measure.allocation import Allocation, Target, per_layer_tau
 from core.measure.allocation_joint import candidate_allocations, choose_jointly
 from core.measure.allocation_verify import (
@@ -46,9 +47,10 @@ from core.measure.sensitivity import (
     Sensitivity,
     SensitivityConfig,
     measure_sensitivity,
+    sensitivity_images,
     sensitivity_plan,
 )
-from core.measure.sweeps import SweepConfig, run_sweep, sweep_plan
+from core.measure.sweeps import SweepConfig, run_sweep, sweep_engine, sweep_plan
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.services.choices import LoadedModel
@@ -63,6 +65,8 @@ from core.workloads.image_folder import ImageSet
 
 #: seconds after its last poll that a session still counts as watching (a closed tab lets its job go)
 EXPIRE_S = 20.0
+#: images of the warm-up forward pass before a job's first timed step
+WARM_UP_IMAGES = 32
 #: finished sweeps on the user's images by job key, process-wide (a frame each: small)
 RESULTS = LRUCache(32)
 _JOBS = JobRegistry()
@@ -131,6 +135,14 @@ def stop(job: Job, watcher: Hashable) -> None:
     job.unwatch(watcher, now=True)
 
 
+def _warm_up(engine: Engine, images: torch.Tensor) -> None:
+    """One small forward pass of the dense model (a private copy), so that the first timed step does not also
+    pay the process's first use of the model's kernels (measured: about twice a later step's time)."""
+    model = engine.apply(CompressionConfig()).model
+    with interruptible(model):
+        predict(model.to(memory_format=torch.channels_last) if images.ndim == 4 else model, images[:WARM_UP_IMAGES])
+
+
 # ---------------------------------------------------------------- the jobs
 
 def sweep(loaded: LoadedModel, config: SweepConfig, device: str, watcher: Hashable) -> Job:
@@ -140,8 +152,15 @@ def sweep(loaded: LoadedModel, config: SweepConfig, device: str, watcher: Hashab
     where = {"model_id": model_id, "mean": loaded.mean, "std": loaded.std, "device": device}
 
     def work(job: Job) -> pd.DataFrame:
-        job.plan(sweep_plan(loaded.model, config, **where))
-        return run_sweep(loaded.model, config, **where, on_progress=job.progress, on_rows=job.publish)
+        units = sweep_plan(loaded.model, config, **where)
+        engine = None
+        if any(units):  # what every computed row needs, made before the first step is timed for the estimate
+            with turn():
+                images = eval_data("test", tuple(loaded.mean), tuple(loaded.std)).images
+                engine = sweep_engine(loaded.model, config)
+                _warm_up(engine, images)
+        job.plan(units)
+        return run_sweep(loaded.model, config, **where, on_progress=job.progress, on_rows=job.publish, engine=engine)
 
     return _start(key, work, watcher, "sweep")
 
@@ -152,8 +171,15 @@ def sensitivity(loaded: LoadedModel, config: SensitivityConfig, device: str, wat
     where = {"model_id": _model_id(loaded), "mean": loaded.mean, "std": loaded.std, "device": device}
 
     def work(job: Job) -> Sensitivity:
-        job.plan(sensitivity_plan(loaded.model, config, **where))
-        return measure_sensitivity(loaded.model, config, **where, on_progress=job.progress, on_cells=job.publish)
+        units = sensitivity_plan(loaded.model, config, **where)
+        engine = None
+        if any(units):  # built before the first step is timed for the estimate (a cached run needs none)
+            with turn():
+                engine = Engine(loaded.model)
+                _warm_up(engine, sensitivity_images(config, None, loaded.mean, loaded.std)[0].images)
+        job.plan(units)
+        return measure_sensitivity(loaded.model, config, **where, engine=engine, on_progress=job.progress,
+                                   on_cells=job.publish)
 
     return _start(key, work, watcher, "sensitivity")
 

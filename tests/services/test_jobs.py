@@ -110,6 +110,7 @@ def test_a_sweep_job_fills_in_row_by_row_and_its_result_is_shared(tmp_path, monk
     model, data, calib = small_model(), balanced_fake(), calibration()
     monkeypatch.setattr(sweeps_module, "sweep_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(sweeps_module, "eval_data", lambda split, mean, std: data)
+    monkeypatch.setattr(tune_jobs, "eval_data", lambda split, mean, std: data)
     monkeypatch.setattr(sweeps_module, "calibration_images", lambda n, seed, mean, std: calib)
     monkeypatch.setattr(sweeps_module, "_context", lambda *args: {"test": "tiny"})
     seen = []
@@ -130,6 +131,7 @@ def test_cancel_takes_effect_within_two_seconds_inside_a_step(tmp_path, monkeypa
     model, data, calib = small_model(), balanced_fake(60), calibration()
     monkeypatch.setattr(sweeps_module, "sweep_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(sweeps_module, "eval_data", lambda split, mean, std: data)
+    monkeypatch.setattr(tune_jobs, "eval_data", lambda split, mean, std: data)
     monkeypatch.setattr(sweeps_module, "calibration_images", lambda n, seed, mean, std: calib)
     monkeypatch.setattr(sweeps_module, "_context", lambda *args: {"test": "cancel"})
     inside, release = threading.Event(), threading.Event()
@@ -179,3 +181,19 @@ def test_outside_a_job_steps_do_nothing():
     steps.checkpoint()
     with steps.turn():
         pass
+
+
+def test_cancel_requested_is_the_jobs_cancel_as_a_flag():
+    assert not steps.cancel_requested()  # outside a job
+    seen = []
+
+    def work(job: Job) -> None:
+        with job.steps():
+            seen.append(steps.cancel_requested())
+            job.cancel()
+            seen.append(steps.cancel_requested())
+
+    job = Job("k", work)
+    job.watch(1)
+    job.start()
+    assert job.wait(10) and seen == [False, True]
