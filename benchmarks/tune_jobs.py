@@ -45,7 +45,7 @@ def start(job_kind: str, loaded):
     return tune_jobs.sensitivity(loaded, SensitivityConfig(), "cpu", "benchmark")
 
 
-def run(job_kind: str, loaded, cancel_at: float | None) -> None:
+def run(job_kind: str, loaded, cancel_at: float | None, cancel_after_s: float | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache:  # a fresh result cache (the decoded images stay where they are)
         sweeps.sweep_cache_dir = lambda: Path(cache) / "sweeps"
         sensitivity.sensitivity_cache_dir = lambda: Path(cache) / "sensitivity"
@@ -56,7 +56,9 @@ def run(job_kind: str, loaded, cancel_at: float | None) -> None:
             job.watch("benchmark")
             if first is None and job.first_estimate_s is not None:
                 first, first_at = job.first_estimate_s, job.elapsed_s
-            if cancel_at is not None and job.total and job.done >= cancel_at * job.total:
+            due = (cancel_at is not None and job.total and job.done >= cancel_at * job.total) or \
+                (cancel_after_s is not None and job.elapsed_s >= cancel_after_s)
+            if due:
                 tune_jobs.stop(job, "benchmark")
                 cancelled_at = time.perf_counter()
                 job.wait(60)
@@ -65,14 +67,14 @@ def run(job_kind: str, loaded, cancel_at: float | None) -> None:
         if first is None:
             first, first_at = job.first_estimate_s, job.elapsed_s
         measured = job.elapsed_s
-        if cancelled_at is None:
+        if cancelled_at is None:  # a full run
             error = 100 * (first - measured) / measured if first else float("nan")
             print(f"{loaded.label} {job_kind}: measured {measured:.1f} s for {job.total} steps; first estimate "
                   f"{first:.1f} s shown at {first_at:.1f} s ({error:+.0f} % of the measured time); "
                   f"error: {job.error!r}", flush=True)
         else:
             print(f"{loaded.label} {job_kind}: cancelled at step {job.done} of {job.total}; it stopped "
-                  f"{ended - cancelled_at:.2f} s after the cancel; error: {job.error!r}", flush=True)
+                  f"{ended - cancelled_at:.3f} s after the cancel; error: {job.error!r}", flush=True)
 
 
 def main() -> None:
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20", help="a shipped checkpoint (resnet20, resnet18, ...)")
     parser.add_argument("--job", choices=("sweep", "sensitivity"), default="sweep")
     parser.add_argument("--cancel-at", type=float, default=None, help="also cancel a run at this share of steps")
+    parser.add_argument("--cancel-after-s", type=float, default=None,
+                        help="also cancel a run this many seconds after it starts (in the middle of a step)")
     parser.add_argument("--no-full", action="store_true", help="only the cancelled run")
     parser.add_argument("--warm", action="store_true", help="decode the test and calibration images first")
     args = parser.parse_args()
@@ -93,8 +97,8 @@ def main() -> None:
         calibration_images(512, 42, loaded.mean, loaded.std)
     if not args.no_full:
         run(args.job, loaded, None)
-    if args.cancel_at is not None:
-        run(args.job, loaded, args.cancel_at)
+    if args.cancel_at is not None or args.cancel_after_s is not None:
+        run(args.job, loaded, args.cancel_at, args.cancel_after_s)
 
 
 if __name__ == "__main__":
