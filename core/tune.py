@@ -448,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_argument("--repair-seed", type=int, default=0, metavar="S",
                         help="which training images are drawn and which positions sampled")
     parser.set_defaults(images=_ImagesDefault(parser.get_default("images")))
+    parser.add_argument("--granularity", choices=("weight", "channel"), default="weight",
+                        help="channel: remove whole channels, --tau is τ_ch (core.measure.tune_channels)")
+    parser.add_argument("--target-macs", type=float, default=None, metavar="R",
+                        help="--granularity channel: the smallest τ_ch whose counted MACs are ≤ R × dense")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where cached results live (DIR/sensitivity, DIR/allocation; default: the project cache)")
@@ -462,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.calibration_size < 1:
             raise UsageError(f"--calibration-size must be ≥ 1, got {args.calibration_size}")
+        if args.granularity == "channel":
+            from core.measure.tune_channels import run_channels
+            return run_channels(args, progress=_progress, write=_write_outputs)
         mode = _mode(args)
         if args.export and mode != "setting":
             raise UsageError("--export onnx exports one setting: give --tau (and --theta)")

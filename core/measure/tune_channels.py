@@ -1,0 +1,183 @@
+"""``python -m core.tune --granularity channel``: one channel-pruned setting, repaired, measured and written.
+
+    python -m core.tune --granularity channel --model resnet18 --tau 0.3 --repair reconstruct --out DIR
+    python -m core.tune --granularity channel --model resnet18 --target-macs 0.5 --repair reconstruct --out DIR
+
+``--tau`` is τ_ch (:mod:`core.method.channels`: β = τ_ch · max_c s_c per coupled group).
+``--target-macs R`` instead picks the smallest τ_ch whose counted MACs are ≤ R × dense
+(:func:`smallest_tau_for_macs`: bisection on τ_ch; counted MACs never grow with τ_ch).
+``--theta TH`` (``--bits``) then quantizes the kept weights (the weight engine on the smaller
+model, weight τ = 0). Every repair level up to ``--repair`` is evaluated
+(:func:`core.measure.channel_repair.repair_channels`, fitted on CIFAR-10 *training* images).
+
+Writes ``settings.json`` (granularity, τ_ch, the kept channels, the weight config, the repair,
+the measured rows), ``sweep.csv`` (one row per repair level), ``model.packed`` (the packed
+file with the kept channels in its header: ``core.deploy.channel_file.load_compressed`` rebuilds
+it with no template), ``model.pt`` (the ``.pt`` bundle with the same record), and with
+``--export onnx`` ``model.onnx`` (fp32, :func:`core.deploy.onnx_export.export_fp32`).
+Accuracy is on ``--max-images`` class-balanced CIFAR-10 *test* images (10000: all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from core.measure.tune_inputs import BadInput
+from core.method.channels import ChannelConfig, ChannelError, ChannelPruner
+
+KEEP_ALL = ChannelConfig()
+TAU_TOLERANCE = 1e-3  # the bisection stops when the τ_ch bracket is this narrow
+
+
+def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConfig = KEEP_ALL,
+                          tolerance: float = TAU_TOLERANCE) -> tuple[float, int]:
+    """The smallest τ_ch (within ``tolerance``) whose counted MACs ≤ ``ratio`` × dense, and those MACs.
+
+    Bisection on [0, 1]: counted MACs are non-increasing in τ_ch (a larger β removes a superset
+    of channels in every group). :class:`ChannelError` when even τ_ch = 1 (one channel per
+    prunable group) does not reach the ratio; it names the reachable ratio.
+    """
+    if not 0 < ratio <= 1:
+        raise ChannelError(f"the MAC target must be in (0, 1] (a fraction of the dense MACs); got {ratio}")
+    bound = ratio * pruner.macs_dense
+
+    def macs(tau: float) -> int:
+        return pruner.macs(ChannelConfig(tau=tau, layer_tau=base.layer_tau, norm=base.norm, fold_bn=base.fold_bn))
+
+    if macs(0.0) <= bound:
+        return 0.0, macs(0.0)
+    top = macs(1.0)
+    if top > bound:
+        raise ChannelError(f"no τ_ch reaches {ratio:g} × dense MACs: at τ_ch = 1 (one channel per prunable group) "
+                           f"the model still has {top / pruner.macs_dense:.3f} × dense (some groups cannot be pruned)")
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if macs(mid) <= bound:
+            high = mid
+        else:
+            low = mid
+    return high, macs(high)
+
+
+def _evaluate(model, data) -> float:
+    from core.measure.accuracy import evaluate
+
+    return float(evaluate(model, data).accuracy)
+
+
+def _test_data(max_images: int):
+    from core.measure.accuracy import balanced_subset, eval_data
+
+    data = eval_data("test")
+    if max_images >= len(data.labels):
+        return data
+    return balanced_subset(data, max(1, max_images // 10))
+
+
+def run_channels(args: argparse.Namespace, progress: Callable[[str], Callable] | None = None,
+                 write: Callable[[Path, dict], None] | None = None) -> int:
+    """The channel mode of ``python -m core.tune`` (flags checked here; :class:`BadInput` on bad ones)."""
+    from core.measure.channel_repair import (
+        estimate_channel_repair_seconds,
+        repair_channels,
+    )
+    from core.measure.repair import RepairConfig, levels
+    from core.method.config import CompressionConfig
+    from core.workloads.models import PRETRAINED, load_pretrained
+
+    if args.model not in PRETRAINED:
+        raise BadInput(f"--granularity channel takes a shipped checkpoint ({', '.join(PRETRAINED)}); got {args.model!r}")
+    if (args.tau is None) == (args.target_macs is None):
+        raise BadInput("--granularity channel needs exactly one of --tau T (τ_ch) and --target-macs R")
+    if args.out is None:
+        raise BadInput("--granularity channel needs --out DIR (where settings.json, sweep.csv, model.packed are written)")
+    dense = load_pretrained(args.model)
+    try:
+        pruner = ChannelPruner(dense)
+        if args.target_macs is not None:
+            tau, _ = smallest_tau_for_macs(pruner, args.target_macs)
+        else:
+            tau = args.tau
+        config = ChannelConfig(tau=tau)
+        result = pruner.apply(config)
+        weight = (CompressionConfig(tau=0.0) if args.theta is None else
+                  CompressionConfig(tau=0.0, theta=args.theta, theta_mode="relative", b_low=args.bits[0], b_high=args.bits[1]))
+    except (ChannelError, ValueError) as err:
+        raise BadInput(str(err).splitlines()[0]) from err
+    print(f"τ_ch = {tau:.4f}: MACs {result.macs:,} / {result.macs_dense:,} = {result.mac_ratio:.3f} × dense, "
+          f"params {result.params:,} / {result.params_dense:,}", flush=True)
+    data = _test_data(args.max_images)
+    dense_acc = _evaluate(dense, data)
+    rows, models = [], {}
+    for method in levels(args.repair):
+        repair = RepairConfig(method=method, n_images=args.repair_images, n_holdout=0, ridge=args.repair_ridge,
+                              seed=args.repair_seed)
+        if method == "none":
+            model, seconds = result.model, 0.0
+        else:
+            estimate = estimate_channel_repair_seconds(result, repair)
+            print(f"repair '{method}': estimated {estimate:.0f} s", flush=True)
+            report = progress(f"repair {method}") if progress is not None else None
+            fixed = repair_channels(dense, result, config=repair, on_progress=report)
+            model, seconds = fixed.model, fixed.seconds
+        models[method] = model
+        acc = _evaluate(model, data)
+        rows.append({"granularity": "channel", "tau_ch": tau, "repair": method, "macs": result.macs,
+                     "mac_ratio": result.mac_ratio, "params": result.params, "accuracy": acc,
+                     "delta_points": 100 * (acc - dense_acc), "dense_accuracy": dense_acc, "images": len(data.labels),
+                     "repair_seconds": seconds})
+        print(f"  repair {method:<11} accuracy {acc:.4f} (dense {dense_acc:.4f}, Δ {100 * (acc - dense_acc):+.2f} points)",
+              flush=True)
+    files = _files(args, dense, result, weight, models[args.repair], rows)
+    if write is None:
+        raise BadInput("no writer given")
+    write(args.out, files)
+    print(f"wrote {', '.join(str(args.out / name) for name in files)}")
+    return 0
+
+
+def _files(args, dense, result, weight, final, rows: list[dict]) -> dict[str, str | bytes]:
+    from core.deploy.channel_file import channel_bundle_bytes, with_channels
+    from core.deploy.packed_writer import compressed_bytes
+    from core.method.engine import Engine
+
+    record = result.record()
+    engine_result = Engine(final).apply(weight)
+    packed = with_channels(compressed_bytes(engine_result, args.model), record)
+    settings = {
+        "format": "boundary-explorer/settings/v1",
+        "model": {"arch": args.model, "key": f"pretrained:{args.model}"},
+        "granularity": "channel",
+        "tau_ch": result.config.tau,
+        "channels": record,
+        "config": weight.to_dict(),
+        "repair": args.repair,
+        "target_macs": args.target_macs,
+        "result": {"macs": result.macs, "macs_dense": result.macs_dense, "mac_ratio": result.mac_ratio,
+                   "params": result.params, "params_dense": result.params_dense, "rows": rows,
+                   "groups": result.groups.to_dict("records")},
+        "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch_version": torch.__version__,
+    }
+    files: dict[str, str | bytes] = {
+        "settings.json": json.dumps(settings, indent=2, default=float),
+        "sweep.csv": pd.DataFrame(rows).to_csv(index=False),
+        "model.packed": packed,
+        "model.pt": channel_bundle_bytes(engine_result.model, record, args.model,
+                                         settings=json.dumps({"granularity": "channel", "tau_ch": result.config.tau})),
+    }
+    if getattr(args, "export", None) == "onnx":
+        from core.deploy.onnx_export import export_fp32
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_fp32(engine_result.model, Path(tmp) / "model.onnx", torch.randn(1, 3, 32, 32))
+            files["model.onnx"] = path.read_bytes()
+    return files
