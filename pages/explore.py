@@ -28,8 +28,9 @@ show_presets(session)
 # ---------------------------------------------------------------- controls
 c1, c2, c3 = st.columns(3)
 with c1:
-    st.slider("τ — boundary: prune |W| < β = τ · max|W| (per layer)", 0.0, 1.0, step=0.01, key="tau")
-    st.checkbox("Paper pseudocode: also prune BatchNorm/LayerNorm scales", key="include_norm",
+    st.slider("τ — boundary: prune |W| < β = τ · max|W| (per layer)", 0.0, 1.0, step=0.01, key="tau",
+              help=glossary.help_for("τ", "β", "ρ"))
+    st.checkbox("Prune norm scales too (paper code)", key="include_norm",
                 help="The paper's `hasattr(layer, 'weight')` also prunes normalisation scales, which switches "
                      "channels off and collapses a trained CNN's accuracy. Off by default.")
     repair_choice(session)
@@ -47,13 +48,13 @@ with c2:
                        f"model; it is set to {round(0.3 * top, 4):g} (0.3 · max|W|).")
             state["theta_absolute"] = round(0.3 * top, 4)
         st.slider("θ — |W| ≥ θ takes the high-bit chunk", 0.0, top, step=max(top / 500, 1e-6),
-                  format="%.4f", key="theta_absolute", disabled=not state["quantize"])
+                  format="%.4f", key="theta_absolute", disabled=not state["quantize"], help=glossary.term("θ"))
     elif mode == "relative":
         st.slider("θ — |W| ≥ θ·max|W| takes the high-bit chunk", 0.0, 1.0, step=0.01, key="theta_relative",
-                  disabled=not state["quantize"])
+                  disabled=not state["quantize"], help=glossary.term("θ"))
     else:
         st.slider("θ — fraction of each layer's kept weights in the high-bit chunk", 0.0, 1.0, step=0.01,
-                  key="theta_fraction", disabled=not state["quantize"])
+                  key="theta_fraction", disabled=not state["quantize"], help=glossary.term("θ"))
 with c3:
     st.select_slider("b_high (bits of the high chunk)", PALETTE, key="b_high", disabled=not state["quantize"])
     st.select_slider("b_low (bits of the low chunk)", PALETTE, key="b_low", disabled=not state["quantize"])
@@ -105,10 +106,16 @@ stats = result.stats
 n_high, kept = int(stats["n_high"].sum()), int(stats["kept"].sum())
 collapse_slot = st.empty()  # the explanation when the accuracy has collapsed (filled once the estimate says so)
 row1 = st.columns(4)
-row1[0].metric("Retention ρ", fmt_pct(result.retention), f"{kept:,} of {int(stats['numel'].sum()):,} weights",
-               delta_color="off", delta_arrow="off",
-               help=f"{glossary.term('retention')} Counted: kept weights / all weights of the pruned layers (Conv/Linear; "
-                    "plus norm scales with the paper option).")
+if as_loaded and recorded.retention is not None:  # the file's masks; a kept weight may have been coded as 0
+    row1[0].metric("Retention ρ", fmt_pct(recorded.retention), f"{fmt_pct(result.retention)} nonzero",
+                   delta_color="off", delta_arrow="off",
+                   help=f"{glossary.term('retention')} Counted from the uploaded file's keep-masks. Nonzero: "
+                        "the share of its weights that are not zero (a kept weight can be quantized to 0).")
+else:
+    row1[0].metric("Retention ρ", fmt_pct(result.retention), f"{kept:,} of {int(stats['numel'].sum()):,} weights",
+                   delta_color="off", delta_arrow="off",
+                   help=f"{glossary.term('retention')} Counted: kept weights / all weights of the pruned layers "
+                        "(Conv/Linear; plus norm scales with the paper option).")
 if as_loaded:
     row1[1].metric("Stored size", fmt_bytes(recorded.file_bytes), f"the uploaded {recorded.kind}, measured",
                    delta_color="off", delta_arrow="off", help="Measured: the size of the file you uploaded.")
@@ -116,8 +123,9 @@ else:
     row1[1].metric("Stored size", fmt_bytes(result.model_bytes_compressed),
                    f"{100 * (result.model_bytes_compressed / result.model_bytes_fp32 - 1):+.1f} % vs fp32 "
                    f"{fmt_bytes(result.model_bytes_fp32)}", delta_color="inverse",
-                   help="Computed: the bytes of the compressed storage, keep-mask or indices, codes at their bit-widths, "
-                        "the 1-bit high/low selector and per-channel scales (core.method.quantization.layer_storage), "
+                   help="Computed: the bytes of the compressed storage: the keep-mask (a bitmap, an index list or an "
+                        "Elias-Fano code, whichever is smallest), codes at their bit-widths, the high/low selector "
+                        "(coded the same way) and per-channel scales (core.method.quantization.layer_storage), "
                         "plus every other parameter and buffer as fp32. From the format, not a file on disk (the "
                         "file is measured under Realized savings).")
 accuracy_slot = row1[2].empty()

@@ -46,8 +46,9 @@ with guard("Preparing the export"):
     a, b = st.columns(2)
     with a:
         st.subheader("Compressed model, packed")
-        st.caption("The real savings on disk: per layer the keep-mask (or kept indices), the integer codes of each "
-                   "chunk bit-packed at their bit-width, per-channel scales and the 1-bit chunk selector, in one "
+        st.caption("The real savings on disk: per layer the keep-mask (bitmap, index list or Elias-Fano code, "
+                   "whichever is smallest), the integer codes of each chunk bit-packed at their bit-width, "
+                   "per-channel scales and the chunk selector, in one "
                    "checksummed safetensors file (`core.deploy.packed_writer`). Upload it back in the sidebar.")
         why_not = export_repair.unavailable(session)
         levels = list(export_repair.LABELS)

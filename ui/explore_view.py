@@ -52,7 +52,7 @@ def show_accuracy(slot, detail, estimate: PairedEstimate | None, target: float, 
               "done" if estimate_done(estimate, target) else _waiting_text(waiting) if waiting else "refining…")
     slot.metric(f"Accuracy Δ vs dense ±{100 * estimate.delta_half_width:.1f}",
                 f"{100 * estimate.delta:+.2f} pts",
-                f"{fmt_pct(estimate.accuracy)} vs dense {fmt_pct(estimate.dense_accuracy)} on {estimate.n:,} images",
+                f"{fmt_pct(estimate.accuracy)} (dense {fmt_pct(estimate.dense_accuracy)}), n = {estimate.n:,}",
                 delta_color="off", delta_arrow="off",
                 help="Paired: the compressed model's accuracy minus the dense model's, on the same test images (a growing, "
                      f"class-balanced sample of {data_label}), with its paired 95 % interval "
@@ -76,8 +76,8 @@ def show_latency(slot, detail, latency: LatencyReport | None, waiting: QueueStat
     verdict = latency.verdict
     clear = latency.quiet and verdict != "no clear difference"
     slot.metric(f"Latency, batch {latency.batch}" + ("" if latency.quiet else " (busy)"), f"{latency.compressed_ms:.2f} ms",
-                f"{latency.compressed_ms - latency.dense_ms:+.2f} ms vs dense {latency.dense_ms:.2f} ms: "
-                + (verdict if latency.quiet else "measured under load"),
+                f"{latency.compressed_ms - latency.dense_ms:+.2f} ms vs dense ({verdict})" if clear else
+                f"dense {latency.dense_ms:.2f} ms · " + ("no clear Δ" if latency.quiet else "under load"),
                 delta_color="inverse" if clear else "off", delta_arrow="auto" if clear else "off",
                 help=f"Measured: the median of {latency.runs} timed forward passes of each model on "
                      f"{latency.device.upper()}, one thread, dense and compressed alternating after a warm-up. "
@@ -121,13 +121,13 @@ def show_collapse(slot, session: ExploreSession, config: CompressionConfig, esti
         slot.empty()
         return False
     strongest = session.repairs.levels()[-1]
-    drop = f"{100 * estimate.delta:+.0f} points"
-    with slot.container():
+    with slot.container():  # no figure in the sentence: it is drawn once per run while the estimate refines
         if level == strongest:
-            st.warning(f"**Still {drop} after {REPAIR_LABELS[level]}**: too few weights are left for any re-fit "
+            st.warning(f"**Still collapsed after {REPAIR_LABELS[level]}**: too few weights are left for any re-fit "
                        "of their values to reproduce the dense model's outputs. Lower τ.")
             return True
-        st.warning(f"**The pruned network has collapsed ({drop} vs dense).** Zeroing every weight below τ·max|W| "
+        st.warning("**The pruned network has collapsed** (more than 10 points below dense). Zeroing every weight "
+                   "below τ·max|W| "
                    "shifts each layer's outputs, and the layers after it (BatchNorm first) no longer match them; "
                    "nothing is wrong with the engine, and no retraining is needed to bring most of it back"
                    + (" (Learn explains)." if level == "none" else "."))

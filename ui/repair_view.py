@@ -70,7 +70,7 @@ def repair_choice(session: ExploreSession) -> str:
     st.selectbox("Repair (no retraining)", options, key=KEY, format_func=LABELS.get, on_change=_on_change,
                  disabled=len(options) == 1, help=HELP + (f"\n\n{why}" if why else ""))
     if any(o in JOB_LEVELS for o in options):
-        st.toggle("Run the repair by itself when the sliders rest", key=AUTO_KEY,
+        st.toggle("Repair when the sliders rest", key=AUTO_KEY,
                   help=f"Off: the bias correction and the reconstruction run when you click *Run the repair*. "
                        f"On: they start {REST_S:g} s after your last slider move (a move before that, or during "
                        "the repair, stops it).")

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core.common.timing import percentile
 from core.services.choices import LoadedModel, load_choice, model_choices
@@ -81,8 +82,9 @@ def init_state() -> None:
     """Defaults for new sessions, and keep widget values alive across pages, without ever overriding a widget.
 
     Streamlit drops a widget's key from the state at the end of a run that did not draw it
-    (another page), so each widget's value is also kept under ``_keep_<key>`` and restored from
-    there only when the key is missing. Writing a widget's own key on every run (the usual
+    (another page), and a widget's identity includes its page (the sidebar's model picker on
+    Export is another widget than on Explore), so each widget's value is also kept under
+    ``_keep_<key>`` and written back from there only when the key is missing or the page changed. Writing a widget's own key on every run (the usual
     ``state[key] = state[key]``) would not do: a value written through Session State is sent
     back to the browser as the widget's value, and it is the value this run *started* with, so
     a key press made while the page reruns is overwritten and lost (measured: 10 ArrowRight
@@ -90,9 +92,13 @@ def init_state() -> None:
     """
     state = st.session_state
     state["_run_started"] = time.perf_counter()
+    ctx = get_script_run_ctx()
+    page = None if ctx is None else ctx.page_script_hash
+    new_page = state.get("_page") != page  # a widget's id includes its page: the same key is a new widget there
+    state["_page"] = page
     for key in WIDGET_KEYS:
         kept = KEEP_PREFIX + key
-        if key not in state and kept in state:
+        if kept in state and (new_page or key not in state):
             state[key] = state[kept]
     for key, value in DEFAULTS.items():
         if key not in state:

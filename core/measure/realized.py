@@ -4,7 +4,7 @@ The engine *counts* retention and *computes* the compressed bytes from the stora
 :func:`measure_realized` measures instead:
 
 * ``file_bytes``: the size on disk of the packed file (:func:`core.deploy.packed_writer.save_compressed`:
-  keep-mask or indices, bit-packed chunk codes, scales, selector, the rest of the state_dict);
+  keep-mask as bitmap, indices or Elias-Fano code, bit-packed chunk codes, scales, selector, the rest of the state_dict);
 * ``state_dict_bytes``: the size on disk of the same model's plain state_dict saved with
   safetensors (the uncompressed reference file, at the model's own dtype);
 * ``paths``: the median latency of one forward pass of each execution path of

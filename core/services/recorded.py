@@ -27,6 +27,8 @@ class RecordedSetting:
     repair: str
     file_bytes: int
     kind: str
+    #: kept / all weights of the pruned layers as the export recorded them (its masks), when it says
+    retention: float | None = None
 
     def describe(self) -> str:
         """One line: the setting, the repair and the file's size."""
@@ -42,12 +44,15 @@ def config_summary(config: CompressionConfig) -> str:
     return ", ".join(parts)
 
 
-def from_packed(config: CompressionConfig, header: dict, file_bytes: int) -> RecordedSetting:
-    """A packed file's setting: its config and the ``repair`` entry of its header (absent: no repair)."""
+def from_packed(config: CompressionConfig, header: dict, file_bytes: int,
+                kept_and_sizes: list[tuple[int, int]] = ()) -> RecordedSetting:
+    """A packed file's setting: its config, the ``repair`` entry of its header (absent: no repair) and the
+    retention of its masks (``kept_and_sizes``: each packed layer's kept count and size)."""
     repair = header.get("repair") if isinstance(header, dict) else None
     method = repair.get("method") if isinstance(repair, dict) else None
+    total = sum(size for _, size in kept_and_sizes)
     return RecordedSetting(config=config, repair=str(method) if method else "none", file_bytes=file_bytes,
-                           kind="packed file")
+                           kind="packed file", retention=sum(k for k, _ in kept_and_sizes) / total if total else None)
 
 
 def from_settings(text: str | None, file_bytes: int) -> RecordedSetting | None:
@@ -62,7 +67,10 @@ def from_settings(text: str | None, file_bytes: int) -> RecordedSetting | None:
     repair = data.get("repair") if isinstance(data, dict) else None
     if not isinstance(repair, str):
         repair = "bn" if isinstance(data, dict) and data.get("bn_recalibrated") else "none"
-    return RecordedSetting(config=config, repair=repair, file_bytes=file_bytes, kind="bundle")
+    result = data.get("result") if isinstance(data, dict) else None
+    retention = result.get("retention") if isinstance(result, dict) else None
+    return RecordedSetting(config=config, repair=repair, file_bytes=file_bytes, kind="bundle",
+                           retention=float(retention) if isinstance(retention, (int, float)) else None)
 
 
 def settings_for_other_model(text: str | bytes, arch: str, arch_kwargs: dict) -> str | None:

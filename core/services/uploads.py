@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import pickletools
 import re
@@ -388,7 +389,8 @@ def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preproces
     note = (f"uploaded packed model {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
             + config_summary(packed.config))
     loaded = _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
-    return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data)))
+    layers = [(r.kept, math.prod(r.shape)) for r in packed.layers]
+    return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data), layers))
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +73,10 @@ def _wait_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
 
 
 @contextmanager
-def streamlit_server(log: Path, extra_args: Sequence[str] = ()) -> Iterator[Server]:
+def streamlit_server(log: Path, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Iterator[Server]:
     """``python -m streamlit run app.py`` headless on a free local port, healthy on entry, stopped on exit.
 
+    ``env``: variables added to the server's environment (say an empty cache folder for a newcomer's run).
     Fails the test if the server dies or is not healthy within :data:`HEALTH_WAIT_S`, and if its
     output has a traceback when it stops.
     """
@@ -85,7 +86,7 @@ def streamlit_server(log: Path, extra_args: Sequence[str] = ()) -> Iterator[Serv
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
              "--server.address", "127.0.0.1", "--server.port", str(port), *extra_args],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url, log)

@@ -38,18 +38,15 @@ def _retention(page):
 
 
 def _move_slider(page, slider, target: float, step: float = 0.01) -> None:
-    """Keyboard steps until the slider shows ``target`` (a press can be lost while the page reruns)."""
+    """Exactly as many key presses as the move takes, with no check or retry in between: every press must land."""
     from playwright.sync_api import expect
 
+    presses = round((target - float(slider.input_value())) / step)
     slider.focus()
-    for _ in range(200):
-        value = float(slider.input_value())
-        if abs(value - target) < step / 2:
-            break
-        slider.focus()
-        page.keyboard.press("ArrowRight" if value < target else "ArrowLeft")
-        page.wait_for_timeout(50)
-    expect(slider).to_have_value(f"{target:g}")
+    for _ in range(abs(presses)):
+        page.keyboard.press("ArrowRight" if presses > 0 else "ArrowLeft")
+        page.wait_for_timeout(100)
+    expect(slider).to_have_value(f"{target:g}", timeout=30_000)
 
 
 def _expected_retention_texts(*taus: float) -> dict[float, str]:
@@ -65,7 +62,7 @@ def _expected_retention_texts(*taus: float) -> dict[float, str]:
 def test_moving_tau_updates_retention_in_the_browser(app_url):
     from playwright.sync_api import expect, sync_playwright
 
-    expected = _expected_retention_texts(0.2, 0.3, 0.15, 0.31)
+    expected = _expected_retention_texts(0.1, 0.3, 0.15, 0.31)
     assert len(set(expected.values())) == 4  # the four settings are distinguishable on the page
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
@@ -74,10 +71,10 @@ def test_moving_tau_updates_retention_in_the_browser(app_url):
             first = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
             first.goto(app_url)
             slider = first.locator(TAU_SLIDER)
-            expect(slider).to_have_value("0.2", timeout=90_000)
+            expect(slider).to_have_value("0.1", timeout=90_000)  # the safe starting point
             retention = _retention(first)
-            expect(retention).to_have_text(expected[0.2], timeout=90_000)
-            first.screenshot(path=str(SHOTS / "explore_tau_0.20.png"), full_page=True)
+            expect(retention).to_have_text(expected[0.1], timeout=90_000)
+            first.screenshot(path=str(SHOTS / "explore_tau_0.10.png"), full_page=True)
 
             _move_slider(first, slider, 0.3)
             expect(retention).to_have_text(expected[0.3], timeout=30_000)
@@ -88,8 +85,8 @@ def test_moving_tau_updates_retention_in_the_browser(app_url):
             second = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
             second.goto(app_url)
             other = second.locator(TAU_SLIDER)
-            expect(other).to_have_value("0.2", timeout=90_000)
-            expect(_retention(second)).to_have_text(expected[0.2], timeout=90_000)
+            expect(other).to_have_value("0.1", timeout=90_000)
+            expect(_retention(second)).to_have_text(expected[0.1], timeout=90_000)
             _move_slider(second, other, 0.15)
             expect(_retention(second)).to_have_text(expected[0.15], timeout=30_000)
             expect(slider).to_have_value("0.3")
@@ -116,7 +113,7 @@ def _images_and_half_width(page) -> tuple[int, float] | None:
     delta = metric.locator('[data-testid="stMetricDelta"]')
     if "±" not in label or delta.count() == 0:
         return None
-    images = re.search(r"on ([\d,]+) images", delta.inner_text())
+    images = re.search(r"n = ([\d,]+)", delta.inner_text())
     half = re.search(r"±([\d.]+)", label)
     if not (images and half):
         return None
@@ -134,7 +131,7 @@ def test_accuracy_refines_in_place_and_restarts_on_a_move(app_url):
             page = browser.new_context(viewport={"width": 1500, "height": 1300}).new_page()
             page.goto(app_url)
             slider = page.locator(TAU_SLIDER)
-            expect(slider).to_have_value("0.2", timeout=90_000)
+            expect(slider).to_have_value("0.1", timeout=90_000)  # the safe starting point
             _move_slider(page, slider, 0.08)
             seen: list[tuple[int, float]] = []
             deadline = time.monotonic() + 120

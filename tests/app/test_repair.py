@@ -46,6 +46,12 @@ def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_bac
     no_errors(at)
     assert at.session_state["bn_recal"] is True  # mirrored for the pages that read the old key
     config = session.last_config
+    # on request: choosing the level does not start it; the figures are BN-recalibrated meanwhile, and say so
+    assert session.repairs.cached(config, "reconstruct") is None
+    assert any("not run for this setting" in i.value for i in at.info)
+    assert "BN recalibration" in metric(at, "Accuracy Δ vs dense").help
+    at.button(key="repair_run").click().run()
+    no_errors(at)
     repaired = session.repairs.cached(config, "reconstruct")
     assert repaired is not None and repaired.n_images == 64 and repaired.n_holdout == 32
     assert any("repaired in" in p.proto.text for p in at.get("progress"))
@@ -69,6 +75,7 @@ def test_reconstruction_repairs_a_copy_shows_the_layer_errors_and_none_gives_bac
 
 def test_a_finished_repair_is_shown_to_another_session_at_once():
     first = start(tau=0.25, repair="bias")
+    first.button(key="repair_run").click().run()
     no_errors(first)
     done = explorer(first).repairs.cached(explorer(first).last_config, "bias")
     assert done is not None
@@ -86,16 +93,46 @@ def test_an_old_bn_recal_setting_is_the_bn_level():
     assert "BN recalibration" in metric(at, "Accuracy Δ vs dense").help
 
 
-def test_a_stopped_repair_waits_for_run_again():
-    at = start(tau=0.3)
+def test_a_slider_move_never_starts_a_repair_and_the_estimate_is_revised_while_it_runs():
+    at = start(tau=0.3, repair="reconstruct")
+    session = explorer(at)
+    at.button(key="repair_run").click().run()
+    no_errors(at)
+    assert session.repairs.cached(session.last_config, "reconstruct") is not None
+    progress = [p.proto.text for p in at.get("progress")]
+    assert any("repaired in" in text for text in progress), progress
+    at.slider(key="tau").set_value(0.35).run()  # a new setting: the repair is out of date, not restarted
+    no_errors(at)
+    assert session.repairs.cached(session.last_config, "reconstruct") is None
+    assert any("not run for this setting" in i.value for i in at.info)
+
+
+def test_progress_text_revises_the_time_left_from_the_layers_done():
+    from types import SimpleNamespace
+
+    from ui.repair_view import _progress_text
+
+    job = SimpleNamespace(done=5, total=20, layer="layer2.0.conv1", elapsed_s=10.0)
+    text = _progress_text(job, estimate=100.0)
+    assert "about 30 s left" in text and "first estimate 100 s" in text  # 15 layers × 2 s measured per layer
+
+
+def test_the_automatic_repair_runs_after_a_rest_unless_stopped(monkeypatch):
+    import ui.repair_view as repair_view
+
+    monkeypatch.setattr(repair_view, "REST_S", 0.05)
+    at = start(tau=0.3, repair_auto=True)
     session = explorer(at)
     key = repr(session.repairs.key(session.last_config, "reconstruct"))
     at.session_state["explore_repair_stopped"] = key  # what a Stop click leaves (its rerun cannot be timed here)
-    at.selectbox(key="repair").set_value("reconstruct").run()
+    at.session_state["repair"] = "reconstruct"
+    at.run()
     no_errors(at)
-    assert session.repairs.cached(session.last_config, "reconstruct") is None  # not started by itself
-    assert any("was stopped" in i.value for i in at.info)
-    at.button(key="repair_run").click().run()
+    assert session.repairs.cached(session.last_config, "reconstruct") is None  # stopped: not started by itself
+    assert any("stopped for this setting" in i.value for i in at.info)
+    at.selectbox(key="repair").set_value("none").run()  # another choice clears the stop: nothing lingers
+    assert not any("stopped" in i.value for i in at.info)
+    at.selectbox(key="repair").set_value("reconstruct").run()  # automatic, after the rest: it runs
     no_errors(at)
     assert session.repairs.cached(session.last_config, "reconstruct") is not None
 
