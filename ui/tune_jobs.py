@@ -32,8 +32,8 @@ def start(slot: str, job: Job, watcher: Hashable) -> None:
     if isinstance(previous, Job) and previous is not job and not previous.finished:
         tune_jobs.stop(previous, watcher)
     state[slot] = job
-    state.pop(f"{slot}_note", None)
-    state.pop(f"{slot}_partial", None)
+    for what in ("note", "partial", "error"):
+        state.pop(f"{slot}_{what}", None)
 
 
 def running(slot: str) -> bool:
@@ -85,7 +85,8 @@ def track(slot: str, what: str, watcher: Hashable, on_result: Callable[[object, 
           draw_partial: Callable[[object], None] | None = None) -> None:
     """Draw the section's job: a polling panel while it runs; once it has finished, ``on_result(result, key)``
     (``key``: the job's key, what the result was measured for)
-    (or the note of a cancel, with the results measured so far). A failed job's error is raised here."""
+    (or the note of a cancel, with the results measured so far). A failed job's error is raised here, on every
+    run until the section starts another job."""
     state = st.session_state
     job = state.get(slot)
     if isinstance(job, Job) and job.finished:
@@ -94,6 +95,7 @@ def track(slot: str, what: str, watcher: Hashable, on_result: Callable[[object, 
             on_result(job.result, job.key)
             return
         if not isinstance(job.error, Cancelled):
+            state[f"{slot}_error"] = job.error  # shown on every run until the next start
             raise job.error
         state[f"{slot}_note"] = (f"{what} was cancelled after {job.done} of {job.total} steps "
                                  f"({job.elapsed_s:.0f} s). What it measured is kept in the cache: run it again "
@@ -103,6 +105,8 @@ def track(slot: str, what: str, watcher: Hashable, on_result: Callable[[object, 
     if isinstance(job, Job):
         _polling_panel(slot, what, watcher, draw_partial)
         return
+    if state.get(f"{slot}_error") is not None:
+        raise state[f"{slot}_error"]
     note = state.get(f"{slot}_note")
     if note:
         st.info(note)

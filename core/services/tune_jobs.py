@@ -47,6 +47,8 @@ from core.measure.sensitivity import (
     Sensitivity,
     SensitivityConfig,
     measure_sensitivity,
+    recipe_outputs,
+    resolve_precision,
     sensitivity_images,
     sensitivity_plan,
 )
@@ -176,7 +178,9 @@ def sensitivity(loaded: LoadedModel, config: SensitivityConfig, device: str, wat
         if any(units):  # built before the first step is timed for the estimate (a cached run needs none)
             with turn():
                 engine = Engine(loaded.model)
-                _warm_up(engine, sensitivity_images(config, None, loaded.mean, loaded.std)[0].images)
+                images = sensitivity_images(config, None, loaded.mean, loaded.std)[0].images
+                recipe_outputs(engine.apply(CompressionConfig()).model, images[:WARM_UP_IMAGES],  # as the cells run
+                               resolve_precision(config.precision, device), None, device)
         job.plan(units)
         return measure_sensitivity(loaded.model, config, **where, engine=engine, on_progress=job.progress,
                                    on_cells=job.publish)
