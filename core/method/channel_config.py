@@ -4,6 +4,7 @@ The rule they describe is :mod:`core.method.channels`'s (β = τ_ch · max_c s_c
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,14 +101,18 @@ class ChannelResult:
     * ``layers``: one row per Conv/Linear: ``name``, ``group``, ``out_channels``, ``kept_out``,
       ``in_channels``, ``kept_in``, ``macs``, ``macs_dense``.
     * ``macs`` / ``macs_dense``, ``params`` / ``params_dense``: counted (MACs per input sample).
-    * ``kept_out``: per module whose output channels were cut, the kept indices of that dimension.
+    * ``kept_out`` / ``kept_in``: per module whose output / input channels were cut, the kept indices.
+    * ``shared``: True when the uncut tensors are the pruner's own (``apply(..., share=True)``, the live
+      view): read-only, modify a ``copy.deepcopy`` of ``model`` instead.
+
+    ``groups`` and ``layers`` are built on first use (a slider move that only needs the model skips them).
     """
 
     model: nn.Module
     config: ChannelConfig
     kept: dict[str, list[int]]
-    groups: pd.DataFrame
-    layers: pd.DataFrame
+    group_rows: list[dict] = field(repr=False)
+    layer_rows: list[dict] = field(repr=False)
     macs: int
     macs_dense: int
     params: int
@@ -115,6 +120,15 @@ class ChannelResult:
     kept_out: dict[str, torch.Tensor] = field(repr=False)
     kept_in: dict[str, torch.Tensor] = field(repr=False)
     seconds: float = 0.0
+    shared: bool = False
+
+    @functools.cached_property
+    def groups(self) -> pd.DataFrame:
+        return pd.DataFrame(self.group_rows)
+
+    @functools.cached_property
+    def layers(self) -> pd.DataFrame:
+        return pd.DataFrame(self.layer_rows)
 
     @property
     def mac_ratio(self) -> float:

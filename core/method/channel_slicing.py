@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +83,17 @@ def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
         for h in hooks:
             h.remove()
     return shapes
+
+
+def structure_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are still the original tensors (the caller
+    replaces them): every module a new object with its own ``_parameters``/``_buffers``/``_modules``
+    dicts. Several times faster than ``copy.deepcopy`` (no pickling protocol per object)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {name: None if child is None else structure_copy(child) for name, child in module._modules.items()}
+    return new
 
 
 def own_tensors(module: nn.Module, recurse: bool = True, only: Mapping[int, torch.Tensor] | None = None) -> None:

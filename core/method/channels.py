@@ -34,6 +34,7 @@ output sizes recorded once and the kept channel counts: no forward pass per sett
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 
@@ -58,6 +59,7 @@ from core.method.channel_slicing import (
     layer_shapes,
     own_tensors,
     slice_fast,
+    structure_copy,
 )
 
 DEFAULT = ChannelConfig()  # keeps every channel
@@ -82,6 +84,7 @@ class ChannelPruner:
             self.dense = copy.deepcopy(model).eval()
         self.example = default_input(self.dense) if example_input is None else example_input
         self._names = {m: n for n, m in self.dense.named_modules()}
+        self._by_name = dict(self.dense.named_modules())
         try:
             self._shapes = layer_shapes(self.dense, self.example)
         except Exception as err:  # the model's own forward: any error, said in one sentence
@@ -119,17 +122,28 @@ class ChannelPruner:
             self.groups.append(ChannelGroup(producers[0], channels, producers,
                                             tuple(dict.fromkeys(i.name for i in items)), torch.zeros(0), reason))
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._verified: set[frozenset[str]] = set()
         self.group_of = {name: g.name for g in self.groups for name in g.producers}
         self.macs_dense = self._count(self._no_cuts())[0]
         with torch.no_grad():
             out = self.dense(self.example)
         self._out_shape = out.shape if isinstance(out, torch.Tensor) else None
+        self._verify = True
+        for i, group in enumerate(self.groups):  # each group cut alone once: a mis-modelled operation shows here
+            if group.prunable and group.channels > 1:
+                remove = torch.zeros(group.channels, dtype=torch.bool)
+                remove[::2] = True
+                try:
+                    self.build({group.name: remove})
+                except ChannelError as err:
+                    self.groups[i] = dataclasses.replace(group, reason=f"cutting it breaks the forward pass: {err}")
+        self._verify = False  # apply() runs no forward pass (the live slider's budget)
         self.params_dense = sum(p.numel() for p in self.dense.parameters())
 
     # ---------------------------------------------------------------- reading Torch-Pruning's groups
 
     def _is_layer(self, name: str) -> bool:
-        return isinstance(self.dense.get_submodule(name), LAYERS)
+        return isinstance(self._by_name[name], LAYERS)
 
     def _read_group(self, group, boundaries: dict[nn.Module, str]) -> tuple[list[Item], str]:
         items: list[Item] = []
@@ -215,6 +229,10 @@ class ChannelPruner:
 
     def removed(self, config: ChannelConfig) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
         """Per group, the boolean mask of removed channels under ``config``, and the group table."""
+        masks, rows = self._removed(config)
+        return masks, pd.DataFrame(rows)
+
+    def _removed(self, config: ChannelConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
         scores = self.scores(config.norm, config.fold_bn)
         taus = self._group_tau(config)
         masks, rows = {}, []
@@ -239,7 +257,7 @@ class ChannelPruner:
             rows.append({"name": group.name, "channels": group.channels, "kept": int((~remove).sum()), "tau": tau,
                          "beta": beta, "max_score": float(s.max()) if len(s) else 0.0,
                          "prunable": group.prunable, "note": note})
-        return masks, pd.DataFrame(rows)
+        return masks, rows
 
     # ---------------------------------------------------------------- cutting
 
@@ -266,7 +284,7 @@ class ChannelPruner:
         """Counted MACs (per sample) of every Conv/Linear under ``cuts``, and one row per layer."""
         total, rows = 0, []
         for name, (positions, kernel) in self._shapes.items():
-            module = self.dense.get_submodule(name)
+            module = self._by_name[name]
             conv = isinstance(module, nn.modules.conv._ConvNd)
             c_out = module.out_channels if conv else module.out_features
             c_in = module.in_channels if conv else module.in_features
@@ -286,16 +304,17 @@ class ChannelPruner:
 
     def macs(self, config: ChannelConfig) -> int:
         """Counted MACs per sample under ``config``, without building the model (fast: for bisection)."""
-        masks, _ = self.removed(config)
+        masks, _ = self._removed(config)
         return self._count(self._cuts(masks))[0]
 
-    def build(self, masks: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict, dict]:
+    def build(self, masks: Mapping[str, torch.Tensor], share: bool = False) -> tuple[nn.Module, dict, dict]:
         """A pruned copy of the dense model, and the kept out/in indices per cut module.
 
         Every tensor of the copy is new (the dense snapshot's are never shared or modified): a
         cut Conv/Linear/BatchNorm is gathered once per tensor (both dimensions), any other cut
         module gets fresh copies of its tensors and then Torch-Pruning's own pruning function,
-        and every uncut tensor is cloned (no full deep copy first: half the memory traffic).
+        and every uncut tensor is cloned (no full deep copy first: half the memory traffic), unless
+        ``share``: then the uncut tensors are the dense snapshot's own (read-only; the live view).
         """
         cuts = self._cuts(masks)
         kept_out, kept_in = {}, {}
@@ -305,10 +324,11 @@ class ChannelPruner:
             (kept_out if kind == "out" else kept_in)[name] = keep.nonzero().flatten()
         with torch.no_grad():
             shared = {id(t): t for t in (*self.dense.parameters(), *self.dense.buffers())}
-            model = copy.deepcopy(self.dense, memo=dict(shared))
+            model = structure_copy(self.dense)
             done: set[str] = set()
+            copies = dict(model.named_modules())
             for name in {n for n, _ in cuts}:
-                module = model.get_submodule(name)
+                module = copies[name]
                 if slice_fast(module, kept_out.get(name), kept_in.get(name)):
                     done.add(name)
                     continue
@@ -319,10 +339,15 @@ class ChannelPruner:
                         handler, dim, idx, _ = cuts[(name, kind)]
                         handler.__self__.pruning_dim = dim  # as Torch-Pruning's Dependency.__call__ does
                         handler(module, idx.tolist())
-            for name, module in model.named_modules():
-                if name not in done:
+            for name, module in copies.items():
+                if name not in done and not share:
                     own_tensors(module, recurse=False, only=shared)
             model.eval()
+            if not self._verify:
+                return model, kept_out, kept_in
+            combination = frozenset(name for name, remove in masks.items() if bool(remove.any()))
+            if combination in self._verified:
+                return model, kept_out, kept_in
             try:  # an operation Torch-Pruning mis-modelled shows here, as a sentence, not later as a traceback
                 out = model(self.example)
             except Exception as err:
@@ -333,15 +358,20 @@ class ChannelPruner:
             if isinstance(out, torch.Tensor) and out.shape != self._out_shape:
                 raise ChannelError(f"the channel-pruned model's output has shape {tuple(out.shape)}, the dense "
                                    f"model's {tuple(self._out_shape)}: a cut reached the output")
+            self._verified.add(combination)  # these groups cut together ran once: the next slider move skips the check
         return model, kept_out, kept_in
 
-    def apply(self, config: ChannelConfig) -> ChannelResult:
-        """The smaller model under ``config`` (β per group), with its counted MACs and parameters."""
+    def apply(self, config: ChannelConfig, share: bool = False) -> ChannelResult:
+        """The smaller model under ``config`` (β per group), with its counted MACs and parameters.
+
+        ``share=True`` (the live slider's call): tensors of uncut layers are the pruner's own, not
+        copies (read-only; see :attr:`ChannelResult.shared`); the pruner's snapshot is never modified.
+        """
         if not isinstance(config, ChannelConfig):
             raise ChannelError(f"config must be a ChannelConfig, got {type(config).__name__}")
         start = time.perf_counter()
-        masks, groups = self.removed(config)
-        return self._result(config, masks, groups, start)
+        masks, rows = self._removed(config)
+        return self._result(config, masks, rows, start, share)
 
     def apply_kept(self, kept: Mapping[str, Iterable[int]], config: ChannelConfig = DEFAULT) -> ChannelResult:
         """The smaller model that keeps exactly ``kept`` (per group name, as :meth:`ChannelResult.record` stores)."""
@@ -360,19 +390,20 @@ class ChannelPruner:
             remove = torch.ones(group.channels, dtype=torch.bool)
             remove[idx] = False
             masks[name] = remove
-        _, table = self.removed(ChannelConfig(norm=config.norm, fold_bn=config.fold_bn))
-        table["kept"] = [group.channels - int(masks[g.name].sum()) if g.name in masks else g.channels for g in self.groups]
-        return self._result(config, masks, table, start)
+        _, rows = self._removed(ChannelConfig(norm=config.norm, fold_bn=config.fold_bn))
+        for row, g in zip(rows, self.groups):
+            row["kept"] = g.channels - int(masks[g.name].sum()) if g.name in masks else g.channels
+        return self._result(config, masks, rows, start)
 
-    def _result(self, config: ChannelConfig, masks, groups: pd.DataFrame, start: float) -> ChannelResult:
-        model, kept_out, kept_in = self.build(masks)
-        macs, rows = self._count(self._cuts(masks))
+    def _result(self, config: ChannelConfig, masks, rows: list[dict], start: float, share: bool = False) -> ChannelResult:
+        model, kept_out, kept_in = self.build(masks, share)
+        macs, layer_rows = self._count(self._cuts(masks))
         kept = {g.name: (~masks[g.name]).nonzero().flatten().tolist() if g.name in masks else list(range(g.channels))
                 for g in self.groups}
-        return ChannelResult(model=model, config=config, kept=kept, groups=groups, layers=pd.DataFrame(rows),
+        return ChannelResult(model=model, config=config, kept=kept, group_rows=rows, layer_rows=layer_rows,
                              macs=macs, macs_dense=self.macs_dense, params=sum(p.numel() for p in model.parameters()),
                              params_dense=self.params_dense, kept_out=kept_out, kept_in=kept_in,
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start, shared=share)
 
     def zeroed(self, result: ChannelResult) -> nn.Module:
         """The dense model with every removed channel's producing rows (Conv/Linear/norm weight and bias)

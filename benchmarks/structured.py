@@ -1,0 +1,209 @@
+"""Channel vs weight granularity: accuracy, counted MACs and measured torch eager latency (issue 21).
+
+    python benchmarks/structured.py                       # ResNet-20 and ResNet-18, 2,000 test images
+    python benchmarks/structured.py --models resnet18 --images 10000 --target-macs 0.5
+    python benchmarks/structured.py --models resnet18 --curve 0.8 0.6 0.5 --images 1000
+    python benchmarks/structured.py --torchvision         # random-weight torchvision models: valid, loads back, exports
+
+Per shipped model (``load_choice("pretrained:NAME")``):
+
+* **First paint**: :meth:`ChannelPruner.apply` (the smaller module + per-group and per-layer
+  figures) timed over a grid of τ_ch after one warm-up: median and p95 (the live slider's call).
+* **Rows**, each on the same class-balanced CIFAR-10 *test* images (``--images``; 10000 = all):
+  the dense model; channel granularity at the smallest τ_ch whose counted MACs ≤ ``--target-macs``
+  × dense, without and with the least-squares repair (:func:`repair_channels`, on
+  ``--repair-images`` CIFAR-10 *training* images); weight granularity at the τ whose retention
+  equals the channel model's parameter ratio, without and with the weight-level reconstruction
+  (:func:`repair_setting`). MACs are counted (per image, Conv/Linear): the channel model's are
+  what it executes; a weight-pruned model executes the dense MACs (its zeros are multiplied),
+  its non-zero MACs are shown beside. Latency: torch eager fp32, batch ``--batch`` (64), the
+  project's one timer (:func:`time_interleaved`: warm-up, interleaved rounds, median).
+* ``--curve R …``: accuracy against counted MACs for several MAC ratios, without and with repair,
+  and the groups that limit (kept/channels per group at the target).
+
+The run's conditions (commit, CPU, load average, threads) are printed first. Nothing here asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pandas as pd
+import torch
+from run_conditions import machine_conditions
+
+from core.common.timing import percentile, time_interleaved
+from core.measure.accuracy import balanced_subset, eval_data, evaluate
+from core.measure.channel_repair import repair_channels
+from core.measure.repair import RepairConfig, repair_setting
+from core.measure.tune_channels import smallest_tau_for_macs
+from core.method.channels import ChannelConfig, ChannelPruner
+from core.method.config import CompressionConfig
+from core.method.engine import Engine
+from core.services.choices import load_choice
+
+DEFAULT_TARGETS = {"resnet18": 0.5, "resnet20": 1 / 1.5, "cifar_cnn": 0.5}
+
+
+def first_paint(pruner: ChannelPruner, share: bool, n: int = 30) -> tuple[float, float]:
+    """Median and p95 seconds of ``pruner.apply`` (model, counted MACs, the group table a page shows) over
+    ``n`` τ_ch values in [0, 0.9], shuffled, after a warm-up."""
+    taus = [0.9 * i / (n - 1) for i in range(n)]
+    random.Random(0).shuffle(taus)
+    pruner.apply(ChannelConfig(0.5), share=share)
+    samples = []
+    for tau in taus:
+        start = time.perf_counter()
+        _ = pruner.apply(ChannelConfig(tau), share=share).groups  # the table a page shows, built too
+        samples.append(time.perf_counter() - start)
+    return percentile(samples, 50), percentile(samples, 95)
+
+
+def paint_line(pruner: ChannelPruner) -> str:
+    parts = []
+    for share in (True, False):
+        p50, p95 = first_paint(pruner, share)
+        parts.append(f"{'share=True (live view)' if share else 'share=False (own copy)'}: median {p50 * 1e3:.1f} ms, "
+                     f"p95 {p95 * 1e3:.1f} ms")
+    return "first paint (ChannelPruner.apply over 30 τ_ch) " + "; ".join(parts)
+
+
+def weight_tau_for_retention(engine: Engine, retention: float) -> float:
+    """The weight-level τ whose retention is closest to ``retention`` (bisection: retention falls as τ grows)."""
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if engine.apply(CompressionConfig(tau=mid)).retention > retention:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def latency(models: dict[str, torch.nn.Module], batch: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per batch of each model, torch eager fp32, timed in interleaved rounds."""
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, warmup=2, min_rounds=5,
+                                   max_rounds=30, budget_s=budget_s)
+    return {k: t.median_s for k, t in timings.items()}
+
+
+def run_model(name: str, args: argparse.Namespace, data) -> None:
+    print(f"\n=== {name} ===", flush=True)
+    dense = load_choice(f"pretrained:{name}").model
+    start = time.perf_counter()
+    pruner = ChannelPruner(dense)
+    print(f"ChannelPruner (Torch-Pruning trace, scores): {time.perf_counter() - start:.2f} s; "
+          f"{len(pruner.groups)} groups, {sum(g.prunable for g in pruner.groups)} prunable")
+    print(paint_line(pruner) + " (target ≤ 100 ms p95 for ResNet-18)", flush=True)
+    if args.paint_only:
+        return
+    target = args.target_macs if args.target_macs is not None else DEFAULT_TARGETS.get(name, 0.5)
+    repair = RepairConfig("reconstruct", n_images=args.repair_images, n_holdout=0)
+    dense_acc = evaluate(dense, data).accuracy
+    rows = [{"model": name, "granularity": "dense", "setting": "-", "repair": "-", "accuracy": dense_acc,
+             "macs": pruner.macs_dense, "nonzero_macs": pruner.macs_dense, "params": pruner.params_dense}]
+    models = {"dense": dense}
+    tau, _ = smallest_tau_for_macs(pruner, target)
+    result = pruner.apply(ChannelConfig(tau))
+    fixed = repair_channels(dense, result, config=repair)
+    print(f"channel τ_ch = {tau:.4f}: MACs {result.mac_ratio:.3f} × dense; repair {fixed.seconds:.1f} s", flush=True)
+    for label, model in (("none", result.model), ("reconstruct", fixed.model)):
+        rows.append({"model": name, "granularity": "channel", "setting": f"τ_ch={tau:.3f}", "repair": label,
+                     "accuracy": evaluate(model, data).accuracy, "macs": result.macs, "nonzero_macs": result.macs,
+                     "params": result.params})
+        models[f"channel/{label}"] = model
+    engine = Engine(dense)
+    w_tau = weight_tau_for_retention(engine, result.params / result.params_dense)
+    weight = engine.apply(CompressionConfig(tau=w_tau))
+    weight_fixed = repair_setting(dense, engine, weight, config=repair)
+    nonzero = round(pruner.macs_dense * (1 - weight.compute_reduction))
+    for label, model in (("none", weight.model), ("reconstruct", weight_fixed.model)):
+        rows.append({"model": name, "granularity": "weight", "setting": f"τ={w_tau:.3f} (ρ={weight.retention:.3f})",
+                     "repair": label, "accuracy": evaluate(model, data).accuracy, "macs": pruner.macs_dense,
+                     "nonzero_macs": nonzero, "params": round(pruner.params_dense * weight.retention)})
+        models[f"weight/{label}"] = model
+    timed = latency({"dense": dense, "channel": result.model, "weight": weight.model}, args.batch, args.budget)
+    table = pd.DataFrame(rows)
+    table["Δ points"] = 100 * (table["accuracy"] - dense_acc)
+    table["MACs × dense"] = table["macs"] / pruner.macs_dense
+    table["latency ms"] = [1e3 * timed["dense" if g == "dense" else g] for g in table["granularity"]]
+    table["speed-up"] = timed["dense"] / table["latency ms"] * 1e3
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    groups = result.groups[result.groups["prunable"]]
+    print("kept channels per group at the target:",
+          ", ".join(f"{r.name} {r.kept}/{r.channels}" for r in groups.itertuples()))
+    for ratio in args.curve:
+        t, _ = smallest_tau_for_macs(pruner, ratio)
+        r = pruner.apply(ChannelConfig(t))
+        f = repair_channels(dense, r, config=repair)
+        print(f"curve: MACs {r.mac_ratio:.3f} × dense (τ_ch {t:.3f}): accuracy {evaluate(r.model, data).accuracy:.4f} "
+              f"without repair, {evaluate(f.model, data).accuracy:.4f} with (dense {dense_acc:.4f})", flush=True)
+
+
+def run_torchvision(names: list[str]) -> None:
+    """Random-weight torchvision models: the channel-pruned model's output shape, loading back, ONNX fp32 export."""
+    from core.deploy.channel_file import channel_bundle_bytes, load_channel_bundle
+    from core.deploy.onnx_export import export_fp32
+    from core.workloads.torchvision_models import build as build_tv
+
+    for name in names:
+        print(f"\n=== torchvision:{name} (random weights) ===", flush=True)
+        try:
+            model = build_tv(name, {"num_classes": 10}).eval()
+            x = torch.randn(1, 3, 224, 224)
+            start = time.perf_counter()
+            pruner = ChannelPruner(model, x)
+            result = pruner.apply(ChannelConfig(0.5))
+            with torch.no_grad():
+                same = result.model(x).shape == model(x).shape
+            stuck = [f"{g.name}: {g.reason}" for g in pruner.groups if not g.prunable]
+            back = load_channel_bundle(channel_bundle_bytes(result.model, result.record(), f"torchvision:{name}"))
+            with torch.no_grad():
+                equal = torch.allclose(back(x), result.model(x))
+            with tempfile.TemporaryDirectory() as tmp:
+                export_fp32(result.model, Path(tmp) / "m.onnx", x)
+            print(f"MACs {result.mac_ratio:.3f} × dense at τ_ch 0.5; same output shape {same}; loads back {equal}; "
+                  f"ONNX fp32 export ok; {len(pruner.groups)} groups, {len(stuck)} not prunable; "
+                  f"{time.perf_counter() - start:.1f} s")
+            for line in stuck[:5]:
+                print("  not pruned:", line)
+        except Exception as err:  # noqa: BLE001 - a benchmark reports any failure per model, it does not stop
+            print(f"cannot be channel-pruned here: {type(err).__name__}: {str(err)[:300]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet18"])
+    parser.add_argument("--images", type=int, default=2000, help="class-balanced test images (10000: all)")
+    parser.add_argument("--target-macs", type=float, default=None, help="MAC ratio (default per model: 0.667, 0.5)")
+    parser.add_argument("--repair-images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per latency table")
+    parser.add_argument("--curve", type=float, nargs="*", default=[])
+    parser.add_argument("--paint-only", action="store_true", help="only the first-paint timing")
+    parser.add_argument("--torchvision", nargs="*", default=None,
+                        help="random-weight torchvision models (default: resnet50 mobilenet_v3_small vit_b_16)")
+    args = parser.parse_args()
+    print("conditions:", machine_conditions(ROOT), f"torch threads {torch.get_num_threads()}", flush=True)
+    if args.torchvision is not None:
+        run_torchvision(args.torchvision or ["resnet50", "mobilenet_v3_small", "vit_b_16"])
+        return
+    full = eval_data("test")
+    data = full if args.images >= len(full.labels) else balanced_subset(full, max(1, args.images // 10))
+    print(f"accuracy on {len(data.labels)} CIFAR-10 test images; repairs on {args.repair_images} training images")
+    for name in args.models:
+        run_model(name, args, data)
+
+
+if __name__ == "__main__":
+    main()
