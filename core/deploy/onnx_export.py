@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from core.deploy.int8_weights import Int8Weights, fold_batchnorm
+from core.deploy.onnx_runtimes import RuntimeMissing, require
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -252,6 +253,7 @@ def _weight_nodes(model) -> dict[str, object]:
 
 def _quantize(fp32_path: Path, out_path: Path, images: torch.Tensor, config: ExportConfig,
               exclude_nodes: list[str]) -> None:
+    require("onnxruntime")  # RuntimeMissing, with the pip line, when ONNX Runtime is not installed
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -366,6 +368,8 @@ def export_int8(model: nn.Module, path: str | Path, images: torch.Tensor | None,
         quantized = Path(tmp) / "quantized.onnx"
         try:
             _quantize(fp32, quantized, images, config, exclude)
+        except RuntimeMissing:
+            raise
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not quantize {type(model).__name__}: {str(exc).splitlines()[0][:300]}") from exc
         qmodel = onnx.load(str(quantized))

@@ -19,7 +19,9 @@ openvino            fp32, bf16,  ``dense.onnx`` (fp32, bf16), ``model.onnx`` (fp
   ``speedup_vs_runtime_dense`` = the same runtime's dense fp32 latency / the row's latency.
 * **Accuracy**: from the runtime's own outputs on the first ``n`` images of the balanced order
   (:func:`core.measure.paired.balanced_order`; every image when ``eval_images`` is None), paired
-  with the dense torch model on the same images: ``delta`` = (newly right − newly wrong) / n.
+  with the dense torch model on the same images: ``delta`` = (newly right − newly wrong) / n, with
+  its paired 95 % interval ``delta_low``/``delta_high`` (:func:`core.measure.paired.paired_interval`,
+  closed when every image was run). A larger ``eval_images`` refines it: the same balanced prefix, extended.
   An accuracy more than ``COLLAPSE_POINTS`` below dense is flagged (``collapsed``), never hidden.
 * **Bytes**: the row's file on disk and zipped (torch rows: ``torch.save(state_dict)``).
 
@@ -51,15 +53,19 @@ from core.deploy.onnx_runtimes import (
 )
 from core.measure.accuracy import EvalData
 from core.measure.deploy_export import FileSize, SettingFiles
-from core.measure.paired import balanced_order
+from core.measure.paired import balanced_order, paired_interval
 
 #: an accuracy this many points below the dense model's is flagged as collapsed
 COLLAPSE_POINTS = 10.0
 TORCH = "torch eager"
 
 COLUMNS = ["runtime", "precision", "model", "batch", "latency_ms", "p95_ms", "rounds", "speedup_vs_torch_dense",
-           "speedup_vs_runtime_dense", "accuracy", "delta", "n_images", "newly_wrong", "newly_right", "collapsed",
-           "file", "bytes", "zipped_bytes"]
+           "speedup_vs_runtime_dense", "accuracy", "delta", "delta_low", "delta_high", "n_images", "newly_wrong",
+           "newly_right", "collapsed", "file", "bytes", "zipped_bytes"]
+#: what the table shows, in one sentence (for the page beside it)
+WHAT_GIVES_SPEED = ("Speed comes from int8 (and bf16) kernels in a graph runtime, which fuse layers and run dense "
+                    "int8 arithmetic; the pruned zeros give size, not speed: no maintained CPU runtime multiplies "
+                    "unstructured zeros faster, but they compress (the zipped file column).")
 
 
 class DeployCancelled(RuntimeError):
@@ -235,11 +241,12 @@ def measure_deployment(dense: nn.Module, compressed: nn.Module, files: SettingFi
                 labels = data.labels[order]
     finally:
         torch.set_num_threads(threads)
-    return _table(wanted, timings, predictions, labels if n_eval else None, files, config, notes, n_eval)
+    return _table(wanted, timings, predictions, labels if n_eval else None, files, config, notes, n_eval,
+                  len(data) if data is not None else 0)
 
 
 def _table(wanted, timings, predictions, labels, files: SettingFiles, config: DeployConfig, notes: list[str],
-           n_eval: int) -> DeployTable:
+           n_eval: int, population: int) -> DeployTable:
     state = files.sizes.get("state_dict")
     dense_right = None
     dense_accuracy = None
@@ -264,9 +271,10 @@ def _table(wanted, timings, predictions, labels, files: SettingFiles, config: De
                 right = predictions[(runtime, precision, model)] == labels
                 accuracy = float(right.float().mean())
                 collapsed = dense_accuracy - accuracy > COLLAPSE_POINTS / 100
-                row.update(accuracy=accuracy, delta=accuracy - dense_accuracy, n_images=n_eval,
-                           newly_wrong=int((dense_right & ~right).sum()), newly_right=int((~dense_right & right).sum()),
-                           collapsed=collapsed)
+                newly_wrong, newly_right = int((dense_right & ~right).sum()), int((~dense_right & right).sum())
+                low, high = paired_interval(newly_right, newly_wrong, n_eval, population)
+                row.update(accuracy=accuracy, delta=accuracy - dense_accuracy, delta_low=low, delta_high=high,
+                           n_images=n_eval, newly_wrong=newly_wrong, newly_right=newly_right, collapsed=collapsed)
                 if collapsed and batch == config.batches[0]:
                     notes.append(f"{runtime} {precision} {model}: accuracy collapsed to {accuracy:.2%} "
                                  f"(dense {dense_accuracy:.2%})")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.deploy.onnx_export import ExportConfig, export_int8
 from core.deploy.onnx_runtimes import (
     RuntimeConfig,
     RuntimeMissing,
@@ -35,11 +36,16 @@ def _data() -> EvalData:
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_a_missing_runtime_says_how_to_install_it(runtime, monkeypatch):
+def test_a_missing_runtime_says_how_to_install_it(runtime, monkeypatch, tmp_path):
+    s = setting()  # exported before the runtime goes missing
     monkeypatch.setitem(sys.modules, runtime, None)  # import fails as if not installed
     assert not available(runtime)
     with pytest.raises(RuntimeMissing, match=f"pip install {runtime}"):
-        load(setting().files.fp32, runtime, "fp32")
+        load(s.files.fp32, runtime, "fp32")
+    if runtime == "onnxruntime":  # the int8 export calibrates with it
+        monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+        with pytest.raises(RuntimeMissing, match="pip install onnxruntime"):
+            export_int8(s.result.model, tmp_path / "x.onnx", s.calibration[:8], config=ExportConfig(exporter="torchscript"))
 
 
 def test_unknown_runtime_or_precision_is_refused():
@@ -99,3 +105,15 @@ def test_a_cancelled_measurement_returns_nothing():
 
     with pytest.raises(DeployCancelled, match="cancelled after 1"):
         measure_deployment(s.dense, s.result.model, s.files, None, config=SMALL, cancel=cancel_after_first_step)
+
+
+def test_the_paired_interval_closes_when_every_image_was_run():
+    s = setting()
+    config = DeployConfig(batches=(2,), eval_images=None, budget_s=0.02, min_rounds=1, max_rounds=2,
+                          runtimes=("onnxruntime",))
+    frame = measure_deployment(s.dense, s.result.model, s.files, _data(), config=config).table
+    assert (frame.delta_low == frame.delta).all() and (frame.delta_high == frame.delta).all()
+    half = measure_deployment(s.dense, s.result.model, s.files, _data(),
+                              config=DeployConfig(**{**config.__dict__, "eval_images": 16})).table
+    compressed = half[half.model == "compressed"]
+    assert (compressed.delta_low <= compressed.delta).all() and (compressed.delta <= compressed.delta_high).all()
