@@ -35,6 +35,8 @@ def deploy_outputs(outcome, repair: RepairConfig, *, config: DeployConfig = EVER
     (its model, data, setting) at repair level ``repair.method``; and the measured table.
 
     ``config.eval_images`` None (the default): every evaluation image the setting was evaluated on.
+    The files are exported into a temporary folder and returned as bytes (``core.tune`` writes them
+    all at once); the table's ``files`` paths point into that folder, which no longer exists.
     """
     inputs = outcome.inputs
     tuned = inputs.model
