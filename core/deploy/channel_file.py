@@ -58,7 +58,11 @@ def channel_model(dense: nn.Module, record: Mapping, label: str = "the file",
                   example_input: torch.Tensor | None = None) -> nn.Module:
     """The smaller module ``record`` describes, cut from ``dense`` (never modified); its weights are dense's kept ones."""
     record = check_record(record, label)
-    config = ChannelConfig.from_dict({k: v for k, v in record.items() if k != "kept"})
+    config = ChannelConfig.from_dict({k: v for k, v in record.items() if k not in ("kept", "input_shape")})
+    shape = record.get("input_shape")
+    if example_input is None and isinstance(shape, list) and shape and len(shape) <= 4 \
+            and all(isinstance(d, int) and 0 < d <= 4096 for d in shape):
+        example_input = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     try:
         return ChannelPruner(dense, example_input).apply_kept(record["kept"], config).model
     except ChannelError as err:

@@ -121,6 +121,7 @@ class ChannelResult:
     kept_in: dict[str, torch.Tensor] = field(repr=False)
     seconds: float = 0.0
     shared: bool = False
+    input_shape: tuple[int, ...] = ()  # one sample's shape, as traced (a file records it: the rebuild traces the same)
 
     @functools.cached_property
     def groups(self) -> pd.DataFrame:
@@ -137,4 +138,5 @@ class ChannelResult:
 
     def record(self) -> dict:
         """What a file stores to rebuild the smaller model from the dense architecture (JSON-ready)."""
-        return {**self.config.to_dict(), "kept": {k: list(v) for k, v in self.kept.items()}}
+        return {**self.config.to_dict(), "input_shape": list(self.input_shape),
+                "kept": {k: list(v) for k, v in self.kept.items()}}

@@ -403,7 +403,8 @@ class ChannelPruner:
         return ChannelResult(model=model, config=config, kept=kept, group_rows=rows, layer_rows=layer_rows,
                              macs=macs, macs_dense=self.macs_dense, params=sum(p.numel() for p in model.parameters()),
                              params_dense=self.params_dense, kept_out=kept_out, kept_in=kept_in,
-                             seconds=time.perf_counter() - start, shared=share)
+                             seconds=time.perf_counter() - start, shared=share,
+                             input_shape=tuple(self.example.shape[1:]))
 
     def zeroed(self, result: ChannelResult) -> nn.Module:
         """The dense model with every removed channel's producing rows (Conv/Linear/norm weight and bias)
