@@ -66,8 +66,8 @@ def _panel(slot: str, what: str, watcher: Hashable, draw_partial: Callable[[obje
         st.rerun()  # the full run hands the result to the section and stops polling
     job.watch(watcher)
     if not job.cancelled and st.button("Cancel", key=f"{slot}_cancel",
-                                       help="Stops the measurement within about a second. The rows measured so far "
-                                            "stay in the cache: running it again resumes there."):
+                                       help="Stops the measurement within about a second. On CIFAR-10, the rows "
+                                            "measured so far stay in the disk cache: running it again resumes there."):
         tune_jobs.stop(job, watcher)
         if not job.cancelled:  # another session watches the same measurement: it goes on for them
             del st.session_state[slot]
@@ -84,9 +84,8 @@ _polling_panel = st.fragment(run_every=POLL_S)(_panel)
 def track(slot: str, what: str, watcher: Hashable, on_result: Callable[[object, Hashable], None],
           draw_partial: Callable[[object], None] | None = None) -> None:
     """Draw the section's job: a polling panel while it runs; once it has finished, ``on_result(result, key)``
-    (``key``: the job's key, what the result was measured for)
-    (or the note of a cancel, with the results measured so far). A failed job's error is raised here, on every
-    run until the section starts another job."""
+    (``key``: the job's key, what the result was measured for), or the note of a cancel with the results
+    measured so far. A failed job's error is raised here, on every run until the section starts another job."""
     state = st.session_state
     job = state.get(slot)
     if isinstance(job, Job) and job.finished:
@@ -97,9 +96,10 @@ def track(slot: str, what: str, watcher: Hashable, on_result: Callable[[object, 
         if not isinstance(job.error, Cancelled):
             state[f"{slot}_error"] = job.error  # shown on every run until the next start
             raise job.error
+        resume = ("Run it again to measure it whole." if getattr(job, "remember", False) else
+                  "What it measured is kept in the disk cache: run it again to resume.")
         state[f"{slot}_note"] = (f"{what} was cancelled after {job.done} of {job.total} steps "
-                                 f"({job.elapsed_s:.0f} s). What it measured is kept in the cache: run it again "
-                                 "to resume.")
+                                 f"({job.elapsed_s:.0f} s). {resume}")
         state[f"{slot}_partial"] = job.partial
         job = None
     if isinstance(job, Job):
