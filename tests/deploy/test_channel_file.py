@@ -68,3 +68,14 @@ def test_onnx_fp32_export_takes_the_smaller_model(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, small(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_ordinary_packed_file_loads_as_before(tmp_path):
+    from core.deploy.packed_writer import save_compressed
+
+    torch.manual_seed(1)
+    dense = build("resnet20").eval()
+    result = Engine(dense).apply(CompressionConfig(tau=0.2))
+    path = save_compressed(result, tmp_path / "plain.packed", arch="resnet20")
+    with torch.no_grad():
+        assert torch.equal(load_compressed(path)(X), result.model(X))
