@@ -7,11 +7,12 @@ from core.services.repairs import JOB_LEVELS
 from core.services.session import ExploreRequest
 from core.services.session_accuracy import ACCURACY_TARGETS
 from core.services.session_measurements import LATENCY_BATCHES
-from core.services.recorded import AS_LOADED
+from core.services.recorded import AS_LOADED, same_setting
 from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets, show_recorded
 from ui import glossary
 from ui.repair_view import await_repair, repair_choice, repair_wanted, show_pending, show_repair
 from ui.errors import literal
+from ui.deploy_view import show_deploy
 from ui.charts import histogram_figure, paths_figure, retention_figure
 from ui.sidebar import page_setup
 from ui.state import PALETTE, current_config, device, footer, guard
@@ -85,7 +86,7 @@ with guard("Updating the view"):
     for note in notes:
         st.warning(note)
     recorded = loaded.recorded
-    as_loaded = recorded is not None and config == recorded.config
+    as_loaded = recorded is not None and same_setting(config, recorded.config)
     show_recorded(recorded, as_loaded, session)
     if as_loaded:  # the upload as it is: compressing it again with its own setting would not give it back
         config = AS_LOADED
@@ -185,9 +186,14 @@ with left:
     h = view.histogram
     st.plotly_chart(histogram_figure(h, state["hist_log"], config.b_low, config.b_high), key="histogram")
     theta_text = "" if h.theta is None else f", θ = {h.theta:.4g}"
-    st.caption(f"What you see: the weights of **{h.layer}** ({h.numel:,} values) in {len(h.pruned)} bins, coloured "
-               f"by what this setting does to them. Dashed red lines: ±β (β = {h.beta:.4g}){theta_text}"
-               f"{' (dotted green)' if h.theta is not None else ''}. Between the red lines everything is pruned.")
+    if as_loaded:
+        st.caption(f"What you see: the weights of **{h.layer}** ({h.numel:,} values) in {len(h.pruned)} bins, as the "
+                   "uploaded file holds them: its pruned weights are the zeros in the middle bin (β is only the "
+                   "exact zero here). Move τ to prune these weights again and see β.")
+    else:
+        st.caption(f"What you see: the weights of **{h.layer}** ({h.numel:,} values) in {len(h.pruned)} bins, "
+                   f"coloured by what this setting does to them. Dashed red lines: ±β (β = {h.beta:.4g}){theta_text}"
+                   f"{' (dotted green)' if h.theta is not None else ''}. Between the red lines everything is pruned.")
 with right:
     st.plotly_chart(retention_figure(stats, h.layer), key="retention_chart")
     st.caption("What you see: the share of each layer's weights that survives the boundary (counted), "
@@ -237,6 +243,9 @@ with perf:
     latency_detail = st.empty()
 
 st.subheader("Realized savings · measured")
+with guard("Exporting and measuring in ONNX Runtime and OpenVINO"):
+    show_deploy(session, result, view.repair_pending or level)  # a pending repair: it must run first
+st.markdown("#### In this app: the packed file and PyTorch's execution paths · measured")
 st.caption("What you would actually get, not what is counted: the packed file written to disk (`core.deploy.packed_writer`) "
            "and the latency of each execution path (`core.deploy.runtime`): **dense** multiplies the zeros, **sparse** "
            "runs CSR kernels, **int8** weight-only int8 (Linear layers whose weights are exact int8 codes), "

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.common.steps import checkpoint, turn
+from core.common.steps import Cancelled, checkpoint, turn
 from core.common.timing import time_interleaved
 from core.deploy.onnx_runtimes import (
     RUNTIMES,
@@ -68,12 +68,13 @@ WHAT_GIVES_SPEED = ("Speed comes from int8 (and bf16) kernels in a graph runtime
                     "unstructured zeros faster, but they compress (the zipped file column).")
 
 
-class DeployCancelled(RuntimeError):
-    """The measurement was stopped through its ``cancel`` argument; no table was produced."""
+class DeployCancelled(Cancelled, RuntimeError):
+    """The measurement was stopped through its ``cancel`` argument; no table was produced (a job's
+    :class:`core.common.steps.Cancelled`, so the pages report it as a cancel, not as an error)."""
 
     def __init__(self, done: int, total: int):
-        super().__init__(f"deployment measurement cancelled after {done} of {total} steps; nothing was returned")
-        self.done, self.total = done, total
+        super().__init__(done, total)
+        self.args = (f"deployment measurement cancelled after {done} of {total} steps; nothing was returned",)
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,19 @@ def settings_for_other_model(text: str | bytes, arch: str, arch_kwargs: dict) ->
         return (f"it was exported for a {theirs} built with {their_kwargs}, and the model loaded here is built "
                 f"with {dict(arch_kwargs)}")
     return None
+
+
+def _rounded(value: object, digits: int = 9) -> object:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def same_setting(a: CompressionConfig, b: CompressionConfig) -> bool:
+    """Whether two settings are the same up to float noise (a slider's 0.1 + 25 · 0.01 is 0.35000000000000003,
+    and the slider sends back 0.35)."""
+    return _rounded(a.to_dict()) == _rounded(b.to_dict())

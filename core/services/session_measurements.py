@@ -6,18 +6,26 @@ OpenVINO) belong here too: one method and one cache per table, keyed the same wa
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
+
+import torch
+from torch import nn
 
 from core.common.lru import LRUCache
 from core.common.memory import process_rss_bytes
+from core.measure.accuracy import EvalData, eval_data
+from core.measure.deploy_table import DeployConfig, DeployTable
 from core.measure.latency import LatencyReport, measure_latency
 from core.measure.realized import RealizedSavings, measure_realized
 from core.method.config import CompressionConfig
-from core.method.engine import CompressionResult
+from core.method.engine import CompressionResult, Engine
+from core.services import deploy_jobs
 from core.services.compute_queue import COMPUTE
-from core.services.session_context import SessionContext
+from core.services.jobs import Job
+from core.services.repairs import JOB_LEVELS
+from core.services.session_context import SessionContext, shared_snapshot
 from core.services.session_repairs import SessionRepairs, module_bytes
 
 LATENCY_BATCHES: tuple[int, ...] = (1, 16, 64)
@@ -28,6 +36,17 @@ REALIZED_BUDGET_S = 0.05  # timing effort per layer and kernel when measuring th
 LATENCY_CACHE = LRUCache(1024)
 #: realized savings, keyed by (model key, config, batch, device)
 REALIZED_CACHE = LRUCache(64)
+#: the deployment table the Explore page measures: batch 1 and 64, one thread, 1,000 evaluation images
+DEPLOY_CONFIG = DeployConfig()
+DEPLOY_CALIBRATION_IMAGES = 256  # of the user's images, for a model that is not a CIFAR-10 one
+
+
+@dataclass(frozen=True)
+class _Recalibrated:
+    """A BN-recalibrated model in the form the export takes a repair: its ``model``, and no re-solved codes."""
+
+    model: nn.Module
+    quantized: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +117,68 @@ class SessionMeasurements:
                                           budget_s=REALIZED_BUDGET_S)
             REALIZED_CACHE.put(key, cached)
         return cached
+
+    # -------------------------------------------------------- deployment: ONNX Runtime and OpenVINO
+
+    def deploy_key(self, config: CompressionConfig, level: str) -> tuple:
+        """What a deployment table is measured for: model, setting, repair level, images and table options."""
+        return (self._context.key, self._context.data_key, config, self._repairs.applied_level(level), DEPLOY_CONFIG)
+
+    def cached_deploy(self, config: CompressionConfig, level: str) -> DeployTable | None:
+        """The deployment table of ``config`` at ``level`` if any session measured it."""
+        return deploy_jobs.cached(self.deploy_key(config, level))
+
+    def deploy_unavailable(self, config: CompressionConfig, level: str) -> str | None:
+        """Why the deployment table cannot be measured now (a sentence), or None."""
+        level = self._repairs.applied_level(level)
+        if level in JOB_LEVELS and self._repairs.cached(config, level) is None:
+            return "Run the repair first: the exported files carry the repaired weights."
+        if self._calibration() is None:
+            return ("The int8 file needs unlabelled calibration images: CIFAR-10 training images for a CIFAR-10 "
+                    "model, or your own images (Evaluation data → my images).")
+        return None
+
+    def _calibration(self) -> torch.Tensor | None:
+        """Unlabelled images the int8 activations are calibrated on: CIFAR-10 training images, else the user's."""
+        context = self._context
+        if context.evaluates_cifar:
+            return self._repairs.calibration_images()
+        if context.data is not None:
+            return context.data.images[:DEPLOY_CALIBRATION_IMAGES]
+        return None
+
+    def deploy(self, result: CompressionResult, level: str, watcher: Hashable) -> Job:
+        """Start (or join) the export and measurement of ``result`` at ``level`` as a queued job (see
+        :mod:`core.services.deploy_jobs`); check :meth:`deploy_unavailable` first.
+
+        The job compresses the setting again on a private engine over the shared snapshot (the
+        session's own buffer moves with its sliders while the job runs) and exports the repair of
+        ``level``: a job level's cached repair, or the BN-recalibrated model for ``"bn"``.
+        """
+        context, config = self._context, result.config
+        level = self._repairs.applied_level(level)
+        repaired = None
+        if level in JOB_LEVELS:
+            repaired = self._repairs.cached(config, level)
+        elif level == "bn":
+            with COMPUTE.job():
+                repaired = _Recalibrated(self._repairs.model(result, "bn"))
+        calibration = self._calibration()
+        if context.data is not None and context.data.labelled:
+            data = EvalData(context.data.images, context.data.labels, "user")
+        elif context.evaluates_cifar:
+            data = eval_data("test", context.loaded.mean, context.loaded.std)
+        else:
+            data = None
+        dense, snapshot = context.loaded.model, shared_snapshot(context.loaded)
+
+        def work(job: Job) -> DeployTable:
+            engine = Engine.sharing(snapshot)
+            own = engine.apply(config)
+            return deploy_jobs.deploy_work(dense, engine, own, calibration, data, repaired=repaired,
+                                           config=DEPLOY_CONFIG)(job)
+
+        return deploy_jobs.submit(self.deploy_key(config, level), work, watcher)
 
     # -------------------------------------------------------- memory
 
