@@ -3,6 +3,7 @@
     python benchmarks/structured.py                       # ResNet-20 and ResNet-18, 2,000 test images
     python benchmarks/structured.py --models resnet18 --images 10000 --target-macs 0.5
     python benchmarks/structured.py --models resnet18 --curve 0.8 0.6 0.5 --images 1000
+    python benchmarks/structured.py --models resnet18 --layer-tau conv1=0   # the first stage's stream kept whole
     python benchmarks/structured.py --torchvision         # random-weight torchvision models: valid, loads back, exports
 
 Per shipped model (``load_choice("pretrained:NAME")``):
@@ -113,8 +114,10 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     rows = [{"model": name, "granularity": "dense", "setting": "-", "repair": "-", "accuracy": dense_acc,
              "macs": pruner.macs_dense, "nonzero_macs": pruner.macs_dense, "params": pruner.params_dense}]
     models = {"dense": dense}
-    tau, _ = smallest_tau_for_macs(pruner, target)
-    result = pruner.apply(ChannelConfig(tau))
+    overrides = dict(item.split("=") for item in args.layer_tau)
+    base = ChannelConfig(layer_tau={k: float(v) for k, v in overrides.items()})
+    tau, _ = smallest_tau_for_macs(pruner, target, base)
+    result = pruner.apply(ChannelConfig(tau, layer_tau=dict(base.layer_tau)))
     fixed = repair_channels(dense, result, config=repair)
     print(f"channel τ_ch = {tau:.4f}: MACs {result.mac_ratio:.3f} × dense; repair {fixed.seconds:.1f} s", flush=True)
     for label, model in (("none", result.model), ("reconstruct", fixed.model)):
@@ -143,8 +146,8 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     print("kept channels per group at the target:",
           ", ".join(f"{r.name} {r.kept}/{r.channels}" for r in groups.itertuples()))
     for ratio in args.curve:
-        t, _ = smallest_tau_for_macs(pruner, ratio)
-        r = pruner.apply(ChannelConfig(t))
+        t, _ = smallest_tau_for_macs(pruner, ratio, base)
+        r = pruner.apply(ChannelConfig(t, layer_tau=dict(base.layer_tau)))
         f = repair_channels(dense, r, config=repair)
         print(f"curve: MACs {r.mac_ratio:.3f} × dense (τ_ch {t:.3f}): accuracy {evaluate(r.model, data).accuracy:.4f} "
               f"without repair, {evaluate(f.model, data).accuracy:.4f} with (dense {dense_acc:.4f})", flush=True)
@@ -193,6 +196,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per latency table")
     parser.add_argument("--curve", type=float, nargs="*", default=[])
+    parser.add_argument("--layer-tau", nargs="*", default=[], metavar="LAYER=T",
+                        help="per-layer τ_ch overrides kept fixed while --target-macs picks the uniform τ_ch "
+                             "(e.g. conv1=0: the stem's residual stream untouched)")
     parser.add_argument("--paint-only", action="store_true", help="only the first-paint timing")
     parser.add_argument("--torchvision", nargs="*", default=None,
                         help="random-weight torchvision models (default: resnet50 mobilenet_v3_small vit_b_16)")
