@@ -133,7 +133,11 @@ class SessionMeasurements:
         level = self._repairs.applied_level(level)
         if level in JOB_LEVELS and self._repairs.cached(config, level) is None:
             return "Run the repair first: the exported files carry the repaired weights."
-        if self._calibration() is None:
+        try:
+            images = self._calibration()
+        except (OSError, RuntimeError, ValueError) as err:  # DataError is a RuntimeError: the archive is missing
+            return f"The int8 file needs calibration images, and none could be read: {err}"
+        if images is None:
             return ("The int8 file needs unlabelled calibration images: CIFAR-10 training images for a CIFAR-10 "
                     "model, or your own images (Evaluation data → my images).")
         return None

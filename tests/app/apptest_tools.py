@@ -67,3 +67,9 @@ def image_zip(classes: dict[str, int] | None, extra: dict[str, bytes] | None = N
         for name, data in (extra or {}).items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def kept(at: AppTest, key: str):
+    """A widget's value also where its page does not draw it (Streamlit then drops the key; ui.state keeps a copy)."""
+    state = at.session_state
+    return state[key] if key in state else state["_keep_" + key]

@@ -30,7 +30,7 @@ from tests.services.test_hostile_inputs import (
     table_bomb,
     torch_bomb,
 )
-from tests.app.apptest_tools import start
+from tests.app.apptest_tools import kept, start
 from ui.errors import literal, unescape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ def test_hostile_settings_on_the_export_page():
                     "Export a settings file above and load that one.")
         assert shown(error) == printable(expected, 1000), name
         assert_literal(error.value)
-        assert at.session_state["tau"] == 0.2 and at.session_state["include_norm"] is False, name
+        assert kept(at, "tau") == 0.2 and kept(at, "include_norm") is False, name
     # unknown layer names are applied without them, with a warning that shows them literally
     text = json.dumps({"tau": 0.3, "layer_tau": {"[evil](http://x.example)": 0.5, "__class__": 0.2}}).encode()
     at.file_uploader(key="settings_file").set_value(("layers.json", text, "application/json"))

@@ -141,7 +141,7 @@ def test_per_layer_tau_override():
 def test_paper_option_prunes_batchnorm_and_is_labelled():
     at = start(tau=0.3)
     labels = [c.label for c in at.checkbox]
-    assert any("Paper pseudocode" in label and "BatchNorm" in label for label in labels)
+    assert any("paper code" in label and "norm" in label for label in labels)
     before = set(explorer(at).engine.layer_names)
     at.checkbox(key="include_norm").check().run()
     no_errors(at)
