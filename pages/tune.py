@@ -23,7 +23,7 @@ from core.services import tune_jobs
 from core.services.session_repairs import CALIBRATION_IMAGES
 from ui import tune_charts, tune_user_data
 from ui import tune_jobs as jobs_view
-from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap
+from ui.charts import add_reference, curves_figure, pareto_figure, sensitivity_heatmap
 from ui.errors import literal
 from ui.sidebar import page_setup
 from ui.state import PALETTE, apply_config, current_config, device, footer, guard
@@ -308,10 +308,10 @@ else:
         with right:
             taus = pd.Series(allocation.layer_tau)
             per_layer = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
-            per_layer.add_hline(y=comparison.uniform_tau, line_dash="dash", line_color="black",
-                                annotation_text="uniform τ, same retention")
+            add_reference(per_layer, "uniform τ, same retention", y=comparison.uniform_tau, color="black",
+                          dash="dash")
             per_layer.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ",
-                                    xaxis_tickangle=-60)
+                                    xaxis_tickangle=-60, legend=dict(orientation="h", y=-0.35))
             st.plotly_chart(per_layer, key="tune_alloc_taus")
             st.caption(f"What you see: the chosen τ of every layer. Estimated drop from the sensitivity (summed over "
                        f"layers, without BN recalibration unless it was measured with it): "
