@@ -42,6 +42,7 @@ from core.measure.accuracy import bn_recalibrate
 from core.measure.calibration import Lockstep, Step, TraceError, calibration_split
 from core.measure.repair.estimate import estimate_seconds
 from core.measure.repair.solver import add_gram, conv_rows, solve
+from core.measure.repair.steps import channel_mean, channel_stats, submodule_or_none
 from core.measure.repair.types import (
     METHODS,
     RepairConfig,
@@ -57,30 +58,6 @@ RECONSTRUCT = RepairConfig()  # the default: reconstruct on 512 training images
 
 def _pick(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return t if keep is None else t.index_select(1, keep.to(t.device))
-
-
-def _mean(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Per channel (dim 1) mean over every other dimension and batch, float64."""
-    total, count = 0, 0
-    for t in batches:
-        dims = [d for d in range(t.ndim) if d != 1]
-        n = t.numel() // t.shape[1]
-        total = total + (t.double().mean(dims) if dims else t.double()) * n
-        count += n
-    return total / count
-
-
-def _mean_var(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel mean and unbiased variance (the running statistics BatchNorm keeps)."""
-    mean = _mean(batches)
-    squares, count = 0, 0
-    for t in batches:
-        dims = [d for d in range(t.ndim) if d != 1]
-        shape = [1] * t.ndim
-        shape[1] = -1
-        squares = squares + ((t.double() - mean.view(shape)) ** 2).sum(dims)
-        count += t.numel() // t.shape[1]
-    return mean, squares / max(count - 1, 1)
 
 
 class _ChannelHooks:
@@ -120,12 +97,12 @@ class _ChannelHooks:
             else:
                 actions.append(reason)
         outputs = step.forward()
-        feeds_bn = len(step.users) == 1 and isinstance(self._module(step.users[0]), _BN)
+        feeds_bn = len(step.users) == 1 and isinstance(submodule_or_none(self.root, step.users[0]), _BN)
         if not same and feeds_bn:
             self.pending_bn[step.users[0]] = step.name
             actions.append(f"mean restored at {step.users[0]} (BN shift)")
         elif not same and getattr(step.module, "bias", None) is not None:
-            step.module.bias.add_((_mean(targets) - _mean(outputs)).to(step.module.bias.dtype))
+            step.module.bias.add_((channel_mean(targets) - channel_mean(outputs)).to(step.module.bias.dtype))
             outputs = step.forward()
             actions.append("mean restored (bias)")
         self.actions[step.name] = "; ".join(actions)
@@ -135,24 +112,18 @@ class _ChannelHooks:
             self.on_progress(self.done, len(self.order), step.name)
         return outputs
 
-    def _module(self, name: str) -> nn.Module | None:
-        try:
-            return self.root.get_submodule(name)
-        except AttributeError:
-            return None
-
     def batchnorm(self, step: Step) -> list[torch.Tensor]:
         bn = step.module
         keep = self.kept_out.get(step.name)
         if step.name not in self.cut and all(torch.equal(a, b) for a, b in zip(step.inputs, step.dense_inputs)):
             return step.forward()  # upstream of every change: left exactly as trained
         if bn.track_running_stats and bn.running_mean is not None:
-            mean, var = _mean_var(step.inputs)
+            mean, m2, count = channel_stats(step.inputs)  # the running statistics BatchNorm keeps
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-            bn.running_var.copy_(var.to(bn.running_var.dtype))
+            bn.running_var.copy_((m2 / max(count - 1, 1)).to(bn.running_var.dtype))
         outputs = step.forward()
         if step.name in self.pending_bn:
-            delta = _mean([_pick(y, keep) for y in step.dense_outputs]) - _mean(outputs)
+            delta = channel_mean([_pick(y, keep) for y in step.dense_outputs]) - channel_mean(outputs)
             if bn.affine:
                 bn.bias.add_(delta.to(bn.bias.dtype))
             else:

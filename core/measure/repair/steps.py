@@ -30,7 +30,7 @@ def _why_not(module: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------- the lock-step repair
 
-def _channel_stats(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def channel_stats(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per channel (dim 1) mean and summed squared deviation over every other dimension and batch.
 
     Each batch is reduced in its own dtype (pairwise sums), the batches are combined in float64
@@ -50,7 +50,7 @@ def _channel_stats(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return mean, m2, total
 
 
-def _channel_mean(batches: list[torch.Tensor]) -> torch.Tensor:
+def channel_mean(batches: list[torch.Tensor]) -> torch.Tensor:
     """Mean over every dimension but 1 (channels), over all batches, in float64."""
     means, total = 0, 0
     for t in batches:
@@ -59,6 +59,14 @@ def _channel_mean(batches: list[torch.Tensor]) -> torch.Tensor:
         means = means + (t.mean(dims) if dims else t).double() * n
         total += n
     return means / total
+
+
+def submodule_or_none(root: nn.Module, name: str) -> nn.Module | None:
+    """``root.get_submodule(name)``, or None where ``name`` is not a module (a functional op of the trace)."""
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class LockstepRepair:
@@ -94,13 +102,13 @@ class LockstepRepair:
                 actions.append("reconstructed" + (" + quantized (GPTQ)" if step.name in self.bits else ""))
             else:
                 actions.append(reason)
-        feeds_bn = len(step.users) == 1 and isinstance(self._module_or_none(step.users[0]), _BN)
+        feeds_bn = len(step.users) == 1 and isinstance(submodule_or_none(self.root, step.users[0]), _BN)
         outputs = step.forward()
         if feeds_bn:
             self.pending_bn[step.users[0]] = step.name
             actions.append(f"mean restored at {step.users[0]} (BN shift)")
         elif getattr(module, "bias", None) is not None:
-            delta = _channel_mean(step.dense_outputs) - _channel_mean(outputs)
+            delta = channel_mean(step.dense_outputs) - channel_mean(outputs)
             module.bias.add_(delta.to(module.bias.dtype))
             outputs = step.forward()
             actions.append("mean restored (bias)")
@@ -113,21 +121,15 @@ class LockstepRepair:
             self.on_progress(self.done, len(self.order), step.name)
         return outputs
 
-    def _module_or_none(self, name: str) -> nn.Module | None:
-        try:
-            return self.root.get_submodule(name)
-        except AttributeError:
-            return None
-
     def batchnorm(self, step: Step) -> list[torch.Tensor]:
         bn = step.module
         if bn.track_running_stats and bn.running_mean is not None:
-            mean, m2, count = _channel_stats(step.inputs)
+            mean, m2, count = channel_stats(step.inputs)
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
             bn.running_var.copy_((m2 / max(count - 1, 1)).to(bn.running_var.dtype))
         outputs = step.forward()
         if step.name in self.pending_bn:
-            delta = _channel_mean(step.dense_outputs) - _channel_mean(outputs)
+            delta = channel_mean(step.dense_outputs) - channel_mean(outputs)
             if bn.affine:
                 bn.bias.add_(delta.to(bn.bias.dtype))
             else:  # no shift: move the mean the BN subtracts (γ = 1, so exact up to σ)
