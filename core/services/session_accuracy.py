@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from core.common.lru import LRUCache
-from core.measure.accuracy import AccuracyReport, EvalData, eval_data, evaluate
+from core.measure.accuracy import AccuracyReport, evaluate
 from core.measure.fidelity import Fidelity, fidelity
 from core.measure.latency import output_deviation
 from core.measure.paired import PairedEstimate
@@ -92,10 +92,9 @@ class SessionAccuracy:
         if cached is not None:
             return cached
         context = self._context
-        if context.data is not None and context.data.labelled:
-            data = EvalData(context.data.images, context.data.labels, "user")
-        else:
-            data = eval_data("test", context.loaded.mean, context.loaded.std)
+        data = context.labelled_data()
+        if data is None:
+            raise ValueError("this model has no labelled images here: accuracy cannot be measured")
         with COMPUTE.job():
             model = (context.dense_model(device) if result is None
                      else self._repairs.model_on(result, self._repairs.applied_level(level), device))

@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from core.measure.accuracy import has_batchnorm
+from core.measure.accuracy import EvalData, eval_data, has_batchnorm
 from core.method.engine import Engine
 from core.method.snapshot import WeightSnapshot
 from core.services.choices import LoadedModel
@@ -65,6 +65,15 @@ class SessionContext:
     @property
     def data_key(self) -> str:
         return self.data.key if self.data is not None else "default"
+
+    def labelled_data(self) -> EvalData | None:
+        """The labelled images accuracy is measured on in full: the user's, else CIFAR-10's test set for a
+        CIFAR-10 model, else None."""
+        if self.data is not None and self.data.labelled:
+            return EvalData(self.data.images, self.data.labels, "user")
+        if self.evaluates_cifar:
+            return eval_data("test", self.loaded.mean, self.loaded.std)
+        return None
 
     def data_label(self) -> str:
         """What the accuracy is measured on, in words."""

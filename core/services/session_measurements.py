@@ -15,7 +15,6 @@ from torch import nn
 
 from core.common.lru import LRUCache
 from core.common.memory import process_rss_bytes
-from core.measure.accuracy import EvalData, eval_data
 from core.measure.deploy_table import DeployConfig, DeployTable
 from core.measure.latency import LatencyReport, measure_latency
 from core.measure.realized import RealizedSavings, measure_realized
@@ -167,13 +166,7 @@ class SessionMeasurements:
         elif level == "bn":
             with COMPUTE.job():
                 repaired = _Recalibrated(self._repairs.model(result, "bn"))
-        calibration = self._calibration()
-        if context.data is not None and context.data.labelled:
-            data = EvalData(context.data.images, context.data.labels, "user")
-        elif context.evaluates_cifar:
-            data = eval_data("test", context.loaded.mean, context.loaded.std)
-        else:
-            data = None
+        calibration, data = self._calibration(), context.labelled_data()
         dense, snapshot = context.loaded.model, shared_snapshot(context.loaded)
 
         def work(job: Job) -> DeployTable:

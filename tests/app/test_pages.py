@@ -9,7 +9,7 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-import core.services.session_accuracy
+import core.services.session_context
 from core.common.formatting import fmt_bytes
 from core.services.choices import load_choice, model_choices
 from core.services.uploads import BUNDLE_FORMAT, export_bundle, settings_json
@@ -171,7 +171,7 @@ def test_full_accuracy_button_measures_and_caches(monkeypatch):
     from core.measure.accuracy import balanced_subset, eval_data, evaluate
 
     small = balanced_subset(eval_data("test"), 20, seed=1)  # stands in for the 10,000 images: same code path
-    monkeypatch.setattr(core.services.session_accuracy, "eval_data", lambda *args, **kwargs: small)
+    monkeypatch.setattr(core.services.session_context, "eval_data", lambda *args, **kwargs: small)
     at = start(tau=0.3)
     assert metric(at, "Accuracy · full test").value == "not measured"
     at.button(key="full_eval").click().run()
