@@ -105,3 +105,12 @@ def streamlit_server(log: Path, extra_args: Sequence[str] = (), env: Mapping[str
 def launch_chromium(playwright):
     """Debian's Chromium, headless, with the flags that work on this kind of machine (see TESTING.md)."""
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+
+
+def press(page, slider, key: str, times: int, per_second: float) -> None:
+    """``times`` presses of ``key`` on ``slider`` at ``per_second``, with no check or retry in between:
+    every press must land."""
+    slider.focus()
+    for _ in range(times):
+        page.keyboard.press(key)
+        page.wait_for_timeout(1000 / per_second)

@@ -15,6 +15,7 @@ from tests.app.browser_tools import (  # noqa: F401 (ROOT: test_browser_user_mod
     LAUNCH_ARGS,
     ROOT,
     SHOTS,
+    press,
     require_browser,
     streamlit_server,
 )
@@ -42,10 +43,7 @@ def _move_slider(page, slider, target: float, step: float = 0.01) -> None:
     from playwright.sync_api import expect
 
     presses = round((target - float(slider.input_value())) / step)
-    slider.focus()
-    for _ in range(abs(presses)):
-        page.keyboard.press("ArrowRight" if presses > 0 else "ArrowLeft")
-        page.wait_for_timeout(100)
+    press(page, slider, "ArrowRight" if presses > 0 else "ArrowLeft", abs(presses), 10)
     expect(slider).to_have_value(f"{target:g}", timeout=30_000)
 
 

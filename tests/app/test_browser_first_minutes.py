@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.app.browser_tools import SHOTS, launch_chromium, require_browser, streamlit_server
+from tests.app.browser_tools import SHOTS, launch_chromium, press, require_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,14 +29,6 @@ def _value(page, label: str) -> str:
 
 def _shot(page, step: str) -> None:
     page.screenshot(path=str(SHOTS / f"first_minutes_{step}.png"), full_page=True)
-
-
-def _press(page, slider, key: str, times: int, per_second: float) -> None:
-    """``times`` presses of ``key`` on ``slider`` at ``per_second``, with no check or retry in between."""
-    slider.focus()
-    for _ in range(times):
-        page.keyboard.press(key)
-        page.wait_for_timeout(1000 / per_second)
 
 
 def _pick_model(page, label: re.Pattern) -> None:
@@ -87,7 +79,7 @@ def test_the_first_five_minutes(tmp_path):
             _shot(page, "1_first_screen")
 
             # 2. a keyboard move lands exactly: ten presses at 4/s, nothing re-checked or retried
-            _press(page, slider, "ArrowRight", 10, 4)
+            press(page, slider, "ArrowRight", 10, 4)
             expect(slider).to_have_value("0.2", timeout=30_000)
             _shot(page, "2_moved")
 
@@ -142,7 +134,7 @@ def test_the_first_five_minutes(tmp_path):
             expect(page.get_by_text(re.compile("ResNet-18")).first).to_be_visible(timeout=120_000)
             expect(slider).to_have_value(re.compile(r"0\.\d+"), timeout=120_000)
             start = float(slider.input_value())
-            _press(page, slider, "ArrowLeft", 10, 8)
+            press(page, slider, "ArrowLeft", 10, 8)
             expect(slider).to_have_value(f"{round(start - 0.10, 2):g}", timeout=30_000)
             _shot(page, "8_resnet18_fast_presses")
         finally:
