@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from core.common.steps import checkpoint, interruptible
-from core.workloads.data import CIFAR_MEAN, CIFAR_STD, CLASSES, augment, load_cifar10, normalize
+from core.workloads.data import (CIFAR_MEAN, CIFAR_STD, CLASSES, EXPECTED_COUNTS, augment, load_cifar10,
+                                 load_jpeg_sample, normalize)
 
 Z_95 = 1.959963984540054
 # How calibration images are drawn; part of every cache key that depends on them.
@@ -212,7 +213,7 @@ def calibration_images(n_images: int = 2000, seed: int = 42, mean: tuple[float, 
     Measured on the shipped ResNet-20: recalibrating the *dense* model on un-augmented images
     costs about 5 points of accuracy, on augmented ones it keeps the dense accuracy.
     """
-    train = load_cifar10("train", root=None if root is None else str(root))
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(train), generator=generator)[:n_images]
-    return normalize(augment(train.images[index], generator), mean, std).contiguous()
+    index = torch.randperm(EXPECTED_COUNTS["train"], generator=generator)[:n_images]
+    train = load_jpeg_sample("train", index, root=None if root is None else str(root))
+    return normalize(augment(train.images, generator), mean, std).contiguous()

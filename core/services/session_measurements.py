@@ -26,6 +26,7 @@ from core.services.jobs import Job
 from core.services.repairs import JOB_LEVELS
 from core.services.session_context import SessionContext, shared_snapshot
 from core.services.session_repairs import SessionRepairs, module_bytes
+from core.workloads.data import jpeg_dir
 
 LATENCY_BATCHES: tuple[int, ...] = (1, 16, 64)
 LATENCY_QUIET_WAIT_S = 1.0  # how long a latency measurement waits for the other jobs to finish
@@ -128,27 +129,32 @@ class SessionMeasurements:
         return deploy_jobs.cached(self.deploy_key(config, level))
 
     def deploy_unavailable(self, config: CompressionConfig, level: str) -> str | None:
-        """Why the deployment table cannot be measured now (a sentence), or None."""
+        """Why the deployment table cannot be measured now (a sentence), or None.
+
+        Cheap enough for every rerun: it checks that calibration images exist, never decodes them
+        (the first decode of CIFAR-10's training split takes tens of seconds; the job does it).
+        """
         level = self._repairs.applied_level(level)
         if level in JOB_LEVELS and self._repairs.cached(config, level) is None:
             return "Run the repair first: the exported files carry the repaired weights."
-        try:
-            images = self._calibration()
-        except (OSError, RuntimeError, ValueError) as err:  # DataError is a RuntimeError: the archive is missing
-            return f"The int8 file needs calibration images, and none could be read: {err}"
-        if images is None:
+        context = self._context
+        if context.evaluates_cifar:
+            archive = jpeg_dir() / "cifar10-train.tar.gz"
+            return None if archive.is_file() else (
+                f"The int8 file needs calibration images, and none could be read: {archive} is missing.")
+        if context.data is None:
             return ("The int8 file needs unlabelled calibration images: CIFAR-10 training images for a CIFAR-10 "
                     "model, or your own images (Evaluation data → my images).")
         return None
 
-    def _calibration(self) -> torch.Tensor | None:
-        """Unlabelled images the int8 activations are calibrated on: CIFAR-10 training images, else the user's."""
+    def _calibration(self) -> Callable[[], torch.Tensor]:
+        """How to get the unlabelled images the int8 activations are calibrated on (call it inside the job):
+        CIFAR-10 training images for a CIFAR-10 model, else the user's own images."""
         context = self._context
         if context.evaluates_cifar:
-            return self._repairs.calibration_images()
-        if context.data is not None:
-            return context.data.images[:DEPLOY_CALIBRATION_IMAGES]
-        return None
+            return self._repairs.calibration_images
+        images = context.data.images[:DEPLOY_CALIBRATION_IMAGES]
+        return lambda: images
 
     def deploy(self, result: CompressionResult, level: str, watcher: Hashable) -> Job:
         """Start (or join) the export and measurement of ``result`` at ``level`` as a queued job (see
@@ -172,7 +178,7 @@ class SessionMeasurements:
         def work(job: Job) -> DeployTable:
             engine = Engine.sharing(snapshot)
             own = engine.apply(config)
-            return deploy_jobs.deploy_work(dense, engine, own, calibration, data, repaired=repaired,
+            return deploy_jobs.deploy_work(dense, engine, own, calibration(), data, repaired=repaired,
                                            config=DEPLOY_CONFIG)(job)
 
         return deploy_jobs.submit(self.deploy_key(config, level), work, watcher)

@@ -175,6 +175,27 @@ def load_jpeg_split(split: str, root: str | os.PathLike | None = None) -> CifarS
     return result
 
 
+def load_jpeg_sample(split: str, index: torch.Tensor, root: str | os.PathLike | None = None) -> CifarSplit:
+    """The images ``index`` of a split (same order and pixels as ``load_jpeg_split(split)[index]``).
+
+    From the decoded cache when it exists; otherwise only the chosen JPEGs are decoded, so that a
+    few hundred calibration images cost well under a second instead of decoding all 50,000.
+    """
+    archive, checksum = verify_archive(split, root)
+    if (cache_dir() / "cifar10" / f"{split}-{checksum[:16]}.pt").is_file():
+        full = load_jpeg_split(split, root)
+        return CifarSplit(full.images[index], full.labels[index], split, "jpeg")
+    blobs, labels = _read_archive(archive, split)
+    if len(blobs) != EXPECTED_COUNTS[split]:
+        raise DataError(
+            f"{archive} holds {len(blobs)} images for '{split}', expected {EXPECTED_COUNTS[split]}."
+        )
+    chosen = [int(i) for i in index]
+    pixels = _decode_jpegs([blobs[i] for i in chosen])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    return CifarSplit(images, torch.tensor([labels[i] for i in chosen], dtype=torch.int64), split, "jpeg")
+
+
 def load_torchvision_split(split: str, root: str | os.PathLike, download: bool = False) -> CifarSplit:
     """Load a split from a torchvision ``CIFAR10`` root; downloads only if ``download=True``."""
     from torchvision.datasets import CIFAR10

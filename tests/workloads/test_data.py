@@ -19,6 +19,7 @@ from core.workloads.data import (
     gaussian_batches,
     jpeg_dir,
     load_cifar10,
+    load_jpeg_sample,
     normalize,
     sha256_of,
     verify_archive,
@@ -149,6 +150,19 @@ def test_cache_matches_a_fresh_decode_and_a_damaged_cache_is_rebuilt(tmp_path, m
     cache_file.write_bytes(b"not a tensor file")
     rebuilt = load_cifar10("test")
     assert torch.equal(rebuilt.images, reference.images)
+
+
+@needs_data
+def test_a_sample_decodes_only_its_images_and_matches_the_full_split(tmp_path, monkeypatch):
+    reference = load_cifar10("test")
+    index = torch.tensor([9_999, 0, 4_321, 17, 4_321])
+    monkeypatch.setenv("BOUNDARY_CACHE_DIR", str(tmp_path))
+    fresh = load_jpeg_sample("test", index)  # no cache: only these five JPEGs are decoded
+    assert not list(tmp_path.glob("cifar10/*.pt"))
+    assert torch.equal(fresh.images, reference.images[index]) and torch.equal(fresh.labels, reference.labels[index])
+    load_cifar10("test")
+    cached = load_jpeg_sample("test", index)  # from the decoded cache
+    assert torch.equal(cached.images, fresh.images) and torch.equal(cached.labels, fresh.labels)
 
 
 def test_imagefolder_source(tmp_path):
