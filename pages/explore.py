@@ -8,6 +8,7 @@ from core.services.session import ExploreRequest
 from core.services.session_accuracy import ACCURACY_TARGETS
 from core.services.session_measurements import LATENCY_BATCHES
 from core.services.recorded import AS_LOADED, same_setting
+from ui.channel_view import explore_channels
 from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets, show_recorded
 from ui import glossary
 from ui.repair_view import await_repair, repair_choice, repair_wanted, show_pending, show_repair
@@ -24,6 +25,14 @@ state = st.session_state
 st.title("Explore")
 st.caption(f"**{literal(loaded.label)}** · weights from {literal(loaded.source)}. Move the sliders: every number "
            "below is recomputed for the new setting; the loaded model itself is never modified.")
+st.radio("Granularity", ["weight", "channel"], key="explore_granularity", horizontal=True,
+         format_func={"weight": "weight (zero single weights: size)",
+                      "channel": "channel (remove whole channels: speed)"}.get,
+         help="Weight: the paper's boundary pruning and θ quantization. Channel: the same boundary rule one level "
+              "up, on each channel's norm; the model physically shrinks.")
+if state["explore_granularity"] == "channel":
+    explore_channels(session)
+    st.stop()
 show_presets(session)
 
 # ---------------------------------------------------------------- controls

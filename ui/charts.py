@@ -297,3 +297,40 @@ def repair_accuracy_figure(curves: pd.DataFrame, dense: float | None, model: str
     fig.update_layout(title=dict(text=f"{model}: accuracy vs retention, per repair (measured)", x=0, xref="paper", xanchor="left",
                                  font=dict(size=15)), margin=dict(t=50), meta={"kind": "repair_accuracy"})
     return fig
+
+
+def channel_scores_figure(scores: Sequence[float], beta: float, group: str, bins: int = 40) -> go.Figure:
+    """Histogram of one group's channel scores s_c (norms, ≥ 0): removed (s_c < β) grey, kept blue; β a dashed line.
+
+    Scores are norms, never negative, so the boundary has one side: the line at +β (−β would lie off the axis).
+    """
+    values = np.asarray(scores, dtype=float)
+    top = float(values.max()) if len(values) else 1.0
+    edges = np.linspace(0.0, top * 1.0001 if top > 0 else 1.0, bins + 1)
+    removed, _ = np.histogram(values[values < beta], edges)
+    kept, _ = np.histogram(values[values >= beta], edges)
+    centers, width = (edges[:-1] + edges[1:]) / 2, float(edges[1] - edges[0])
+    line = {"color": BETA, "dash": "dash", "width": 2}
+    fig = go.Figure([go.Bar(x=centers, y=removed, width=width, name="removed (s_c < β)", marker_color=PRUNED),
+                     go.Bar(x=centers, y=kept, width=width, name="kept (s_c ≥ β)", marker_color=HIGH),
+                     go.Scatter(x=[None], y=[None], mode="lines", name=f"β = {beta:.3g} (channel boundary)",
+                                line=line, meta=REFERENCE, hoverinfo="skip")])
+    fig.update_layout(barmode="stack", bargap=0, height=380, margin={"l": 10, "r": 10, "t": 20, "b": 10},
+                      xaxis_title=f"channel score s_c in group {group}", yaxis_title="channels per bin",
+                      legend=LEGEND_BELOW, meta={"beta": beta, "group": group},
+                      shapes=[{"type": "line", "xref": "x", "yref": "paper", "x0": beta, "x1": beta, "y0": 0, "y1": 1,
+                               "line": line}])
+    return fig
+
+
+def channel_share_figure(layers: pd.DataFrame, group: str | None = None) -> go.Figure:
+    """Per Conv/Linear, the share of output channels kept (counted), in module order; ``group``'s layers outlined."""
+    line = [2 if g == group else 0 for g in layers["group"]]
+    fig = go.Figure(go.Bar(
+        x=layers["name"], y=100 * layers["share"], marker_color=HIGH, marker_line_width=line,
+        marker_line_color="black", customdata=np.stack([layers["kept_out"], layers["out_channels"]], axis=1),
+        hovertemplate="%{x}<br>%{y:.1f} % of output channels kept<br>%{customdata[0]} of %{customdata[1]}"
+                      "<extra></extra>"))
+    fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 30, "b": 10}, yaxis_title="output channels kept (%)",
+                      yaxis_range=[0, 105], xaxis_tickangle=-60)
+    return fig

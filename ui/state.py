@@ -57,10 +57,17 @@ DEFAULTS: dict[str, object] = {
     "latency_batch": 1,
     "accuracy_target": DEFAULT_ACCURACY_TARGET,
     "device": "CPU",
+    # Explore's channel granularity (core.services.channel_session); "weight" keeps the page as it was
+    "explore_granularity": "weight",
+    "explore_tau_ch": 0.5,
+    "explore_ch_norm": "l2",
+    "explore_ch_fold_bn": True,
+    "explore_ch_repair": "none",
 }
 # widget keys whose state must survive page switches (Streamlit drops state of unrendered widgets)
 WIDGET_KEYS = tuple(DEFAULTS) + ("model_key", "hist_layer", "upload_arch", "tv_arch", "tv_weights",
-                                  "tv_own_transforms", "tv_image_size", "tv_mean", "tv_std", "data_source")
+                                  "tv_own_transforms", "tv_image_size", "tv_mean", "tv_std", "data_source",
+                                  "explore_ch_group")
 
 
 KEEP_PREFIX = "_keep_"  # a widget's value, kept under a key no widget owns (see init_state)

@@ -11,7 +11,9 @@ on :data:`core.services.compute_queue.COMPUTE` so that sessions take turns:
 * ``session.repairs`` (:class:`core.services.session_repairs.SessionRepairs`): the repair levels,
   BN-recalibrated and repaired models, the cancellable repair job (released by the next move);
 * ``session.measurements`` (:class:`core.services.session_measurements.SessionMeasurements`):
-  latency, realized savings, memory.
+  latency, realized savings, memory;
+* ``session.channels`` (:class:`core.services.channel_session.ChannelSession`): channel
+  granularity over the shared, traced pruner, with its own latency, repair and accuracy.
 
 The data is CIFAR-10 (its test set; every repair on augmented training images) unless the user
 gives images (:meth:`ExploreSession.use_data`): labelled ones replace the test set, unlabelled ones
@@ -31,7 +33,8 @@ from core.common.lru import LRUCache
 from core.common.memory import trim_heap
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult
-from core.services import estimates, session_accuracy, session_measurements, session_repairs
+from core.services import channel_session, estimates, session_accuracy, session_measurements, session_repairs
+from core.services.channel_session import ChannelSession
 from core.services.choices import LoadedModel
 from core.services.compute_queue import COMPUTE, QueueState
 from core.services.histogram import HIST_BINS, HistogramData, LayerBins
@@ -57,6 +60,7 @@ def clear_caches() -> None:
         cache.clear()
     estimates.clear()
     session_repairs.clear_caches()
+    channel_session.clear_caches()
 
 
 def _theta_part(config: CompressionConfig | None):
@@ -74,6 +78,7 @@ class ExploreSession:
         self.repairs = SessionRepairs(self.context)
         self.accuracy = SessionAccuracy(self.context, self.repairs)
         self.measurements = SessionMeasurements(self.context, self.repairs)
+        self.channels = ChannelSession(self.context, self.repairs, self.accuracy)  # channel granularity (traced on use)
         self._last_config: CompressionConfig | None = None
         self.last_move: Move | None = None
         self.last_theta_move: Move | None = None
