@@ -3,6 +3,7 @@ after pruning and how repair without retraining brings it back (measured figures
 import numpy as np
 import streamlit as st
 
+from core.services.channel_demo import channel_speed_demo
 from core.services.teaching import OUR_CODE, PAPER_PSEUDOCODE, REPAIR_CSVS, worked_example
 from ui import glossary
 from ui.charts import heatmap_figure
@@ -80,6 +81,31 @@ model = st.radio("Measured on", list(REPAIR_CSVS), horizontal=True, key="learn_r
                  format_func={"resnet18": "ResNet-18 (shipped)", "resnet20": "ResNet-20 (shipped)"}.get)
 with guard("The repair figures", "Produce the CSV again with the command shown."):
     render_repair_story(model)
+
+st.subheader("Why channels give speed and zeros do not")
+st.markdown("Boundary pruning zeroes single weights: the tensor keeps its shape, and PyTorch's dense kernels (like "
+            "every maintained CPU runtime) multiply the zeros as if they were there, so the stored size shrinks but "
+            "the time does not. Remove whole channels instead (the same boundary rule on each channel's norm, "
+            "β = τ_ch · max_c s_c) and the convolution itself becomes smaller: fewer multiply-adds, less time. "
+            "Time it here, on one convolution, at the same share of weights kept:")
+a, b = st.columns([3, 1])
+a.slider("Share of weights kept", 0.1, 1.0, value=0.5, step=0.05, key="learn_demo_kept")
+if b.button("Time it on this server", key="learn_demo_run"):
+    with guard("Timing the convolutions"), st.spinner("Timing dense, zeroed and channel-pruned convolutions…"):
+        st.session_state["learn_demo"] = channel_speed_demo(float(st.session_state["learn_demo_kept"]))
+demo = st.session_state.get("learn_demo")
+if demo is not None:
+    st.dataframe(demo.table, hide_index=True, width="stretch",
+                 column_config={"weights kept": st.column_config.NumberColumn(format="percent"),
+                                "MACs (counted)": st.column_config.NumberColumn(format="localized"),
+                                "median ms": st.column_config.NumberColumn(format="%.3f"),
+                                "speed-up": st.column_config.NumberColumn(format="%.2f×")})
+    st.caption(f"Measured just now: {demo.layer} on an input of shape {demo.input_shape}, torch eager, fp32, one "
+               f"thread, the three runs interleaved over {demo.rounds} rounds (median)"
+               + ("." if demo.quiet else "; other work ran meanwhile, so the figures are noisy.")
+               + " MACs are counted from the shapes: the zeroed convolution still does every one of them. "
+                 "On whole models, with repair and accuracy: `python benchmarks/structured.py`; in the app: "
+                 "Explore → Granularity → channel.")
 
 st.subheader("Glossary")
 st.caption("The words and symbols the pages use; the same definitions appear as tooltips (the ? icons) beside the figures and sliders.")
