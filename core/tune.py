@@ -270,6 +270,10 @@ def run_per_layer(args: argparse.Namespace) -> int:
         raise UsageError(f"--verify-images must be in [1, 10000], got {args.verify_images}")
     config = _sensitivity_config(args)
     _check_model(args)
+    if args.repair != "none":  # chosen after that repair, and packed with it (core.measure.tune_per_layer_repair)
+        from core.measure.tune_per_layer_repair import run_per_layer_command
+        return run_per_layer_command(args, target, config, _repair_config(args), _cache(args), _progress,
+                                     _write_outputs)
     run = run_per_layer_tuning(args.model, config, target, verify_images=args.verify_images,
                                calibration_size=args.calibration_size, bn_recalibration=not args.no_bn,
                                additive_only=args.additive_only, cache=_cache(args), progress=_progress)
