@@ -14,11 +14,12 @@
   for torchvision models, the pre-processing under ``input``), so that it loads back without a
   template; files without ``input`` (older exports) take the defaults.
 
-A hostile file must cost the server no more than its size: every limit below is checked before
-anything of the size a file declares is allocated (the zip directory of a ``torch.save`` file
-before ``torch.load`` inflates an entry; the pickles of a legacy file before they are
-unpickled; a packed file's table and shapes in :func:`core.deploy.packed_reader.parse_compressed`;
-constructor arguments before a model is built).
+A hostile file must cost the server no more than its size: the bytes are read by
+:mod:`core.services.safe_files` (its limits are checked before anything of the size a file
+declares is allocated: the zip directory of a ``torch.save`` file before ``torch.load`` inflates an
+entry; the pickles of a legacy file before they are unpickled); a packed file's table and shapes
+are checked in :func:`core.deploy.packed_reader.parse_compressed`, constructor arguments before a
+model is built.
 
 Nothing here imports Streamlit.
 """
@@ -28,24 +29,31 @@ import hashlib
 import io
 import json
 import math
-import pickle
-import pickletools
-import re
-import struct
 import time
-import zipfile
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from core.common.formatting import fmt_bytes
+from core.common.formatting import fmt_bytes, printable
+from core.deploy.channel_file import CHANNELS_KEY, channel_template, load_channel_bundle
+from core.method.channel_config import ChannelError
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
 from core.services import recorded
 from core.services.choices import LoadedModel, model_inputs, torchvision_loaded
 from core.services.recorded import config_summary
 from core.services.repairs import check_level, level_from_settings
+from core.services.safe_files import (  # noqa: F401 (the limits and the reader, importable from here as before)
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_MB,
+    MAX_UPLOAD_PARAMS,
+    check_size,
+    check_tensors,
+    display_name,
+    parse_checkpoint,
+)
 from core.workloads import torchvision_models as tv
 from core.workloads.models import (
     CheckpointError,
@@ -55,200 +63,16 @@ from core.workloads.models import (
 )
 from core.workloads.preprocess import Preprocess
 from core.workloads.provenance import build_file_arch, check_file_arch
-from core.common.formatting import printable
 
 BUNDLE_FORMAT = "boundary-explorer/state_dict+masks/v1"
 SETTINGS_FORMAT = "boundary-explorer/settings/v1"
 
-# ---------------------------------------------------------------- limits (checked before allocating)
-#: An uploaded checkpoint: 200 MB = 200·10⁶ bytes. Streamlit's ``server.maxUploadSize`` (200 in
-#: .streamlit/config.toml, also passed to the uploader) is in "MB": its browser side multiplies by
-#: 1000² (by 1024² on Windows), its server by 1024², and its uploader shows "200MB per file". So
-#: 200·10⁶ is the one number every browser lets through, and the uploader's label says "200 MB".
-MAX_UPLOAD_MB = 200
-MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 10**6
-#: The largest model an upload may describe: 32 M parameters (128 MB in fp32), almost 3× the
-#: largest shipped model (ResNet-18, 11.2 M). A tiny file must not make the server build a big model.
-MAX_UPLOAD_PARAMS = 32_000_000
-#: A ``torch.save`` file is a zip archive whose entries torch.save stores uncompressed (ratio 1:1).
-#: Unpacked, all entries together may hold no more than an uncompressed upload can.
-MAX_UNZIPPED_BYTES = MAX_UPLOAD_BYTES
-#: One entry (one tensor's storage) may hold at most the largest model's parameters in fp32.
-MAX_ZIP_ENTRY_BYTES = 4 * MAX_UPLOAD_PARAMS
-#: Compression ratio allowed for entries over :data:`ZIP_RATIO_FLOOR`: 100:1. torch.save never
-#: compresses; a checkpoint zipped again by hand deflates dense float weights about 1.1:1 and even
-#: 99 %-pruned ones well under 100:1, while a deflate bomb sits near deflate's ceiling of 1032:1.
-MAX_ZIP_RATIO = 100
-ZIP_RATIO_FLOOR = 1 << 20
-#: Entries of a zip archive (ResNet-18's state_dict: 122 tensors; an exported bundle: ~150). Zip's
-#: directory is parsed into one Python object per entry, so the count is bounded first.
-MAX_ZIP_ENTRIES = 4096
-#: A checkpoint's pickle (data.pkl; or the pickles of a legacy file together): it holds only key
-#: names and tensor metadata, ~15 KB for ResNet-18. Bounded because unpickling can take ~50× the
-#: pickle's size in Python objects.
-MAX_PICKLE_BYTES = 1 << 20
-#: A safetensors file's JSON header (~12 KB for ResNet-18).
-MAX_SAFETENSORS_HEADER_BYTES = 1 << 20
 #: A settings JSON: 1 MB (an export is 2-20 KB); the Export page's uploader has the same limit.
 MAX_SETTINGS_MB = 1
 MAX_SETTINGS_BYTES = MAX_SETTINGS_MB * 10**6
-#: Characters of a file name shown in messages (the middle of longer names is elided).
-MAX_SHOWN_NAME_CHARS = 80
-
-_ZIP_DIRECTORY_ENTRY = b"PK\x01\x02"  # every entry of a zip's central directory starts with it
-_SAVE_HINT = "Save the weights with torch.save(model.state_dict(), path) and upload that file."
 
 
 # ---------------------------------------------------------------- uploads
-
-def display_name(filename: object) -> str:
-    """The uploaded file's name as shown in messages: printable, one line, at most 80 characters.
-
-    The name is only ever shown, never used as a path (a name may hold '/', '..' or NUL).
-    """
-    shown = printable(filename, MAX_SHOWN_NAME_CHARS) if isinstance(filename, str) else ""
-    return shown or "the upload"
-
-
-def _mb(n_bytes: int) -> str:
-    return f"{n_bytes / 10**6:,.1f} MB ({n_bytes:,} bytes)"
-
-
-def _check_zip(data: bytes, name: str) -> None:
-    """Refuse a zip bomb before ``torch.load`` inflates anything: entry count, each entry's size,
-    compression ratio and pickle size, and the total, all read from the zip's directory."""
-    damaged = CheckpointError(f"{name} is not a readable checkpoint: it starts like a PyTorch file (a zip "
-                              f"archive), but its directory is damaged or cut short. {_SAVE_HINT}")
-    if data.count(_ZIP_DIRECTORY_ENTRY) > MAX_ZIP_ENTRIES:
-        raise CheckpointError(f"{name} is refused: its archive lists more than {MAX_ZIP_ENTRIES:,} entries, "
-                              "far more than a state_dict has.")
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OverflowError, EOFError, OSError, NotImplementedError,
-            struct.error) as err:
-        raise damaged from err
-    total = 0
-    for entry in entries:
-        part, size = printable(entry.filename, 60), entry.file_size
-        if size > MAX_ZIP_ENTRY_BYTES:
-            raise CheckpointError(f"{name} is refused: its part '{part}' would unpack to {_mb(size)}; "
-                                  f"one part may hold at most {_mb(MAX_ZIP_ENTRY_BYTES)}.")
-        if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size != size:
-            raise damaged
-        if size > ZIP_RATIO_FLOOR and size > MAX_ZIP_RATIO * entry.compress_size:
-            raise CheckpointError(f"{name} is refused: its part '{part}' is compressed more than "
-                                  f"{MAX_ZIP_RATIO}:1 ({entry.compress_size:,} bytes unpack to {size:,}), "
-                                  "which no checkpoint needs.")
-        if entry.filename.endswith("data.pkl") and size > MAX_PICKLE_BYTES:
-            raise CheckpointError(f"{name} is refused: its pickle is {size:,} bytes, and a state_dict's "
-                                  f"pickle (names and tensor shapes) needs far less than {MAX_PICKLE_BYTES:,}.")
-        total += size
-    if total > MAX_UNZIPPED_BYTES:
-        raise CheckpointError(f"{name} is refused: it would unpack to {_mb(total)}; "
-                              f"uploads may unpack to at most {_mb(MAX_UNZIPPED_BYTES)}.")
-
-
-#: Entries that mark a ``torch.export.save`` archive (.pt2): the current format, and the one of PyTorch 2.7.
-_EXPORTED_PROGRAM_MARKERS = ("archive_format", "serialized_exported_program.json")
-
-
-def _refuse_exported_program(data: bytes, name: str) -> None:
-    """Refuse an exported program (``.pt2``): ``torch.export.load`` can run code from the file.
-
-    Read in torch 2.14 (``torch/export/pt2_archive/_package.py``, ``torch/_export/serde/serialize.py``):
-    weights and constants the archive's own config marks ``use_pickle`` are read with
-    ``torch.load(weights_only=False)``, "opaque" constants with ``pickle.loads`` and custom objects
-    with ``torch._C._pickle_load_obj``; ``deserialize_torch_artifact`` falls back to
-    ``weights_only=False`` when the safe load fails; its docstring says "Never load data from an
-    untrusted source". Unpickling arbitrary objects executes code, so the app never calls it.
-    """
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        names = archive.namelist()
-    if any(n.rsplit("/", 1)[-1] in _EXPORTED_PROGRAM_MARKERS for n in names):
-        raise CheckpointError(f"{name} is an exported program (torch.export.save, .pt2). Loading one runs "
-                              "torch.export.load, which unpickles objects from the file and can execute code, so "
-                              f"this app refuses it. {_SAVE_HINT}")
-
-
-def _check_legacy_pickles(data: bytes, name: str) -> None:
-    """A legacy ``torch.save`` file is five pickles (magic number, protocol, system information,
-    the object, storage keys) and then raw storages; the pickles must end within
-    :data:`MAX_PICKLE_BYTES`. Scanned opcode by opcode (nothing is built or run)."""
-    stream = io.BytesIO(data)
-    try:
-        for _ in range(5):
-            for _op in pickletools.genops(stream):
-                if stream.tell() > MAX_PICKLE_BYTES:
-                    raise CheckpointError(
-                        f"{name} is refused: its pickles run past {MAX_PICKLE_BYTES:,} bytes, and a state_dict's "
-                        "pickle (names and tensor shapes) needs far less.")
-    except CheckpointError:
-        raise
-    except Exception as err:  # pickletools raises ValueError and others for malformed streams
-        raise CheckpointError(f"{name} is not a readable checkpoint: it starts like a file of PyTorch's "
-                              f"legacy format, but its pickles are damaged or cut short. {_SAVE_HINT}") from err
-
-
-def _torch_load(data: bytes, name: str) -> object:
-    """``torch.load(weights_only=True)``; its errors become this app's sentences (the original is chained)."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({printable(found.group(1), 80)})" if found else ""
-        raise CheckpointError(f"{name} is not a readable checkpoint: besides tensors it holds a pickled Python "
-                              f"object{what}, and this app never unpickles objects. {_SAVE_HINT}") from err
-    except Exception as err:  # damaged archive, storage sizes that disagree, cut-short data
-        raise CheckpointError(f"{name} is not a readable checkpoint: PyTorch cannot read it, so it is damaged, "
-                              f"cut short or not a checkpoint. {_SAVE_HINT}") from err
-
-
-def _safetensors_load(data: bytes, name: str) -> object:
-    from safetensors.torch import load
-
-    if int.from_bytes(data[:8], "little") > MAX_SAFETENSORS_HEADER_BYTES:
-        raise CheckpointError(f"{name} is refused: its safetensors header would be larger than "
-                              f"{MAX_SAFETENSORS_HEADER_BYTES:,} bytes, far more than a state_dict needs.")
-    try:
-        return load(data)
-    except Exception as err:  # safetensors checks every offset against the bytes present
-        raise CheckpointError(f"{name} is not a readable checkpoint: it starts like a safetensors file, but "
-                              "its header or data is damaged or cut short. Save the weights again with "
-                              "safetensors.torch.save_file(model.state_dict(), path).") from err
-
-
-def parse_checkpoint(data: bytes, filename: str) -> object:
-    """The object stored in an uploaded file, read safely (no arbitrary unpickling, no bombs).
-
-    The format comes from the content (:func:`core.workloads.models.sniff_format`): a
-    ``torch.save`` zip (its directory checked by :func:`_check_zip` first), a legacy
-    ``torch.save`` pickle stream (its pickles' length checked first) or safetensors.
-    """
-    name = display_name(filename)
-    data = bytes(data)
-    kind = sniff_format(data)
-    if kind == "torch":
-        _check_zip(data, name)
-        _refuse_exported_program(data, name)
-        return _torch_load(data, name)
-    if kind == "torch-legacy":
-        _check_legacy_pickles(data, name)
-        return _torch_load(data, name)
-    if kind == "safetensors":
-        return _safetensors_load(data, name)
-    raise CheckpointError(f"{name} is not a readable checkpoint: its content is neither a PyTorch file "
-                          f"(torch.save) nor a safetensors file, whatever its name says. {_SAVE_HINT}")
-
-
-def _check_size(data: object, name: str, max_bytes: int) -> None:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CheckpointError("The upload is not a file.")
-    if len(data) == 0:
-        raise CheckpointError(f"{name} is empty (0 bytes).")
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{name} is {_mb(len(data))}; the limit is {_mb(max_bytes)}.")
-
 
 def _bundle_input(stored: dict, name: str) -> Preprocess | None:
     """An exported bundle's recorded pre-processing (JSON text under ``input``), or None (older bundles)."""
@@ -281,14 +105,6 @@ def _bundle_fields(stored: object, name: str) -> tuple[str | None, dict, str | N
     return arch, kwargs, settings
 
 
-def _check_tensors(state: dict[str, torch.Tensor], name: str) -> None:
-    """Plain dense tensors only (a sparse or other layout could expand when used)."""
-    for key, value in state.items():
-        if value.layout != torch.strided:
-            raise CheckpointError(f"{name}: tensor '{printable(key, 80)}' is not a dense tensor "
-                                  f"({printable(value.layout, 40)}). {_SAVE_HINT}")
-
-
 def _max_params(arch: str) -> int:
     """Uploads of registry models: :data:`MAX_UPLOAD_PARAMS`; of torchvision models: 100 M parameters."""
     return tv.MAX_TORCHVISION_PARAMS if tv.is_torchvision(arch) else MAX_UPLOAD_PARAMS
@@ -317,12 +133,14 @@ def read_upload(data: bytes, filename: str, arch: str | None = None,
     for the user. ``max_bytes`` is inclusive: a file of exactly that size is read.
     """
     name = display_name(filename)
-    _check_size(data, name, max_bytes)
+    check_size(data, name, max_bytes)
     data = bytes(data)
     if is_packed(data):
         return _read_packed(data, name, arch, preprocess)
     stored = parse_checkpoint(data, name)
     bundle_arch, bundle_kwargs, settings = _bundle_fields(stored, name)
+    if bundle_arch is not None and CHANNELS_KEY in stored:  # a channel-pruned bundle: the smaller model
+        return _read_channel_bundle(data, stored, name, arch, bundle_arch, bundle_kwargs, settings, preprocess)
     chosen = arch or bundle_arch
     if chosen is None:
         raise CheckpointError(f"{name} does not say which architecture it is for. Pick its architecture "
@@ -330,7 +148,7 @@ def read_upload(data: bytes, filename: str, arch: str | None = None,
     if preprocess is None and isinstance(stored, dict) and chosen == bundle_arch:
         preprocess = _bundle_input(stored, name)
     state = state_dict_from_object(stored, name)
-    _check_tensors(state, name)
+    check_tensors(state, name)
     notes: list[str] = []
     if tv.is_torchvision(chosen):
         extra = {k: v for k, v in bundle_kwargs.items() if k == "transform_input"} if chosen == bundle_arch else {}
@@ -380,17 +198,68 @@ def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preproces
                               "upload it again.")
     limit = _max_params(chosen)
     kwargs = check_file_arch(chosen, packed.arch_kwargs, name, limit)
-    model = packed.load(None if packed.arch else build_file_arch(chosen, kwargs, name, limit))
+    channels = packed.header.get(CHANNELS_KEY)
+    if channels is not None:  # channel-pruned: the smaller module its kept channels describe, then its weights
+        with _channel_errors(name, chosen):
+            model = packed.load(channel_template(chosen, kwargs, channels, name, limit))
+    else:
+        model = packed.load(None if packed.arch else build_file_arch(chosen, kwargs, name, limit))
     model = model.float()  # the explorer works in fp32; the packed weights are exact fp32 values
     tv.check_finite(model, name)
     if preprocess is None and packed.input_spec is not None:
         preprocess = Preprocess.from_dict(packed.input_spec, name)
     digest = hashlib.sha256(data).hexdigest()
     note = (f"uploaded packed model {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), compressed with "
-            + config_summary(packed.config))
+            + config_summary(packed.config) + (f"; {_channels_note(channels)}" if channels is not None else ""))
     loaded = _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
     layers = [(r.kept, math.prod(r.shape)) for r in packed.layers]
     return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data), layers))
+
+
+@contextmanager
+def _channel_errors(name: str, arch: str):
+    """A channel file that does not fit ``arch`` (a group it names is missing, an index or a shape differs):
+    one sentence of this app, never a traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ChannelError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{name} is a channel-pruned model that cannot be rebuilt as {arch}: "
+                              f"{printable(err, 240)}. Upload it with the architecture it was exported from.") from err
+
+
+def _channels_note(record: object) -> str:
+    kept = record.get("kept") if isinstance(record, dict) else None
+    if not isinstance(kept, dict):
+        return "channel-pruned"
+    total = sum(len(v) for v in kept.values() if isinstance(v, list))
+    return f"channel-pruned (τ_ch {record.get('tau_ch')}, {total:,} channels kept in {len(kept)} groups)"
+
+
+def _read_channel_bundle(data: bytes, stored: dict, name: str, arch: str | None, bundle_arch: str,
+                         bundle_kwargs: dict, settings: str | None, preprocess: Preprocess | None) -> LoadedModel:
+    """A channel-pruned ``.pt`` bundle (:func:`core.deploy.channel_file.load_channel_bundle`): rebuilt from its
+    recorded architecture and kept channels, no template; an explicitly chosen other architecture is refused."""
+    if arch is not None and arch != bundle_arch:
+        raise CheckpointError(f"{name} is a channel-pruned {bundle_arch}, not a {arch}: its kept channels describe "
+                              f"that architecture only. Pick {bundle_arch} (or let the file say) and upload it again.")
+    with _channel_errors(name, bundle_arch):
+        model = load_channel_bundle(data, name)
+    tv.check_finite(model, name)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        record = json.loads(stored[CHANNELS_KEY])
+    except (TypeError, ValueError, RecursionError):
+        record = None
+    if preprocess is None:
+        preprocess = _bundle_input(stored, name)
+    note = (f"uploaded {name} ({fmt_bytes(len(data))}, sha256 {digest[:12]}…), loaded with weights_only=True; "
+            + _channels_note(record))
+    if settings:
+        note += "; exported by this app with settings " + _settings_summary(settings)
+    loaded = _uploaded(digest, name, bundle_arch, model, bundle_kwargs, preprocess, note)
+    return replace(loaded, recorded=recorded.from_settings(settings, len(data)))
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 import core.services.uploads as uploads
+import core.services.safe_files as safe_files
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import Engine
 from core.services.choices import LoadedModel
@@ -317,7 +318,7 @@ def test_the_deflate_bomb_is_live():
 
 
 def test_total_unzipped_size_is_limited(monkeypatch):
-    monkeypatch.setattr(uploads, "MAX_UNZIPPED_BYTES", 100_000)
+    monkeypatch.setattr(safe_files, "MAX_UNZIPPED_BYTES", 100_000)
     with pytest.raises(CheckpointError, match="at most 0.1 MB \\(100,000 bytes\\)"):
         read_upload(good_pt(), "r20.pt", "resnet20")
 
