@@ -15,6 +15,7 @@ Nothing here prints or writes; an unreachable or unsupported target raises
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ from core.measure.allocation_repair import (
 )
 from core.measure.allocation_verify import test_images, uniform_tau_for_kept
 from core.measure.paired import paired_interval
+from core.measure.repair import RepairConfig
 from core.measure.sensitivity import Sensitivity, SensitivityConfig, measure_sensitivity
 from core.measure.tune_inputs import BadInput, ProgressFor, quiet
 from core.measure.tune_per_layer import CacheSpec
@@ -165,8 +167,13 @@ class RepairedPerLayerOutcome:
 
 def run_per_layer_repaired(name: str, config: SensitivityConfig, target: Target, search: SearchConfig, *,
                            verify_images: int | None, cache: CacheSpec | None = None,
+                           verify_repair: RepairConfig | None = None,
                            progress: ProgressFor = quiet) -> RepairedPerLayerOutcome:
     """τ per layer of the shipped checkpoint ``name`` for a retention ``target``, chosen after ``search.repair``.
+
+    ``verify_repair``: the repair of the verified rows and of ``model.packed`` (default:
+    ``search.repair``; a cheaper search repair, e.g. fewer fitting images, may be verified with the
+    full one, same seed).
 
     Raises :class:`~core.measure.tune_inputs.BadInput` for a target other than retention, or one
     the τ grid cannot reach.
@@ -195,22 +202,31 @@ def run_per_layer_repaired(name: str, config: SensitivityConfig, target: Target,
     allocation = choice.allocation
     settings = {"per-layer τ": allocation.config(), **baseline_settings(judge, allocation),
                 "sensitivity allocation": candidates[0].config()}
-    verification = verify_after_repair(judge, settings, test_images(verify_images, card["mean"], card["std"]),
+    if choice.greedy is not None and allocation.method.startswith("greedy"):
+        best = next(c for c in candidates if c.kept == choice.greedy.start)
+        settings["best candidate"] = best.config()
+    final = judge
+    if verify_repair is not None and verify_repair != search.repair:
+        final_search = dataclasses.replace(search, repair=verify_repair)
+        fit_final, _ = scoring_split(verify_repair.n_images, 1, verify_repair.seed, card["mean"], card["std"])
+        final = RepairJudge(model, engine, list(judge.options.values()), fit_final, score, final_search)
+    verification = verify_after_repair(final, settings, test_images(verify_images, card["mean"], card["std"]),
                                        progress)
-    result, fixed, _ = judge.repaired(allocation.config())
+    result, fixed, _ = final.repaired(allocation.config())
     packed = compressed_bytes(result, card["arch"], card.get("arch_kwargs") or {}, repaired=fixed)
     frame = verification.frame
-    repair = judge.repair_config
+    repair = final.repair_config
     payload = {
         "config": allocation.config().to_dict(),
-        "repair": {"method": repair.method, "n_images": len(fit), "ridge": repair.ridge, "seed": repair.seed,
+        "repair": {"method": repair.method, "n_images": len(final.fit), "ridge": repair.ridge, "seed": repair.seed,
                    "positions": repair.positions,
-                   "calibration": f"{len(fit)} augmented CIFAR-10 training images (seed {repair.seed})"},
+                   "calibration": f"{len(final.fit)} augmented CIFAR-10 training images (seed {repair.seed})"},
         "model": name,
         "checkpoint_sha256": card["sha256"],
         "target": {"kind": target.kind, "value": target.value, "label": target.label()},
         "method": allocation.method,
-        "search": {"criterion": search.criterion, "score_images": len(score), "steps": search.steps,
+        "search": {"criterion": search.criterion, "score_images": len(score), "fit_images": len(fit),
+                   "steps": search.steps,
                    "move": search.move, "scoring": allocation.candidates.attrs["images"],
                    "seconds": choice.seconds,
                    "greedy_steps": None if choice.greedy is None else json.loads(
