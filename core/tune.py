@@ -42,9 +42,11 @@ packed bytes, repair seconds) and writes the same three files, ``model.packed`` 
 chosen level's repair (same mask and bit-widths; the header records the repair) and
 ``settings.json`` a ``"repair"`` block beside ``"config"``. The repairs are fitted on
 ``--repair-images`` (512) augmented CIFAR-10 *training* images, or on ``--calibration-data DIR``;
-never on the evaluation images. In the sweep, ``--repair M`` adds a row after that repair for
-every setting (the estimated total time is said first), and the chosen setting carries the
-repair when it buys a larger τ. A repair estimated over 30 s is announced before it starts.
+never on the evaluation images. In the sweep, ``--repair M`` adds a row after every repair level
+up to M for every setting (the estimated total time is said first), prints the largest τ within
+``--max-drop`` for each level (from that level's own rows) and writes them under
+``"largest_tau_within"`` in ``settings.json``; the chosen setting carries the lowest level that
+buys the largest τ. A repair estimated over 30 s is announced before it starts.
 
 This module is the command only: each mode (:data:`MODES`) checks its flags, calls one function
 that does the work and returns the files to write, then prints and writes them. Bad input exits

@@ -6,7 +6,6 @@ own images in the sidebar (any image model: a registry checkpoint, a torchvision
 or uploaded weights), the τ and θ sweeps run on those images instead (:mod:`ui.tune_user_data`:
 accuracy with labels, fidelity to the dense model without), and the sections that need a training
 split say why they do not apply."""
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,11 +16,15 @@ from core.measure.allocation import Target
 from core.measure.allocation_verify import METHOD_LABELS as ALLOC_LABELS
 from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
 from core.measure.sensitivity import SensitivityConfig, resolve_precision
-from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
+from core.measure.sweep_results import pareto_points, series_labels
 from core.measure.sweeps import QuantSetting, SweepConfig
 from core.services import tune_jobs
+from core.measure.sweep_config import REPAIR_LEVELS
+from core.services.repairs import LABELS as REPAIR_LABELS
+from core.services.repairs import REPAIR_IMAGES, REPAIR_SEED
 from core.services.session_repairs import CALIBRATION_IMAGES
 from ui import tune_charts, tune_user_data
+from ui.tune_answers import show_answers
 from ui import tune_jobs as jobs_view
 from ui.charts import add_reference, curves_figure, pareto_figure, sensitivity_heatmap
 from ui.errors import literal
@@ -68,12 +71,26 @@ steps = a.slider("number of τ values", 3, 21, 11, key="tune_steps")
 subset_label = b.radio("evaluate on", list(SUBSETS), key="tune_subset")
 with_bn = c.toggle("also with BN recalibration", True, key="tune_bn", disabled=not session.has_batchnorm,
                    help=f"Re-estimate BatchNorm statistics on {CALIBRATION_IMAGES} training images after pruning.")
+repair_levels = c.multiselect("also after the repair", list(REPAIR_LEVELS), key="tune_repairs",
+                              format_func=lambda level: REPAIR_LABELS[level].lstrip("+ "),
+                              disabled="bias" in session.repairs.unavailable(),
+                              help=f"Each boundary-pruning point also repaired as on the Explore page ({REPAIR_IMAGES} "
+                                   "training images, never the test set) and measured again, so the answers below "
+                                   "hold for the repair you will apply. Reconstruction takes tens of seconds per τ "
+                                   "on ResNet-18; every point is cached on disk, so a repeat is instant.")
+with_quant = c.toggle(f"with the current {config_now.b_low}/{config_now.b_high}-bit weights", config_now.quantized,
+                      key="tune_quant", disabled=not config_now.quantized,
+                      help="Boundary pruning (and its repaired points) also measured with Explore's θ and "
+                           "bit-widths; the answers below are then for that quantized setting.")
 with_layer = c.toggle("also per-layer L1 magnitude pruning", False, key="tune_layer_l1")
 taus = tuple(float(t) for t in np.round(np.linspace(0.0, tau_max, steps), 4))
+sweep_quant = (QuantSetting(config_now.theta, config_now.b_low, config_now.b_high, config_now.theta_mode),) \
+    if with_quant and config_now.quantized else ()
 sweep_config = SweepConfig(taus=taus, bn_recalibration=with_bn and session.has_batchnorm,
                            baselines=("global_magnitude",) + (("layer_l1",) if with_layer else ()),
                            per_class=SUBSETS[subset_label], calibration_size=CALIBRATION_IMAGES,
-                           include_norm=config_now.include_norm)
+                           include_norm=config_now.include_norm, quant=sweep_quant,
+                           repair_levels=tuple(repair_levels), repair_images=REPAIR_IMAGES, repair_seed=REPAIR_SEED)
 if st.button("Run τ sweep", type="primary", key="tune_run"):
     jobs_view.start("tune_sweep_job", tune_jobs.sweep(loaded, sweep_config, device(), watcher), watcher)
 with guard("The τ sweep", "Check the CIFAR-10 data (see the README) or pick fewer τ values."):
@@ -90,7 +107,7 @@ if frame is None:
                 "cache). It runs in the background: the rest of the page stays usable, and it can be cancelled.")
 else:
     data = frame.assign(series=series_labels(frame))
-    curves = data[(data["method"] != "dense") & data["theta"].isna()]
+    curves = data[data["method"] != "dense"]
     dense_rows = data[data["method"] == "dense"]
     left, right = st.columns(2)
     with left:
@@ -117,26 +134,12 @@ else:
                    "Explore page's current setting.")
 
     st.subheader("Largest τ within X points of the dense accuracy")
-    x1, x2 = st.columns([1, 2])
-    points = x1.number_input("X (accuracy points)", 0.0, 100.0, 1.0, 0.5, key="tune_points")
-    use_bn = x1.toggle("with BN recalibration", bool(frame["bn_recalibrated"].any()), key="tune_points_bn",
-                       disabled=not bool(frame["bn_recalibrated"].any()))
     with guard("Finding the largest τ"):
-        choice = largest_tau_within(frame, points, bn_recalibrated=use_bn, contiguous=True)
-        if choice is None:
-            x2.warning(f"No swept τ > 0 stays within {points:g} points of dense; allow more points or sweep "
-                       "smaller τ values.")
-        else:
-            x2.success(f"**τ = {choice.tau:g}**: accuracy {100 * choice.accuracy:.2f} % vs dense "
-                       f"{100 * choice.dense_accuracy:.2f} % ({choice.drop_points:+.2f} points drop), retention "
-                       f"{100 * choice.retention:.1f} %" + (" — with BN recalibration" if use_bn else "")
-                       + f". Measured on {int(frame['n'].iloc[0]):,} test images; among the swept τ values "
-                         "(every smaller τ also passes).")
+        quant = QuantSetting(frame["theta"].dropna().iloc[0], int(frame["b_low"].dropna().iloc[0]),
+                             int(frame["b_high"].dropna().iloc[0]), frame["theta_mode"].dropna().iloc[0]) \
+            if frame["theta"].notna().any() else None
+        show_answers(frame, session, config_now, quant, session.apply(config_now).model_bytes_fp32)
 
-            chosen = replace(config_now, tau=choice.tau, layer_tau=())
-            if x2.button(f"Apply τ = {choice.tau:g} in Explore", key="tune_apply", on_click=apply_config,
-                         args=(chosen, session), kwargs={"bn_recalibrate": use_bn}):
-                st.switch_page("pages/explore.py")
 
 # ---------------------------------------------------------------- θ sweep
 st.subheader("Accuracy vs θ at the current τ")

@@ -175,3 +175,29 @@ def test_the_sweep_adds_a_repaired_row_for_every_tau(tmp_path, capsys):
     assert settings["repair"]["method"] == "bn" and settings["repair"]["chosen"] is False
     assert CompressionConfig.from_dict(settings).tau == 0.3
     assert parse_compressed((out / "model.packed").read_bytes()).repair is None
+
+
+def test_the_sweep_answers_the_largest_tau_for_every_level_up_to_the_repair(tmp_path, capsys):
+    out = tmp_path / "levels"
+    assert tune.main([*FAST, "--taus", "0.1", "0.3", "--max-drop", "2", "--repair", "bias", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    frame = pd.read_csv(out / "sweep.csv")
+    assert list(zip(frame["tau"], frame["repair"])) == [(0, "none"), (0.1, "none"), (0.1, "bn"), (0.1, "bias"),
+                                                        (0.3, "none"), (0.3, "bn"), (0.3, "bias")]
+    settings = json.loads((out / "settings.json").read_text())
+    answers = {entry["level"]: entry for entry in settings["largest_tau_within"]}
+    assert list(answers) == ["none", "bn", "bias"]
+    dense = frame.loc[0, "accuracy"]
+    for level, entry in answers.items():
+        rows = frame[(frame["repair"] == level) & (frame["tau"] > 0)].sort_values("tau")
+        passing = rows[rows["accuracy"] >= dense - 0.02 - 1e-12]
+        what = "without BN recalibration" if level == "none" else f"after repair '{level}'"
+        if passing.empty:  # each level is answered from its own rows, and says so when none passes
+            assert entry["config"] is None and f"within 2 points of dense, {what}: none of the swept τ" in captured.out
+        else:
+            best = passing.iloc[-1]
+            assert entry["config"]["tau"] == best["tau"] and entry["measured"]["accuracy"] == best["accuracy"]
+            assert f"within 2 points of dense, {what}: τ = {best['tau']:g}" in captured.out
+    found = [level for level, entry in answers.items() if entry["config"] is not None]
+    assert settings["repair"]["chosen_level"] == (None if not found else settings["measured"]["repair"])
+    assert not found or settings["measured"]["repair"] in found

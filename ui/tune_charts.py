@@ -21,7 +21,7 @@ def draw_sweep(frame: pd.DataFrame, key: str, x: str = "tau") -> None:
         data = data.assign(series="τ=" + data["tau"].map("{:g}".format) + ", " + data["b_low"].astype(str) + "/"
                            + data["b_high"].astype(str) + " bit")
     else:
-        data = data[(data["method"] != "dense") & data["theta"].isna()]
+        data = data[data["method"] != "dense"]
     if data.empty:
         st.caption(f"{len(frame)} row(s) measured so far (the dense reference first); the curves follow.")
         return

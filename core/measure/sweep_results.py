@@ -21,20 +21,34 @@ class TauChoice:
     retention: float
     accuracy: float
     dense_accuracy: float
+    size_ratio: float = float("nan")  # fp32 bytes / stored bytes of the chosen setting (NaN: not counted)
+    level: str = "none"  # the repair level the answer was found among
 
     @property
     def drop_points(self) -> float:
         return 100 * (self.dense_accuracy - self.accuracy)
 
 
+#: what the charts and answers call each repair level
+LEVEL_LABELS: dict[str, str] = {"none": "", "bn": " + BN recal", "bias": " + bias", "reconstruct": " + reconstruction"}
+
+
+def row_levels(frame: pd.DataFrame) -> pd.Series:
+    """Each row's repair level: the ``repair`` column, else ``"bn"`` or ``"none"`` from ``bn_recalibrated``."""
+    if "repair" in frame:
+        return frame["repair"].fillna("none")
+    return pd.Series(np.where(frame["bn_recalibrated"], "bn", "none"), index=frame.index)
+
+
 def largest_tau_within(frame: pd.DataFrame, points: float, *, method: str = "boundary",
                        bn_recalibrated: bool = False, quant: QuantSetting | None = None,
-                       contiguous: bool = False) -> TauChoice | None:
+                       contiguous: bool = False, level: str | None = None) -> TauChoice | None:
     """The largest swept τ whose accuracy is at most ``points`` percentage points below dense.
 
     The reference is the ``dense`` row without BN recalibration (the model as loaded), or
     the τ = 0 boundary row when the frame has no dense row. Rows are those of ``method``,
-    ``bn_recalibrated`` and ``quant`` (``None``: pruning only). ``contiguous=True`` also
+    repair ``level`` (``None``: ``"bn"`` if ``bn_recalibrated`` else ``"none"``; each level's own
+    measured rows, see :func:`row_levels`) and ``quant`` (``None``: pruning only). ``contiguous=True`` also
     requires every smaller swept τ to pass (the first τ where the drop exceeds ``points``
     ends the search). ``None`` when no τ qualifies.
     """
@@ -47,7 +61,8 @@ def largest_tau_within(frame: pd.DataFrame, points: float, *, method: str = "bou
     if dense.empty:
         raise ValueError("the frame has no dense row (nor a τ = 0 boundary row) to compare against")
     reference = float(dense["accuracy"].iloc[0])
-    rows = frame[(frame["method"] == method) & (frame["bn_recalibrated"] == bn_recalibrated)]
+    level = level if level is not None else ("bn" if bn_recalibrated else "none")
+    rows = frame[(frame["method"] == method) & (row_levels(frame) == level)]
     if quant is None:
         rows = rows[rows["theta"].isna()]
     else:
@@ -61,7 +76,8 @@ def largest_tau_within(frame: pd.DataFrame, points: float, *, method: str = "bou
     if chosen.empty:
         return None
     best = chosen.iloc[-1]
-    return TauChoice(float(best["tau"]), float(best["retention"]), float(best["accuracy"]), reference)
+    return TauChoice(float(best["tau"]), float(best["retention"]), float(best["accuracy"]), reference,
+                     float(best["size_ratio"]) if "size_ratio" in best else float("nan"), level)
 
 
 def format_table(frame: pd.DataFrame) -> str:
@@ -83,8 +99,12 @@ METHOD_LABELS: dict[str, str] = {"boundary": "boundary pruning", "global_magnitu
 
 
 def series_labels(frame: pd.DataFrame) -> pd.Series:
-    """One legend label per row: the method, with " + BN recal" where the row was BN-recalibrated."""
-    return frame["method"].map(METHOD_LABELS) + np.where(frame["bn_recalibrated"], " + BN recal", "")
+    """One legend label per row: the method, its bit-widths if quantized (", 4/8 bit"), and its repair level
+    (" + BN recal", " + reconstruction", …)."""
+    quantized = frame["theta"].notna()
+    bits = "" if not quantized.any() else (", " + frame["b_low"].astype(str) + "/" + frame["b_high"].astype(str)
+                                           + " bit").where(quantized, "")
+    return frame["method"].map(METHOD_LABELS) + bits + row_levels(frame).map(LEVEL_LABELS)
 
 
 def pareto_points(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -92,7 +112,7 @@ def pareto_points(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
     Adds ``size_fraction`` (stored size as a share of fp32: 1 for dense, else 1 / ``size_ratio``;
     rows without a finite size are dropped), ``series`` (dense / pruned (fp32) / pruned +
-    quantized, + BN recal) and ``setting`` (τ, and θ with its bit-widths, as text).
+    quantized, with the repair level) and ``setting`` (τ, and θ with its bit-widths, as text).
     """
     rows = pd.concat(list(frames), ignore_index=True)
     points = rows[rows["method"].isin(["dense", "boundary"])].copy()
@@ -101,7 +121,7 @@ def pareto_points(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     quantized = points["theta"].notna()
     points["series"] = np.where(quantized, "pruned + quantized", "pruned (fp32)")
     points.loc[points["method"] == "dense", "series"] = "dense"
-    points["series"] += np.where(points["bn_recalibrated"], " + BN recal", "")
+    points["series"] += row_levels(points).map(LEVEL_LABELS)
     points["setting"] = ("τ=" + points["tau"].map("{:g}".format)
                          + np.where(quantized, ", θ=" + points["theta"].map("{:g}".format) + " "
                                     + points["b_low"].astype(str) + "/" + points["b_high"].astype(str) + " bit", ""))

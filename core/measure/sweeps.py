@@ -19,7 +19,12 @@ their rows (without θ) take the dense row's measured accuracy instead of runnin
 
 Each of these is evaluated as it is and, when the config asks for it and the model has
 BatchNorm, after :func:`core.measure.accuracy.bn_recalibrate` on :func:`core.measure.accuracy.calibration_images`
-(``bn_recalibrated`` column). Accuracy is :func:`core.measure.accuracy.evaluate` on the full test set,
+(``bn_recalibrated`` column). With ``repair_levels``, the boundary rows (those of every θ
+setting when there are any, else the pruning-only ones) are also evaluated after :func:`core.measure.repair.repair_setting` at each of those
+levels (``"bias"``, ``"reconstruct"``): fitted on ``repair_images`` CIFAR-10 *training* images
+(:func:`core.measure.calibration.calibration_split`, never the evaluation images), with the
+quantized rows' bit-widths respected. The ``repair`` column names every row's level: ``"none"``,
+``"bn"`` (the BN-recalibrated rows), ``"bias"`` or ``"reconstruct"``. Accuracy is :func:`core.measure.accuracy.evaluate` on the full test set,
 or on a fixed class-balanced subset (``per_class``); ``ci_low``/``ci_high`` are the Wilson 95%
 interval of that figure. Baselines are run for pruning-only settings (not for θ/bit-width rows).
 
@@ -47,7 +52,6 @@ import copy
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -55,7 +59,7 @@ import torch
 from torch import nn
 
 from core.common import paths
-from core.common.steps import turn
+from core.common.steps import cancel_requested, checkpoint, turn
 from core.measure.accuracy import (
     CALIBRATION_RECIPE,
     EvalData,
@@ -68,126 +72,32 @@ from core.measure.accuracy import (
     wilson_interval,
 )
 from core.measure.baselines import BASELINES, magnitude_baseline
+from core.measure.calibration import calibration_split
 from core.measure.disk_cache import JsonCache, base_context, images_key, tensor_digest
+from core.measure.repair import RepairCancelled, repair_setting
+from core.measure.sweep_config import (  # noqa: F401 (QuantSetting, SweepConfig, DEFAULT_TAUS: imported from here)
+    DEFAULT_TAUS,
+    REPAIR_COST_PER_IMAGE,
+    REPAIR_LEVELS,
+    QuantSetting,
+    Row,
+    SweepConfig,
+    is_dense,
+    plan,
+)
 from core.method.config import CompressionConfig
 from core.method.engine import CompressionResult, Engine
-from core.method.pruning import check_tau
 from core.method.quantization import DEFAULT_PALETTE
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 
 SWEEP_CACHE_VERSION = 1
 METHODS: tuple[str, ...] = ("dense", "boundary") + BASELINES
-DEFAULT_TAUS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 COLUMNS: tuple[str, ...] = (
-    "method", "tau", "theta", "theta_mode", "b_low", "b_high", "bn_recalibrated",
+    "method", "tau", "theta", "theta_mode", "b_low", "b_high", "bn_recalibrated", "repair",
     "retention", "accuracy", "n", "ci_low", "ci_high", "size_ratio", "seconds", "cached",
 )
 
 ProgressCallback = Callable[[int, int, str], None]
-
-
-# ---------------------------------------------------------------- configuration
-
-@dataclass(frozen=True)
-class QuantSetting:
-    """A θ/bit-width setting evaluated at each τ (see :class:`core.method.engine.CompressionConfig`)."""
-
-    theta: float
-    b_low: int = 4
-    b_high: int = 8
-    theta_mode: str = "relative"
-
-    def __post_init__(self) -> None:
-        checked = CompressionConfig(theta=self.theta, theta_mode=self.theta_mode, b_low=self.b_low, b_high=self.b_high)
-        object.__setattr__(self, "theta", checked.theta)
-
-    def label(self) -> str:
-        return f"θ={self.theta:g} ({self.theta_mode}) {self.b_low}/{self.b_high} bit"
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """What one sweep evaluates.
-
-    * ``taus``: τ values in [0, 1] (sorted, duplicates dropped).
-    * ``quant``: θ/bit-width settings also evaluated at every τ (pruning only is always run).
-    * ``bn_recalibration``: also evaluate every row after BN recalibration on
-      ``calibration_size`` training images drawn with ``calibration_seed`` (skipped for a
-      model without BatchNorm).
-    * ``baselines``: any of :data:`BASELINES`, run at boundary pruning's retention per τ.
-    * ``per_class``: evaluate on ``per_class`` images of every class (a fixed subset drawn
-      with ``subset_seed``) instead of the whole test set; ``None`` = every image.
-    * ``include_norm``: the paper's option of also pruning normalisation scales (the
-      baselines then prune the same parameters).
-    """
-
-    taus: tuple[float, ...] = DEFAULT_TAUS
-    quant: tuple[QuantSetting, ...] = ()
-    bn_recalibration: bool = True
-    baselines: tuple[str, ...] = BASELINES
-    per_class: int | None = None
-    subset_seed: int = 0
-    calibration_size: int = 2000
-    calibration_seed: int = 42
-    include_norm: bool = False
-
-    def __post_init__(self) -> None:
-        taus = tuple(sorted({check_tau(t) for t in self.taus}))
-        if not taus:
-            raise ValueError("a sweep needs at least one tau")
-        object.__setattr__(self, "taus", taus)
-        quant = tuple(self.quant)
-        if not all(isinstance(q, QuantSetting) for q in quant):
-            raise TypeError("quant must hold QuantSetting values")
-        object.__setattr__(self, "quant", tuple(dict.fromkeys(quant)))
-        baselines = tuple(dict.fromkeys(self.baselines))
-        unknown = [b for b in baselines if b not in BASELINES]
-        if unknown:
-            raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {BASELINES}")
-        object.__setattr__(self, "baselines", baselines)
-        if self.per_class is not None and (isinstance(self.per_class, bool) or int(self.per_class) < 1):
-            raise ValueError(f"per_class must be a positive integer or None, got {self.per_class!r}")
-        if self.calibration_size < 1:
-            raise ValueError("calibration_size must be ≥ 1")
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One row to evaluate: a method at a τ, optionally quantized, with or without BN recalibration."""
-
-    method: str
-    tau: float
-    quant: QuantSetting | None
-    bn: bool
-
-    def key(self) -> dict:
-        q = self.quant
-        return {"method": self.method, "tau": self.tau, "bn": self.bn,
-                "quant": None if q is None else [q.theta, q.theta_mode, q.b_low, q.b_high]}
-
-    def base(self) -> _Row:
-        return _Row(self.method, self.tau, self.quant, False)
-
-    def label(self) -> str:
-        text = "dense" if self.method == "dense" else f"{self.method} τ={self.tau:g}"
-        if self.quant is not None:
-            text += f", {self.quant.label()}"
-        return text + (" + BN recal" if self.bn else "")
-
-
-def _plan(config: SweepConfig, bn: bool) -> list[_Row]:
-    flags = (False, True) if bn else (False,)
-    rows = [_Row("dense", 0.0, None, b) for b in flags]
-    for tau in config.taus:
-        rows += [_Row("boundary", tau, None, b) for b in flags]
-        rows += [_Row(method, tau, None, b) for method in config.baselines for b in flags]
-        rows += [_Row("boundary", tau, q, b) for q in config.quant for b in flags]
-    return rows
-
-
-def _is_dense(row: _Row) -> bool:
-    """Whether the row is the dense model under another name: τ = 0 without θ keeps every weight."""
-    return row.method != "dense" and row.tau == 0.0 and row.quant is None
 
 
 def _eval_size(config: SweepConfig, data: EvalData | None) -> int:
@@ -226,13 +136,14 @@ class _Runner:
 
     def __init__(self, model: nn.Module, config: SweepConfig, data: EvalData | None,
                  calibration: torch.Tensor | None, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: str | torch.device, engine: Engine | None = None):
+                 device: str | torch.device, engine: Engine | None = None,
+                 repair_images: torch.Tensor | None = None):
         self.model, self.config, self.device = model, config, device
-        self._data, self._calibration = data, calibration
+        self._data, self._calibration, self._repair_images = data, calibration, repair_images
         self.mean, self.std = mean, std
         self._engine: Engine | None = engine
         self._eval: EvalData | None = None
-        self._models: dict[_Row, tuple[nn.Module, float, float]] = {}
+        self._models: dict[Row, tuple[nn.Module, float, float]] = {}
 
     @property
     def engine(self) -> Engine:
@@ -256,7 +167,30 @@ class _Runner:
                                                    self.mean, self.std)
         return self._calibration
 
-    def _pruned(self, row: _Row) -> tuple[nn.Module, float, float]:
+    @property
+    def repair_images(self) -> torch.Tensor:
+        """The repairs' fitting images: CIFAR-10 training images unless the caller gave its own."""
+        if self._repair_images is None:
+            self._repair_images, _ = calibration_split(self.config.repair_images, 0, seed=self.config.repair_seed,
+                                                       mean=self.mean, std=self.std)
+        return self._repair_images
+
+    def _repaired(self, row: Row) -> tuple[nn.Module, float, float]:
+        """(repaired model, retention, size_ratio) of a boundary row at its repair level."""
+        q = row.quant
+        config = CompressionConfig(tau=row.tau, include_norm=self.config.include_norm) if q is None else \
+            CompressionConfig(tau=row.tau, theta=q.theta, theta_mode=q.theta_mode, b_low=q.b_low,
+                              b_high=q.b_high, include_norm=self.config.include_norm)
+        result = self.engine.apply(config)
+        try:
+            fixed = repair_setting(self.model, self.engine, result, self.repair_images,
+                                   self.config.repair_config(row.repair), cancel=cancel_requested)
+        except RepairCancelled:
+            checkpoint()  # the job's own cancellation (core.common.steps.Cancelled), as every other step's
+            raise
+        return fixed.model, result.retention, result.size_ratio
+
+    def _pruned(self, row: Row) -> tuple[nn.Module, float, float]:
         """(model, retention, size_ratio) for a row without BN recalibration; memoised per τ."""
         if row in self._models:
             return self._models[row]
@@ -280,11 +214,14 @@ class _Runner:
         self._models[row] = out
         return out
 
-    def compute(self, row: _Row) -> dict:
+    def compute(self, row: Row) -> dict:
         """Evaluate ``row`` (one step: in a job, one turn on the compute queue)."""
         with turn():
             start = time.perf_counter()
-            model, retention, size_ratio = self._pruned(row.base())
+            if row.repair != "none":
+                model, retention, size_ratio = self._repaired(row)
+            else:
+                model, retention, size_ratio = self._pruned(row.base())
             if row.bn:
                 model = bn_recalibrate(model, self.calibration)
             report = evaluate(model, self.eval_set, device=self.device)
@@ -293,7 +230,7 @@ class _Runner:
             return {"retention": retention, "accuracy": report.accuracy, "n": report.n, "ci_low": low,
                     "ci_high": high, "size_ratio": size_ratio, "seconds": time.perf_counter() - start}
 
-    def alias(self, row: _Row, dense: dict) -> dict:
+    def alias(self, row: Row, dense: dict) -> dict:
         """The values of a row that is the dense model (:func:`_is_dense`): the dense row's measured figures."""
         size_ratio = float("nan")
         if row.method == "boundary":
@@ -333,6 +270,27 @@ def _context(model: nn.Module, config: SweepConfig, model_id: str | None, data: 
     }
 
 
+def _repair_key(config: SweepConfig, repair_images: torch.Tensor | None, mean: tuple[float, ...],
+                std: tuple[float, ...]) -> dict:
+    """What a repaired row depends on beyond its setting: the repair's options and its fitting images."""
+    if not config.repair_levels:
+        return {}
+    if repair_images is None:
+        from core.workloads.data import verify_archive
+
+        images = {"source": "cifar10-jpeg", "split": "train", "sha256": verify_archive("train")[1],
+                  "recipe": CALIBRATION_RECIPE, "mean": list(mean), "std": list(std)}
+    else:
+        images = {"images": tensor_digest(repair_images)}
+    options = config.repair_config(config.repair_levels[0])
+    return {"repair_options": {"n_images": options.n_images, "ridge": options.ridge, "positions": options.positions,
+                               "seed": options.seed, "batch_size": options.batch_size, "images": images}}
+
+
+def _row_key(row: Row, repair_key: dict) -> dict:
+    return {**row.key(), **repair_key} if row.repair != "none" else row.key()
+
+
 def run_sweep(
     model: nn.Module,
     config: SweepConfig = SweepConfig(),
@@ -348,6 +306,7 @@ def run_sweep(
     on_progress: ProgressCallback | None = None,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
     engine: Engine | None = None,
+    repair_images: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """Accuracy and retention of boundary pruning and the baselines across ``config.taus``.
 
@@ -357,7 +316,8 @@ def run_sweep(
     ``model_id``: a stable identifier of the weights (e.g. ``"sha256:<checkpoint sha>"``)
     for the cache key; by default the state_dict is hashed. ``cache_root`` defaults to
     :func:`sweep_cache_dir`. ``engine``: :func:`sweep_engine` of ``model`` and ``config``, to reuse
-    (built on the first row that needs it otherwise).
+    (built on the first row that needs it otherwise). ``repair_images``: the repairs' fitting
+    images (default: ``config.repair_images`` CIFAR-10 training images, ``config.repair_seed``).
 
     Returns one row per evaluated setting with the columns :data:`COLUMNS`, in plan order
     (dense first, then per τ: boundary, baselines, θ/bit-width settings). ``model`` is not
@@ -367,18 +327,19 @@ def run_sweep(
         raise TypeError(f"run_sweep needs a torch.nn.Module, got {type(model).__name__}")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     bn = config.bn_recalibration and has_batchnorm(model)
-    rows = _plan(config, bn)
+    rows = plan(config, bn)
     cache = _cache(model, config, model_id, data, calibration, mean, std, device, bn, use_cache, cache_root)
-    runner = _Runner(model, config, data, calibration, mean, std, device, engine)
+    runner = _Runner(model, config, data, calibration, mean, std, device, engine, repair_images)
+    repair_key = _repair_key(config, repair_images, mean, std)
     if on_progress is not None:
         on_progress(0, len(rows), "starting")
     records, dense = [], {}
     for done, row in enumerate(rows, start=1):
-        values = cache.get(row.key())
+        values = cache.get(_row_key(row, repair_key))
         cached = values is not None
         if values is None:
-            values = runner.alias(row, dense[row.bn]) if _is_dense(row) else runner.compute(row)
-            cache.put(row.key(), values)
+            values = runner.alias(row, dense[row.bn]) if is_dense(row) else runner.compute(row)
+            cache.put(_row_key(row, repair_key), values)
         if row.method == "dense":
             dense[row.bn] = {k: values[k] for k in ("accuracy", "n", "ci_low", "ci_high")}
         q = row.quant
@@ -388,7 +349,7 @@ def run_sweep(
             "theta_mode": None if q is None else q.theta_mode,
             "b_low": pd.NA if q is None else q.b_low,
             "b_high": pd.NA if q is None else q.b_high,
-            "bn_recalibrated": row.bn, **values, "cached": cached,
+            "bn_recalibrated": row.bn, "repair": row.level, **values, "cached": cached,
         })
         if on_progress is not None:
             on_progress(done, len(rows), row.label())
@@ -425,20 +386,31 @@ def sweep_plan(
     device: str | torch.device = "cpu",
     use_cache: bool = True,
     cache_root: str | os.PathLike | None = None,
+    repair_images: torch.Tensor | None = None,
 ) -> tuple[float, ...]:
     """The relative cost of every row :func:`run_sweep` will report, in its order, without running anything.
 
     A row's cost is the images it runs through the model (the evaluated images, plus the
     calibration images when it is BN-recalibrated); 0 for a row read from the disk cache and for
-    a row that is the dense model (τ = 0 without θ). Same arguments as :func:`run_sweep`.
+    a row that is the dense model (τ = 0 without θ); a repaired row adds
+    :data:`REPAIR_COST_PER_IMAGE` per fitting image. Same arguments as :func:`run_sweep`.
     """
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     bn = config.bn_recalibration and has_batchnorm(model)
     cache = _cache(model, config, model_id, data, calibration, mean, std, device, bn, use_cache, cache_root)
     images = _eval_size(config, data)
     calibration_size = len(calibration) if calibration is not None else config.calibration_size
-    return tuple(0.0 if _is_dense(row) or cache.get(row.key()) is not None
-                 else float(images + (calibration_size if row.bn else 0)) for row in _plan(config, bn))
+    fitting = len(repair_images) if repair_images is not None else config.repair_images
+    repair_key = _repair_key(config, repair_images, mean, std)
+
+    def cost(row: Row) -> float:
+        if is_dense(row) or cache.get(_row_key(row, repair_key)) is not None:
+            return 0.0
+        if row.repair != "none":
+            return float(images + REPAIR_COST_PER_IMAGE[row.repair] * fitting)
+        return float(images + (calibration_size if row.bn else 0))
+
+    return tuple(cost(row) for row in plan(config, bn))
 
 
 def sweep_pretrained(name: str, config: SweepConfig = SweepConfig(), **kwargs) -> pd.DataFrame:

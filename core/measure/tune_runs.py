@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from core.measure import tuning
-from core.measure.repair import RepairConfig
+from core.measure.repair import RepairConfig, levels
 from core.measure.tune_inputs import InputSpec, ProgressFor, TuneInputs, load_inputs, quiet
 from core.measure.tuning import Choice
 from core.method.config import CompressionConfig
@@ -126,7 +126,7 @@ def run_tune_sweep(spec: InputSpec, configs: Sequence[CompressionConfig], repair
     variants = [(bn, "none") for bn in ([False, True] if calibration is not None and frame["bn_recalibrated"].any()
                                         else [False])]
     if repairing:
-        variants.append((False, repair.method))
+        variants += [(False, method) for method in levels(repair.method)[1:]]
     b_low, b_high = bits
     choices = {}
     for bn, method in variants:
@@ -137,12 +137,13 @@ def run_tune_sweep(spec: InputSpec, configs: Sequence[CompressionConfig], repair
     chosen = choices.get((True, "none")) or plain
     if chosen is not None and plain is not None and chosen.config.tau <= plain.config.tau:
         chosen = plain  # recalibration only when it buys a larger τ
-    fixed = choices.get((False, repair.method)) if repairing else None
-    if fixed is not None and (chosen is None or fixed.config.tau > chosen.config.tau):
-        chosen = fixed  # the repair too, only when it buys a larger τ
+    for method in levels(repair.method)[1:] if repairing else ():
+        fixed = choices.get((False, method))
+        if fixed is not None and (chosen is None or fixed.config.tau > chosen.config.tau):
+            chosen = fixed  # a repair level too, only when it buys a larger τ than every level below it
     files: dict[str, str | bytes] = {"sweep.csv": frame.to_csv(index=False),
                                      "settings.json": _json(sweep_settings(spec, inputs, frame, chosen, repair,
-                                                                           max_drop))}
+                                                                           max_drop, choices))}
     if chosen is not None:
         method = chosen.row.get("repair", "none")
         files["model.packed"] = (kept[(chosen.config, method)] if method != "none"
@@ -186,8 +187,11 @@ def run_one_setting(spec: InputSpec, config: CompressionConfig, repair: RepairCo
 
 
 def sweep_settings(spec: InputSpec, inputs: TuneInputs, frame: pd.DataFrame, chosen: Choice | None,
-                   repair: RepairConfig, max_drop: float) -> dict:
-    """settings.json of the sweep: the chosen setting in ``CompressionConfig.to_dict()`` form, what it measured."""
+                   repair: RepairConfig, max_drop: float,
+                   choices: dict[tuple[bool, str], Choice | None] | None = None) -> dict:
+    """settings.json of the sweep: the chosen setting in ``CompressionConfig.to_dict()`` form, what it measured,
+    and (``choices``) the largest τ within ``max_drop`` of every variant: one entry per repair level
+    (``"bn"`` for the BN-recalibrated rows), ``config`` and ``measured`` None where no swept τ passes."""
     payload = {
         "config": None if chosen is None else chosen.config.to_dict(),
         "bn_recalibrated": None if chosen is None else chosen.bn_recalibrated,
@@ -197,9 +201,16 @@ def sweep_settings(spec: InputSpec, inputs: TuneInputs, frame: pd.DataFrame, cho
     }
     if repair.method != "none":
         payload["repair"] = {**_repair_block(repair, inputs),
-                             "chosen": chosen is not None and chosen.row.get("repair") == repair.method}
+                             "chosen": chosen is not None and chosen.row.get("repair") == repair.method,
+                             "chosen_level": None if chosen is None else str(chosen.row.get("repair", "none"))}
     if chosen is not None:
         payload["measured"] = _measured(chosen.row)
+    if choices is not None:
+        payload["largest_tau_within"] = [
+            {"level": "bn" if bn else method, "bn_recalibrated": bn,
+             "config": None if best is None else best.config.to_dict(),
+             "measured": None if best is None else _measured(best.row)}
+            for (bn, method), best in choices.items()]
     return payload
 
 

@@ -283,12 +283,14 @@ def make_engine(tuned: TuneModel) -> Engine:
 
 def estimate_repair_seconds(tuned: TuneModel, configs: Sequence[CompressionConfig], repair: RepairConfig, *,
                             engine: Engine | None = None) -> float:
-    """Estimated seconds of ``repair`` at every setting in all (:func:`core.measure.repair.estimate_seconds`;
+    """Estimated seconds of every repair level above ``"none"`` up to ``repair.method`` (each run on its own,
+    as :func:`run_tuning_sweep` runs them) at every setting, in all (:func:`core.measure.repair.estimate_seconds`;
     it times a few forward passes, seconds for a ResNet-18)."""
     engine = engine or make_engine(tuned)
     size = tuned.preprocess.image_size
-    return sum(estimate_setting_seconds(engine.apply(config), repair, input_shape=(3, size, size))
-               for config in configs)
+    return sum(estimate_setting_seconds(engine.apply(config), dataclasses.replace(repair, method=method),
+                                        input_shape=(3, size, size))
+               for config in configs for method in levels(repair.method)[1:])
 
 
 def _dense_row(tuned: TuneModel, engine: Engine, data: TuneData, batch_size: int,
@@ -321,7 +323,8 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
     ``calibration``: images for BN recalibration; with them (and a model with BatchNorm) every
     setting is also evaluated after recalibration (``bn_recalibrated`` true).
     ``repair`` (with ``repair_images``, the calibration images; method other than ``none``): every
-    setting is also evaluated after that repair (``repair`` names it, ``repair_seconds`` its time);
+    setting is also evaluated after each repair level up to that one, each run on its own (``repair``
+    names the level, ``repair_seconds`` its time), so that every level has its own answer;
     ``keep_packed`` (a dict) receives those rows' packed files under ``(config, method)``.
     ``on_rows(frame)`` is called after every row with the rows so far. Each row is one
     :func:`core.common.steps.turn` (in a job: a turn on the compute queue; a cancel stops it within a layer).
@@ -330,7 +333,8 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
     if repairing and repair_images is None:
         raise ValueError("a repair needs its calibration images (repair_images)")
     recalibrate = calibration is not None and has_batchnorm(tuned.model)
-    total = 1 + len(configs) * (1 + int(recalibrate) + int(repairing))
+    methods = levels(repair.method)[1:] if repairing else ()
+    total = 1 + len(configs) * (1 + int(recalibrate) + len(methods))
     report = on_progress or (lambda done, total, label: None)
     engine = engine or make_engine(tuned)
     dense, dense_row = _dense_row(tuned, engine, data, batch_size, lambda done: report(done, total, "dense"))
@@ -361,18 +365,18 @@ def run_tuning_sweep(tuned: TuneModel, data: TuneData, configs: Sequence[Compres
                 rows.append(_row(config, True, result, data.labels, dense, predicted,
                                  len(packed(result, tuned, model)), time.perf_counter() - start))
             reported(_label(config, True))
-        if repairing:
+        for method in methods:
             with turn():
                 start = time.perf_counter()
-                fixed = repair_setting(tuned.model, engine, result, repair_images, repair,
-                                       on_progress=on_repair_progress)
+                fixed = repair_setting(tuned.model, engine, result, repair_images,
+                                       dataclasses.replace(repair, method=method), on_progress=on_repair_progress)
                 predicted = predict(fixed.model, data.images, batch_size)
                 file = packed(result, tuned, repaired=fixed)
                 if keep_packed is not None:
-                    keep_packed[(config, repair.method)] = file
+                    keep_packed[(config, method)] = file
                 rows.append(_row(config, False, result, data.labels, dense, predicted, len(file),
                                  time.perf_counter() - start, fixed))
-            reported(_label(config, False) + f" +{repair.method}")
+            reported(_label(config, False) + f" +{method}")
     return _frame(rows)
 
 

@@ -56,6 +56,7 @@ from core.measure.sweeps import SweepConfig, run_sweep, sweep_engine, sweep_plan
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.services.choices import LoadedModel
+from core.services import repairs
 from core.services.jobs import Job, JobRegistry
 from core.services.user_tuning import (
     run_user_sweep,
@@ -148,12 +149,21 @@ def _warm_up(engine: Engine, images: torch.Tensor) -> None:
 # ---------------------------------------------------------------- the jobs
 
 def sweep(loaded: LoadedModel, config: SweepConfig, device: str, watcher: Hashable) -> Job:
-    """The τ (or θ) sweep of ``config`` on CIFAR-10 for ``loaded``; its result is run_sweep's frame."""
+    """The τ (or θ) sweep of ``config`` on CIFAR-10 for ``loaded``; its result is run_sweep's frame.
+
+    Repaired rows (``config.repair_levels``) fit on the Explore page's repair images
+    (:func:`core.services.repairs.calibration`), so a setting applied from here shows there the
+    accuracy measured here (on the same evaluation images)."""
     key = ("sweep", loaded.key, config, str(device))
     model_id = _model_id(loaded)
     where = {"model_id": model_id, "mean": loaded.mean, "std": loaded.std, "device": device}
 
     def work(job: Job) -> pd.DataFrame:
+        if config.repair_levels:  # the images the Explore page's repair fits on, so that both show one figure
+            with turn():
+                where["repair_images"] = repairs.calibration(config.repair_images, repairs.REPAIR_HOLDOUT,
+                                                             config.repair_seed, tuple(loaded.mean),
+                                                             tuple(loaded.std))[0]
         units = sweep_plan(loaded.model, config, **where)
         engine = None
         if any(units):  # what every computed row needs, made before the first step is timed for the estimate

@@ -359,6 +359,7 @@ def test_tune_sweep_answers_and_applies_tau(tmp_path, monkeypatch):
     at.slider(key="tune_tau_max").set_value(0.3).run()
     at.slider(key="tune_steps").set_value(3).run()
     at.toggle(key="tune_bn").set_value(False).run()
+    at.toggle(key="tune_quant").set_value(False).run()  # pruning only (the app starts on 4/8-bit weights)
     run_jobs(at.button(key="tune_run").click().run())
     no_errors(at)
     frame = at.session_state["tune_frame"]
@@ -366,9 +367,9 @@ def test_tune_sweep_answers_and_applies_tau(tmp_path, monkeypatch):
     assert sorted(frame.loc[frame["method"] == "boundary", "tau"]) == [0.0, 0.15, 0.3]
     assert len(at.get("plotly_chart")) >= 3
     at.number_input(key="tune_points").set_value(100.0).run()  # every τ is within 100 points
-    assert any("τ = 0.3" in s.value for s in at.success)
-    at.button(key="tune_apply").click().run()
-    assert at.session_state["tau"] == 0.3
+    assert any("τ = 0.3 no repair" in m.value for m in at.markdown)
+    at.button(key="tune_apply_none").click().run()
+    assert at.session_state["tau"] == 0.3 and at.session_state["quantize"] is False
 
 
 def test_benchmark_page_runs_the_synthetic_benchmark():

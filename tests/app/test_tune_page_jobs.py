@@ -50,6 +50,7 @@ def small_sweep(at):
     at.slider(key="tune_tau_max").set_value(0.3).run()
     at.slider(key="tune_steps").set_value(3).run()
     at.toggle(key="tune_bn").set_value(False).run()
+    at.toggle(key="tune_quant").set_value(False).run()  # pruning only (the app starts on 4/8-bit weights)
     return at
 
 

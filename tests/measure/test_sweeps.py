@@ -16,7 +16,7 @@ from core.measure.accuracy import EvalData, bn_recalibrate, evaluate
 from core.method.pruning import prunable_layers
 from core.measure.sweeps import QuantSetting, SweepConfig, run_sweep
 from core.measure.baselines import magnitude_baseline
-from core.measure.sweep_results import largest_tau_within
+from core.measure.sweep_results import largest_tau_within, pareto_points, series_labels
 from tests.conftest import SmallCNN, same_state, state_fingerprint
 
 
@@ -284,6 +284,26 @@ def test_largest_tau_within():
         largest_tau_within(frame[frame["method"] != "dense"].query("tau > 0"), 1.0)
 
 
+def test_largest_tau_within_answers_each_repair_level_from_its_own_rows():
+    frame = hand_frame()
+    frame["repair"] = frame["bn_recalibrated"].map({True: "bn", False: "none"})
+    repaired = pd.DataFrame({"method": "boundary", "tau": [0.0, 0.1, 0.2, 0.3, 0.4], "bn_recalibrated": False,
+                             "retention": [1.0, 0.8, 0.6, 0.4, 0.2], "accuracy": [0.90, 0.899, 0.897, 0.894, 0.7],
+                             "theta": math.nan, "repair": "reconstruct", "size_ratio": [1.0, 1.2, 1.6, 2.4, 4.5]})
+    frame = pd.concat([frame, repaired], ignore_index=True)
+    assert largest_tau_within(frame, 1.0, contiguous=True).tau == 0.1  # plain rows only, as before
+    assert largest_tau_within(frame, 1.0, bn_recalibrated=True).tau == 0.2
+    choice = largest_tau_within(frame, 1.0, contiguous=True, level="reconstruct")
+    assert (choice.tau, choice.level, choice.size_ratio, choice.dense_accuracy) == (0.3, "reconstruct", 2.4, 0.90)
+    assert largest_tau_within(frame, 0.05, level="bias") is None  # no rows at that level: no answer
+    labels = series_labels(frame)
+    assert set(labels[frame["repair"] == "reconstruct"]) == {"boundary pruning + reconstruction"}
+    assert set(labels[frame["repair"] == "none"]) == {"boundary pruning", "dense"}
+    frame = frame.assign(size_ratio=frame["size_ratio"].fillna(2.0), b_low=pd.NA, b_high=pd.NA)
+    series = set(pareto_points([frame])["series"])
+    assert {"pruned (fp32) + reconstruction", "pruned (fp32) + BN recal", "pruned (fp32)", "dense"} <= series
+
+
 def test_largest_tau_within_on_a_real_sweep(frame):
     dense = rows(frame, "dense").loc[0, "accuracy"]
     boundary = rows(frame, "boundary")
@@ -325,3 +345,52 @@ def test_cli_untrained(tmp_path, capsys):
     assert "accuracy on 20 CIFAR-10 test images" in out and "global_magnitude" in out
     table = pd.read_csv(tmp_path / "out.csv")
     assert len(table) == 1 + 2 * 2 and set(table["method"]) == {"dense", "boundary", "global_magnitude"}
+
+
+def test_repaired_rows_match_the_repair_run_by_hand_and_come_back_from_the_cache(tmp_path):
+    from core.measure.repair import repair_setting
+
+    model = small_model()
+    data, images = self_labelled(model), calibration()
+    config = SweepConfig(taus=(0.0, 0.3), quant=(QuantSetting(0.3, 4, 8),), baselines=(),
+                         repair_levels=("reconstruct", "bias"), repair_images=len(images))
+    assert config.repair_levels == ("bias", "reconstruct")  # in level order
+    first = run_sweep(model, config, data=data, calibration=images, repair_images=images, cache_root=tmp_path)
+    repaired = first[first["repair"].isin(["bias", "reconstruct"])]
+    # the θ setting's boundary rows (the weights a user would ship) at every τ and both levels
+    assert len(repaired) == 2 * 2 and set(repaired["method"]) == {"boundary"} and repaired["theta"].eq(0.3).all()
+    assert not repaired["bn_recalibrated"].any()
+    assert set(first.loc[first["bn_recalibrated"], "repair"]) == {"bn"}
+    assert set(first.loc[~first["bn_recalibrated"] & first["repair"].eq("none"), "method"]) == {"dense", "boundary"}
+
+    engine = sweep.sweep_engine(model, config)
+    for _, row in repaired.iterrows():
+        setting = CompressionConfig(tau=row["tau"]) if pd.isna(row["theta"]) else CompressionConfig(
+            tau=row["tau"], theta=row["theta"], b_low=4, b_high=8)
+        result = engine.apply(setting)
+        fixed = repair_setting(model, engine, result, images, config.repair_config(row["repair"]))
+        assert row["accuracy"] == evaluate(fixed.model, data).accuracy
+        assert row["retention"] == pytest.approx(result.retention)
+    again = run_sweep(model, config, data=data, calibration=images, repair_images=images, cache_root=tmp_path)
+    assert again["cached"].all()
+    pd.testing.assert_frame_equal(again.drop(columns=["cached", "seconds"]), first.drop(columns=["cached", "seconds"]))
+    # other repair images are another repair: nothing repaired is read back
+    other = run_sweep(model, config, data=data, calibration=images, repair_images=images * 0.5, cache_root=tmp_path)
+    assert not other.loc[other["repair"].isin(["bias", "reconstruct"]), "cached"].any()
+
+
+def test_the_plan_costs_a_repaired_row_more_than_a_plain_one(tmp_path):
+    model = small_model()
+    config = SweepConfig(taus=(0.0, 0.3), baselines=(), repair_levels=("reconstruct",), repair_images=64)
+    costs = sweep.sweep_plan(model, config, data=self_labelled(model), calibration=calibration(),
+                             repair_images=calibration(), cache_root=tmp_path)
+    labels = [row.label() for row in sweep.plan(config, True)]
+    by_label = dict(zip(labels, costs))
+    assert by_label["boundary τ=0.3 + reconstruction"] == 120 + sweep.REPAIR_COST_PER_IMAGE["reconstruct"] * 64
+    assert by_label["boundary τ=0 + reconstruction"] > 0  # a repaired τ = 0 is not the dense model
+    assert by_label["boundary τ=0"] == 0
+
+
+def test_unknown_repair_level_is_refused():
+    with pytest.raises(ValueError, match="unknown repair level"):
+        SweepConfig(repair_levels=("bn",))
