@@ -27,13 +27,15 @@ LEVEL_NAMES = {"none": "no repair", **{level: f"with {LABELS[level]}".replace("w
 
 
 def answers(frame: pd.DataFrame, points: float, quant: QuantSetting | None) -> dict[str, TauChoice | None]:
-    """The largest τ within ``points`` for every repair level of the boundary rows in ``frame``, in level order."""
+    """The largest τ > 0 within ``points`` for every repair level of the boundary rows in ``frame``, in level order
+    (None for a level where no swept τ > 0 passes)."""
     boundary = frame[frame["method"] == "boundary"]
     if quant is None:
         boundary = boundary[boundary["theta"].isna()]
     present = set(row_levels(boundary))
-    return {level: largest_tau_within(frame, points, quant=quant, contiguous=True, level=level)
-            for level in LEVELS if level in present}
+    found = {level: largest_tau_within(frame, points, quant=quant, contiguous=True, level=level)
+             for level in LEVELS if level in present}
+    return {level: None if choice is None or choice.tau == 0 else choice for level, choice in found.items()}
 
 
 def _apply(config: CompressionConfig, session: ExploreSession, level: str) -> None:
