@@ -47,3 +47,26 @@ def test_cli_refuses_tau_with_target(tmp_path, capsys):
                  "--out", str(tmp_path / "x")])
     assert code == 2
     assert "exactly one of --tau" in capsys.readouterr().err
+
+
+def test_cli_exports_the_smaller_model_to_onnx_fp32_and_int8(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    out = tmp_path / "onnx"
+    assert main(["--granularity", "channel", "--model", "resnet20", "--tau", "0.3", "--theta", "0.3",
+                 "--repair", "none", "--max-images", "50", "--export", "onnx", "--out", str(out)]) == 0
+    bundle = load_channel_bundle(out / "model.pt")  # the smaller model with its 4/8-bit weights
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = bundle(x).numpy()
+    outputs = {}
+    for name in ("model.onnx", "model.int8.onnx"):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        (outputs[name],) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert outputs[name].shape == expected.shape  # any batch size, the channel-pruned graph
+    np.testing.assert_allclose(outputs["model.onnx"], expected, rtol=1e-3, atol=1e-3)
+    # int8 activations move the logits, but the file is the same network: most top-1 classes agree
+    agree = (outputs["model.int8.onnx"].argmax(1) == expected.argmax(1)).mean()
+    assert agree >= 2 / 3
+    assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size

@@ -14,7 +14,9 @@ Writes ``settings.json`` (granularity, τ_ch, the kept channels, the weight conf
 the measured rows), ``sweep.csv`` (one row per repair level), ``model.packed`` (the packed
 file with the kept channels in its header: ``core.deploy.channel_file.load_compressed`` rebuilds
 it with no template), ``model.pt`` (the ``.pt`` bundle with the same record), and with
-``--export onnx`` ``model.onnx`` (fp32, :func:`core.deploy.onnx_export.export_fp32`).
+``--export onnx`` ``model.onnx`` (fp32, :func:`core.deploy.onnx_export.export_fp32`) and
+``model.int8.onnx`` (QDQ int8, :func:`core.deploy.onnx_export.export_int8`; activations calibrated
+on CIFAR-10 training images, the weight engine's codes when ``--theta`` is given).
 Accuracy is on ``--max-images`` class-balanced CIFAR-10 *test* images (10000: all).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from core.method.channels import ChannelConfig, ChannelError, ChannelPruner
 
 KEEP_ALL = ChannelConfig()
 TAU_TOLERANCE = 1e-3  # the bisection stops when the τ_ch bracket is this narrow
+DEPLOY_CALIBRATION_IMAGES = 256  # training images the int8 file's activation ranges are calibrated on
 
 
 def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConfig = KEEP_ALL,
@@ -150,7 +153,8 @@ def _files(args, dense, result, weight, final, rows: list[dict]) -> dict[str, st
     from core.method.engine import Engine
 
     record = result.record()
-    engine_result = Engine(final).apply(weight)
+    engine = Engine(final)
+    engine_result = engine.apply(weight)
     packed = with_channels(compressed_bytes(engine_result, args.model), record)
     settings = {
         "format": "boundary-explorer/settings/v1",
@@ -175,9 +179,24 @@ def _files(args, dense, result, weight, final, rows: list[dict]) -> dict[str, st
                                          settings=json.dumps({"granularity": "channel", "tau_ch": result.config.tau})),
     }
     if getattr(args, "export", None) == "onnx":
-        from core.deploy.onnx_export import export_fp32
+        files.update(_onnx_files(engine, engine_result))
+    return files
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_fp32(engine_result.model, Path(tmp) / "model.onnx", torch.randn(1, 3, 32, 32))
-            files["model.onnx"] = path.read_bytes()
+
+def _onnx_files(engine, engine_result) -> dict[str, bytes]:
+    """``model.onnx`` (fp32) and ``model.int8.onnx`` (QDQ, activations calibrated on CIFAR-10 *training* images)
+    of the smaller model: with θ, its weights are the engine's own 4/8-bit codes on each channel's int8 grid
+    (:func:`core.measure.deploy_export.setting_weights`), else ONNX Runtime quantizes them per channel."""
+    from core.deploy.onnx_export import export_fp32, export_int8
+    from core.measure.accuracy import calibration_images
+    from core.measure.deploy_export import setting_weights
+
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_fp32(engine_result.model, Path(tmp) / "model.onnx", torch.randn(1, 3, 32, 32))
+        files["model.onnx"] = path.read_bytes()
+        images = calibration_images(DEPLOY_CALIBRATION_IMAGES)
+        weights = setting_weights(engine, engine_result) if engine_result.config.quantized else None
+        export_int8(engine_result.model, Path(tmp) / "model.int8.onnx", images, weights=weights)
+        files["model.int8.onnx"] = (Path(tmp) / "model.int8.onnx").read_bytes()
     return files
