@@ -9,10 +9,12 @@ from core.services.uploads import (
     display_name,
     export_bundle,
     read_settings,
+    read_settings_channels,
     read_settings_repair,
     settings_json,
 )
 from ui import glossary
+from ui.channel_view import apply_channel_setting, channel_config
 from ui.errors import literal, show_error, show_warning
 from ui.sidebar import page_setup
 from ui.state import apply_config, current_config, footer, guard
@@ -113,7 +115,13 @@ with guard("Preparing the export"):
                    "(sidebar → Upload; the architecture is read from the file).")
     with b:
         st.subheader("Settings")
-        text = settings_json(config, loaded, result, bn, repair=state.get("repair"))
+        channel_result = None
+        if state.get("explore_granularity") == "channel":  # Explore's channel mode: the file records τ_ch
+            channel_result = session.channels.pruner().apply(channel_config())
+            st.caption(f"Channel granularity: τ_ch = {channel_result.config.tau:g}, counted MACs "
+                       f"{fmt_pct(channel_result.mac_ratio)} of dense; the file records the kept channels.")
+        text = settings_json(config, loaded, result, bn, channels=channel_result,
+                             repair=state.get("explore_ch_repair" if channel_result is not None else "repair"))
         st.download_button("Download settings (.json)", text, file_name=f"{stem}.json", mime="application/json",
                            key="download_settings", on_click="ignore")
         with st.expander("Show the JSON"):
@@ -129,8 +137,14 @@ if uploaded is not None and st.button("Apply these settings", key="apply_setting
     other_model = None
     try:  # read_settings refuses files over MAX_SETTINGS_BYTES before parsing them
         config, level = read_settings(uploaded.getvalue()), read_settings_repair(uploaded.getvalue())
+        channels = read_settings_channels(uploaded.getvalue())
         other_model = settings_for_other_model(uploaded.getvalue(), session.loaded.arch, session.loaded.arch_kwargs)
-        skipped = [] if other_model else apply_config(config, session, repair=level)
+        if other_model:
+            skipped = []
+        elif channels is not None:  # a channel-granularity file: Explore's channel mode at its τ_ch
+            skipped = apply_channel_setting(channels, level)
+        else:
+            skipped = apply_config(config, session, repair=level)
     except ValueError as err:  # ConfigError included: the message names the field (and may quote the file)
         show_error(f"{name} is not a settings file this app can apply: {str(err).rstrip('.')}. "
                    "Export a settings file above and load that one.")

@@ -22,7 +22,7 @@ from ui.charts import channel_scores_figure, channel_share_figure
 from ui.errors import literal
 from ui.explore_view import estimate_done, show_accuracy
 from ui.repair_view import show_repair
-from ui.state import device, footer, guard
+from ui.state import device, footer, guard, set_widget
 
 REQUESTED_KEY = "_explore_ch_repair_requested"  # the setting whose repair the user asked for (a text)
 PROGRESS_S = 0.25  # how often a running repair's progress is redrawn
@@ -33,6 +33,24 @@ def channel_config() -> ChannelConfig:
     state = st.session_state
     return ChannelConfig(tau=float(state["explore_tau_ch"]), norm=state["explore_ch_norm"],
                          fold_bn=bool(state["explore_ch_fold_bn"]))
+
+
+def apply_channel_setting(config: ChannelConfig, repair: str | None = None) -> list[str]:
+    """Put Explore in channel mode at ``config`` (a loaded settings file), and its repair level when it is one
+    channel mode offers; the notes say what could not be applied (one sentence each)."""
+    set_widget("explore_granularity", "channel")
+    set_widget("explore_tau_ch", config.tau)
+    set_widget("explore_ch_norm", config.norm)
+    set_widget("explore_ch_fold_bn", config.fold_bn)
+    notes = []
+    if config.layer_tau:
+        notes.append(f"{len(config.layer_tau)} per-layer τ_ch value(s) not applied: Explore has one τ_ch for every "
+                     "group (python -m core.tune --granularity channel takes them)")
+    if repair is not None and repair in CHANNEL_LABELS:
+        set_widget("explore_ch_repair", repair)
+    elif repair is not None:
+        notes.append(f"repair '{repair}' not applied: channel mode offers {', '.join(CHANNEL_LABELS)}")
+    return notes
 
 
 def _request_key(session: ExploreSession, config: ChannelConfig, level: str) -> str:

@@ -38,10 +38,11 @@ from torch import nn
 
 from core.common.formatting import fmt_bytes, printable
 from core.deploy.channel_file import CHANNELS_KEY, channel_template, load_channel_bundle
-from core.method.channel_config import ChannelError
+from core.method.channel_config import ChannelConfig, ChannelError, ChannelResult
 from core.method.config import CompressionConfig, ConfigError
 from core.method.engine import CompressionResult
 from core.services import recorded
+from core.services.channel_settings import channel_entries, channel_setting
 from core.services.choices import LoadedModel, model_inputs, torchvision_loaded
 from core.services.recorded import config_summary
 from core.services.repairs import check_level, level_from_settings
@@ -298,6 +299,14 @@ def read_settings(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> Com
     return CompressionConfig.from_dict(data)
 
 
+def read_settings_channels(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> ChannelConfig | None:
+    """The channel setting a settings JSON records (``"granularity": "channel"``), or None for a weight-granularity
+    file (every file from before channel pruning); :class:`ConfigError` for a file :func:`read_settings` refuses or
+    an unusable channel entry."""
+    read_settings(text, max_bytes)  # the same checks (size, JSON, a usable config) first
+    return channel_setting(json.loads(text))
+
+
 def read_settings_repair(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES) -> str | None:
     """The repair level a settings JSON asks for, or None when it names none (a bare config).
 
@@ -314,12 +323,14 @@ def read_settings_repair(text: str | bytes, max_bytes: int = MAX_SETTINGS_BYTES)
 
 
 def settings_json(config: CompressionConfig, loaded: LoadedModel, result: CompressionResult | None = None,
-                  bn_recalibrated: bool = False, repair: str | None = None) -> str:
+                  bn_recalibrated: bool = False, repair: str | None = None, channels: ChannelResult | None = None) -> str:
     """The settings (and what they gave) as JSON, to reproduce or share a view.
 
     ``repair``: the Explore page's repair level (:data:`core.services.repairs.LEVELS`), written as
     ``"repair"``; ``"bn_recalibrated"`` stays for older readers (true for every level above
     ``"none"``, which all recalibrate BatchNorm). Without ``repair`` the file is as before.
+    ``"granularity"`` is ``"weight"``, or with ``channels`` (the channel-pruned view) ``"channel"`` plus τ_ch,
+    the score, the kept channels and the counted MACs (:func:`core.services.channel_settings.channel_entries`).
     """
     if repair is not None:
         bn_recalibrated = check_level(repair) != "none"
@@ -328,6 +339,8 @@ def settings_json(config: CompressionConfig, loaded: LoadedModel, result: Compre
         "model": {"key": loaded.key, "arch": loaded.arch, "label": loaded.label, "source": loaded.source,
                   "trained": loaded.trained, **loaded.provenance()},
         "config": config.to_dict(),
+        "granularity": "weight",
+        **(channel_entries(channels) if channels is not None else {}),
         "bn_recalibrated": bool(bn_recalibrated),
         **({"repair": repair} if repair is not None else {}),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
