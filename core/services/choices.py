@@ -73,6 +73,9 @@ class LoadedModel:
     categories: tuple[str, ...] = ()  # the name of each output, where known (pretrained weights, CIFAR-10)
     #: for an uploaded export of this app: the setting it records (the page shows it as loaded)
     recorded: RecordedSetting | None = None
+    #: for a model rebuilt from a channel-pruned file: its channel record (the dense architecture's kept channels per
+    #: group, :meth:`core.method.channel_config.ChannelResult.record`); exports of it write the record again
+    channels: dict | None = None
 
     @property
     def in_dim(self) -> int:

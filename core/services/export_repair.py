@@ -36,6 +36,7 @@ from core.measure.repair import METHODS, RepairConfig, estimate_setting_seconds,
 from core.method.engine import CompressionResult
 from core.services.compute_queue import COMPUTE
 from core.services.session import ExploreSession
+from core.services.uploads import with_record
 
 #: the choices, in order, with the words the page shows (each includes the ones before)
 LABELS: dict[str, str] = {
@@ -122,7 +123,7 @@ def repaired_packed(session: ExploreSession, result: CompressionResult, method: 
     provenance = dict(arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
                       input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict())
     if method == "none":
-        return RepairedFile(compressed_bytes(result, **provenance), "none", 0.0, 0, 0)
+        return RepairedFile(with_record(compressed_bytes(result, **provenance), loaded), "none", 0.0, 0, 0)
     if method in SHARED_LEVELS:
         fixed = session.repairs.run(result, method, on_progress=on_progress, cancel=cancel)
     else:
@@ -130,5 +131,5 @@ def repaired_packed(session: ExploreSession, result: CompressionResult, method: 
         with COMPUTE.job():
             fixed = repair_setting(loaded.model, session.engine, result, images, bn_config(),
                                    on_progress=on_progress, cancel=cancel)
-    data = compressed_bytes(result, **provenance, repaired=fixed)
+    data = with_record(compressed_bytes(result, **provenance, repaired=fixed), loaded)  # a channel file's record again
     return RepairedFile(data, method, fixed.seconds, len(fixed.changed), fixed.n_images)

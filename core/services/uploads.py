@@ -214,7 +214,8 @@ def _read_packed(data: bytes, name: str, arch: str | None, preprocess: Preproces
             + config_summary(packed.config) + (f"; {_channels_note(channels)}" if channels is not None else ""))
     loaded = _uploaded(digest, name, chosen, model, kwargs, preprocess, note)
     layers = [(r.kept, math.prod(r.shape)) for r in packed.layers]
-    return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data), layers))
+    return replace(loaded, recorded=recorded.from_packed(packed.config, packed.header, len(data), layers),
+                   channels=dict(channels) if channels is not None else None)
 
 
 @contextmanager
@@ -260,15 +261,27 @@ def _read_channel_bundle(data: bytes, stored: dict, name: str, arch: str | None,
     if settings:
         note += "; exported by this app with settings " + _settings_summary(settings)
     loaded = _uploaded(digest, name, bundle_arch, model, bundle_kwargs, preprocess, note)
-    return replace(loaded, recorded=recorded.from_settings(settings, len(data)))
+    return replace(loaded, recorded=recorded.from_settings(settings, len(data)),
+                   channels=record if isinstance(record, dict) else None)
 
 
 def packed_bytes(result: CompressionResult, loaded: LoadedModel) -> bytes:
     """The result as a packed file of :mod:`core.deploy.packed_writer` (codes + scales per chunk, bit-packed)."""
     from core.deploy.packed_writer import compressed_bytes
 
-    return compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
-                            input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict())
+    return with_record(compressed_bytes(result, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
+                                        input_spec=None if loaded.preprocess is None else loaded.preprocess.to_dict()),
+                       loaded)
+
+
+def with_record(packed: bytes, loaded: LoadedModel) -> bytes:
+    """``packed`` with ``loaded``'s channel record in its header when it was rebuilt from a channel-pruned file
+    (so the file loads back as that smaller model, with no template); else ``packed`` unchanged."""
+    if loaded.channels is None:
+        return packed
+    from core.deploy.channel_file import with_channels
+
+    return with_channels(packed, loaded.channels)
 
 
 def _settings_summary(text: str) -> str:
@@ -376,6 +389,8 @@ def export_bundle(result: CompressionResult, loaded: LoadedModel, model: nn.Modu
         "state_dict": state,
         "masks": masks,
         "settings": settings_json(result.config, loaded, result, bn_recalibrated),
+        # a model rebuilt from a channel-pruned file: its kept channels again, so the upload rebuilds it (no template)
+        **({CHANNELS_KEY: json.dumps(loaded.channels)} if loaded.channels is not None else {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
