@@ -69,7 +69,8 @@ def _draw(frame: pd.DataFrame, key: str) -> None:
         "Counted MACs are what the dense kernels run: pruned weights stay in the kernels as zeros, so the circles "
         "sit at 1.0 × dense; channel pruning makes every kernel smaller. Latency is measured in torch eager, "
         f"batch {batch}, each model timed alternately with the dense model in one run (the ratio is within that "
-        "run); a repair keeps a model's shapes, so a setting's repaired points share its timing.")
+        "run); a repair keeps a model's shapes, so a setting's repaired points share its timing. The star's latency "
+        "is the dense model timed against a copy of itself: how far it is from 1.0 × is the noise of this server now.")
     with st.expander("The measured rows"):
         table = frame[["granularity", "tau", "repair", "accuracy", "mac_ratio", "nonzero_mac_ratio", "latency_ms",
                        "dense_ms", "latency_ratio", "cached"]]
