@@ -20,7 +20,7 @@ from tests.tune_cli_refusals import assert_refused
 
 needs_data = pytest.mark.skipif(not (core_data.DEFAULT_JPEG_DIR / "SHA256SUMS").is_file(),
                                 reason=f"CIFAR-10 JPEG copy not found at {core_data.DEFAULT_JPEG_DIR}")
-SMALL = ["--model", "resnet20", "--taus", "0.1", "0.3", "--images", "50", "--precision", "fp32"]
+SMALL = ["--model", "resnet20", "--taus", "0.3", "--images", "50", "--precision", "fp32"]
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -59,6 +59,7 @@ def test_the_repair_flags_reach_the_search(tmp_path, monkeypatch, capsys):
     assert (out / "model.packed").read_bytes() == b"packed" and "the report" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_small_run_writes_the_per_layer_tau_the_repair_and_the_repaired_packed_file(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(2)

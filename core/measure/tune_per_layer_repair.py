@@ -64,6 +64,8 @@ class Verification:
     labels: torch.Tensor
     predictions: dict[str, torch.Tensor]
     images: str
+    #: row → (engine result, its repair) for the rows asked to be kept (the packed file's)
+    repaired: dict[str, tuple] = dataclasses.field(default_factory=dict, repr=False)
 
     def difference(self, a: str, b: str) -> tuple[float, float, float]:
         """Accuracy of row ``a`` minus row ``b`` on the same images, with the paired 95 % interval."""
@@ -84,8 +86,10 @@ def baseline_settings(judge: RepairJudge, allocation: Allocation) -> dict[str, C
 
 
 def verify_after_repair(judge: RepairJudge, settings: Mapping[str, CompressionConfig], data: EvalData,
-                        progress: ProgressFor = quiet) -> Verification:
+                        progress: ProgressFor = quiet, keep: tuple[str, ...] = ()) -> Verification:
     """Each setting repaired by ``judge`` (its repair, its fitting images) and run in fp32 on ``data``.
+
+    ``keep``: rows whose engine result and repair are returned in :attr:`Verification.repaired`.
 
     ``drop`` = dense accuracy − the row's, from paired counts on the same images (positive = worse).
     """
@@ -94,13 +98,15 @@ def verify_after_repair(judge: RepairJudge, settings: Mapping[str, CompressionCo
     dense_model = judge.engine.apply(CompressionConfig()).model
     plan = [("dense", None)] + list(settings.items())
     report(0, len(plan), "dense")
-    predictions, rows = {}, []
+    predictions, rows, kept_repairs = {}, [], {}
     for done, (method, config) in enumerate(plan, start=1):
         start = time.perf_counter()
         if config is None:
             model, kept, seconds = dense_model, sum(o.numel for o in judge.options.values()), 0.0
         else:
             result, fixed, model = judge.repaired(config)
+            if method in keep:
+                kept_repairs[method] = (result, fixed)
             stats = result.stats.set_index("name")
             kept, seconds = int(stats.loc[layers, "kept"].sum()), (fixed.seconds if fixed is not None else 0.0)
         run = model.to(memory_format=torch.channels_last)
@@ -117,7 +123,7 @@ def verify_after_repair(judge: RepairJudge, settings: Mapping[str, CompressionCo
                    newly_wrong=int((dense_right & ~right).sum()), newly_right=int((~dense_right & right).sum()))
         row["drop"] = (row["newly_wrong"] - row["newly_right"]) / len(data)
     frame = pd.DataFrame.from_records(rows, columns=list(VERIFY_COLUMNS))
-    return Verification(frame, data.labels, predictions, f"{len(data):,} {data.split} images")
+    return Verification(frame, data.labels, predictions, f"{len(data):,} {data.split} images", kept_repairs)
 
 
 def format_verification(frame: pd.DataFrame) -> str:
@@ -211,8 +217,8 @@ def run_per_layer_repaired(name: str, config: SensitivityConfig, target: Target,
         fit_final, _ = scoring_split(verify_repair.n_images, 1, verify_repair.seed, card["mean"], card["std"])
         final = RepairJudge(model, engine, list(judge.options.values()), fit_final, score, final_search)
     verification = verify_after_repair(final, settings, test_images(verify_images, card["mean"], card["std"]),
-                                       progress)
-    result, fixed, _ = final.repaired(allocation.config())
+                                       progress, keep=("per-layer τ",))
+    result, fixed = verification.repaired["per-layer τ"]
     packed = compressed_bytes(result, card["arch"], card.get("arch_kwargs") or {}, repaired=fixed)
     frame = verification.frame
     repair = final.repair_config
