@@ -8,12 +8,8 @@ accuracy with labels, fidelity to the dense model without), and the sections tha
 split say why they do not apply."""
 
 import numpy as np
-import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
-from core.measure.allocation import Target
-from core.measure.allocation_verify import METHOD_LABELS as ALLOC_LABELS
 from core.measure.sensitivity import DEFAULT_TAUS as DEFAULT_SENS_TAUS
 from core.measure.sensitivity import SensitivityConfig, resolve_precision
 from core.measure.sweep_results import pareto_points, series_labels
@@ -25,11 +21,13 @@ from core.services.repairs import REPAIR_IMAGES, REPAIR_SEED
 from core.services.session_repairs import CALIBRATION_IMAGES
 from ui import tune_charts, tune_user_data
 from ui.tune_answers import show_answers
+from ui.tune_per_layer import show_per_layer
+from ui.tune_tradeoff import show_granularity_tradeoff
 from ui import tune_jobs as jobs_view
-from ui.charts import add_reference, curves_figure, pareto_figure, sensitivity_heatmap
+from ui.charts import curves_figure, pareto_figure, sensitivity_heatmap
 from ui.errors import literal
 from ui.sidebar import page_setup
-from ui.state import PALETTE, apply_config, current_config, device, footer, guard
+from ui.state import PALETTE, current_config, device, footer, guard
 
 session = page_setup()
 loaded = session.loaded
@@ -191,6 +189,9 @@ if parts and state.get("tune_key", (None,))[0] == loaded.key:
 else:
     st.caption("Run a sweep above to fill this chart.")
 
+# ---------------------------------------------------------------- weight vs channel granularity
+show_granularity_tradeoff(session)
+
 # ---------------------------------------------------------------- per-layer sensitivity
 st.subheader("Per-layer sensitivity")
 st.caption("Each Conv/Linear layer pruned **alone** (every other layer dense) at each τ of the grid; the cell is the "
@@ -240,106 +241,6 @@ else:
                  f"({sensitivity.computed} layers measured, {sensitivity.cached} from the cache).")
 
 # ---------------------------------------------------------------- automatic per-layer τ
-st.subheader("Automatic per-layer τ")
-if sensitivity is None:
-    st.caption("Measure the sensitivity above first: the per-layer τ is chosen from it.")
-else:
-    st.caption("Per layer, a τ from the measured grid (interpolated) so that the summed estimated drop is smallest "
-               "for the target; then verified on test images in fp32 against uniform τ and global magnitude "
-               "pruning at the **same retention**, each with and without BN recalibration (on 2,000 augmented "
-               "training images).")
-    TARGETS = {"retention (% of Conv/Linear weights kept)": "retention", "stored size (KiB)": "bytes",
-               "largest estimated drop (points)": "max_drop"}
-    VERIFY = {"full test set (10,000 images)": None, "1,000 test images (faster)": 1000}
-    VERIFY_CALIBRATION = 2000
-    m1, m2, m3 = st.columns(3)
-    target_label = m1.radio("target", list(TARGETS), key="tune_alloc_kind")
-    kind = TARGETS[target_label]
-    if kind == "retention":
-        value = m2.number_input("retention (%)", 1.0, 100.0, 30.0, 1.0, key="tune_alloc_retention") / 100
-    elif kind == "bytes":
-        dense_kib = session.engine.dense_bytes / 1024
-        value = 1024 * m2.number_input("stored size (KiB)", 1.0, float(round(dense_kib, 1)),
-                                       float(round(dense_kib / 3, 1)), key="tune_alloc_bytes")
-    else:
-        value = m2.number_input("largest drop (points)", 0.0, 100.0, 1.0, 0.5, key="tune_alloc_drop") / 100
-    verify_label = m3.radio("verify on", list(VERIFY), key="tune_alloc_verify")
-    alloc_bn = m3.toggle("also with BN recalibration", True, key="tune_alloc_bn", disabled=not session.has_batchnorm)
-    joint = m1.toggle("joint check of candidates", True, key="tune_alloc_joint", disabled=kind == "max_drop",
-                      help="Run the allocation, global magnitude's per-layer τ and blends of the two whole on the "
-                           "sensitivity's images and keep the most accurate (summed single-layer drops predict "
-                           "the joint effect poorly). Off: the allocation from the summed drops as it is.")
-    if st.button("Find per-layer τ and verify", key="tune_alloc_run", type="primary"):
-        with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
-            job = tune_jobs.per_layer(loaded, sensitivity, Target(kind, value), joint=bool(joint),
-                                      verify_images=VERIFY[verify_label],
-                                      bn_recalibration=bool(alloc_bn) and session.has_batchnorm,
-                                      calibration_size=VERIFY_CALIBRATION, device=device(), watcher=watcher)
-            jobs_view.start("tune_alloc_job", job, watcher)
-    with guard("The per-layer τ", "Pick another target, or measure larger τ values."):
-        jobs_view.track("tune_alloc_job", "Per-layer τ", watcher,
-                        lambda result, key: state.update(tune_alloc=(result.allocation, result.comparison),
-                                                         tune_alloc_key=key[1]))
-
-    found = state.get("tune_alloc") if state.get("tune_alloc_key") == loaded.key else None
-    if found is not None:
-        allocation, comparison = found
-        frame = comparison.frame
-        shown = frame.assign(method=frame["method"].map(ALLOC_LABELS),
-                             **{"BN recal": frame["bn_recalibrated"].map({True: "yes", False: "no"}),
-                                "retention (%)": 100 * frame["retention"], "accuracy (%)": 100 * frame["accuracy"],
-                                "drop (points)": 100 * frame["drop"],
-                                "stored size (KiB)": frame["bytes"].astype("Float64") / 1024})
-        st.dataframe(shown[["method", "BN recal", "retention (%)", "kept", "stored size (KiB)", "accuracy (%)",
-                            "drop (points)", "newly_wrong", "newly_right"]],
-                     hide_index=True, key="tune_alloc_table",
-                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
-                                    ("retention (%)", "accuracy (%)", "drop (points)", "stored size (KiB)")})
-        left, right = st.columns(2)
-        with left:
-            bars = go.Figure()
-            for flag, label in ((False, "as pruned"), (True, "with BN recalibration")):
-                part = frame[frame["bn_recalibrated"] == flag]
-                if not part.empty:
-                    bars.add_bar(x=part["method"].map(ALLOC_LABELS), y=100 * part["accuracy"], name=label,
-                                 text=(100 * part["accuracy"]).map("{:.2f}".format), textposition="outside")
-            bars.update_layout(barmode="group", height=380, margin=dict(l=10, r=10, t=30, b=10),
-                               yaxis_title="accuracy (%)", legend=dict(orientation="h", y=-0.2))
-            st.plotly_chart(bars, key="tune_alloc_chart")
-            st.caption(f"What you see: measured accuracy on {comparison.images} (fp32) at "
-                       f"{100 * allocation.retention:.2f} % retention; uniform τ = {comparison.uniform_tau:.4f}.")
-        with right:
-            taus = pd.Series(allocation.layer_tau)
-            per_layer = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
-            add_reference(per_layer, "uniform τ, same retention", y=comparison.uniform_tau, color="black",
-                          dash="dash")
-            per_layer.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ",
-                                    xaxis_tickangle=-60, legend=dict(orientation="h", y=-0.35))
-            st.plotly_chart(per_layer, key="tune_alloc_taus")
-            st.caption(f"What you see: the chosen τ of every layer. Estimated drop from the sensitivity (summed over "
-                       f"layers, without BN recalibration unless it was measured with it): "
-                       f"{100 * allocation.predicted_drop:.2f} points.")
-        if allocation.candidates is not None:
-            candidates = allocation.candidates
-            st.dataframe(candidates.assign(**{"retention (%)": 100 * candidates["retention"],
-                                              "accuracy (%)": 100 * candidates["accuracy"],
-                                              "summed single-layer drops (points)": 100 * candidates["predicted_drop"]})
-                         [["candidate", "retention (%)", "accuracy (%)", "loss", "summed single-layer drops (points)",
-                           "chosen"]], hide_index=True, key="tune_alloc_candidates",
-                         column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
-                                        ("retention (%)", "accuracy (%)", "summed single-layer drops (points)")})
-            st.caption(f"The joint check: every candidate at the same budget run whole on {candidates.attrs['images']}"
-                       + (" after BN recalibration" if candidates.attrs["bn_recalibrated"] else "")
-                       + f"; the most accurate there (**{allocation.method}**) is the automatic per-layer τ. "
-                         "'magnitude' is global magnitude pruning written as per-layer τ; 'blend a' takes a share a "
-                         "of each layer's kept count from the sensitivity allocation, the rest from magnitude.")
-        apply_bn = bool(alloc_bn) and session.has_batchnorm
-        if st.button("Apply this per-layer τ in Explore", key="tune_alloc_apply", on_click=apply_config,
-                     args=(comparison.config, session), kwargs={"bn_recalibrate": apply_bn}):
-            st.switch_page("pages/explore.py")
-        st.caption("Applies the verified setting exactly: every Conv/Linear layer gets its own τ in Explore's per-layer "
-                   "table (the global τ slider goes to 0 and no longer acts on them), pruning only (no quantization)"
-                   + (f", BN recalibration on (Explore recalibrates on {CALIBRATION_IMAGES} images, the check above on "
-                      f"{VERIFY_CALIBRATION:,}, so its figure can differ)." if apply_bn else "."))
+show_per_layer(session, sensitivity, watcher)
 
 footer(page="tune")

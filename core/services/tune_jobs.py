@@ -6,6 +6,8 @@ Each function starts (or joins) one :class:`TuneJob` and returns at once:
 * :func:`sensitivity`: the per-layer sensitivity map (:func:`core.measure.sensitivity.measure_sensitivity`);
 * :func:`per_layer`: the automatic per-layer τ, its joint check and its verification on test images
   (:mod:`core.measure.allocation_joint`, :mod:`core.measure.allocation_verify`);
+* :func:`per_layer_repaired`: the automatic per-layer τ judged after a repair (bias, reconstruction) and
+  verified with it (:mod:`core.measure.allocation_repair`, :mod:`core.measure.tune_per_layer_repair`);
 * :func:`user_sweep`: the τ or θ sweep on the user's own images (:func:`core.services.user_tuning.run_user_sweep`).
 
 What every job does (:class:`core.services.jobs.Job`): it runs in a worker thread; every row or
@@ -37,12 +39,21 @@ from core.common.lru import LRUCache
 from core.common.steps import interruptible, turn
 from core.measure.accuracy import eval_data, has_batchnorm, predict
 from core.measure.allocation import Allocation, Target, per_layer_tau
+from core.measure.allocation import layer_options
 from core.measure.allocation_joint import candidate_allocations, choose_jointly
+from core.measure.allocation_repair import (
+    RepairedChoice,
+    RepairJudge,
+    SearchConfig,
+    choose_after_repair,
+    scoring_split,
+)
 from core.measure.allocation_verify import (
     Comparison,
     compare_at_equal_retention,
     test_images,
 )
+from core.measure.repair import RepairConfig
 from core.measure.sensitivity import (
     Sensitivity,
     SensitivityConfig,
@@ -53,6 +64,7 @@ from core.measure.sensitivity import (
     sensitivity_plan,
 )
 from core.measure.sweeps import SweepConfig, run_sweep, sweep_engine, sweep_plan
+from core.measure.tune_per_layer_repair import Verification, baseline_settings, verify_after_repair
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.services.choices import LoadedModel
@@ -72,6 +84,9 @@ EXPIRE_S = 20.0
 WARM_UP_IMAGES = 32
 #: finished sweeps on the user's images by job key, process-wide (a frame each: small)
 RESULTS = LRUCache(32)
+#: the per-layer τ after repair: labelled training images each allocation is scored on, greedy moves tried
+PER_LAYER_SCORE_IMAGES = 1000
+PER_LAYER_GREEDY_STEPS = 6
 _JOBS = JobRegistry()
 
 
@@ -237,6 +252,63 @@ def per_layer(loaded: LoadedModel, measured: Sensitivity, target: Target, *, joi
         return PerLayerResult(allocation, comparison)
 
     return _start(key, work, watcher, "per-layer τ")
+
+
+@dataclass(frozen=True)
+class RepairedPerLayerResult:
+    """The per-layer τ chosen after a repair (:func:`core.measure.allocation_repair.choose_after_repair`) and its
+    verification on test images, every row after the same repair (:func:`verify_after_repair`)."""
+
+    choice: RepairedChoice
+    verification: Verification
+    level: str
+
+    @property
+    def allocation(self) -> Allocation:
+        return self.choice.allocation
+
+
+def per_layer_repaired(loaded: LoadedModel, measured: Sensitivity, target: Target, level: str, *,
+                       verify_images: int | None, device: str, watcher: Hashable) -> Job:
+    """Choose the per-layer τ for a retention ``target`` *after the repair* ``level``, then verify it.
+
+    Candidates (sensitivity allocation, global magnitude's per-layer counts, blends) and a few greedy
+    moves between layers are each judged after that repair (Explore's repair images and seed), on
+    labelled *training* images disjoint from the fitting ones; the choice is then verified on test
+    images against uniform τ, global magnitude and the sensitivity allocation, every one repaired the
+    same way. Steps: the candidates, the greedy evaluations (at most 2·layers + 5·steps), the
+    verification rows.
+    """
+    key = ("per_layer_repaired", loaded.key, measured.key, measured.config, target, level, verify_images, str(device))
+
+    def work(job: Job) -> RepairedPerLayerResult:
+        with turn():
+            engine = Engine(loaded.model)  # ranks every weight once (seconds for a ResNet-18)
+            candidates = candidate_allocations(measured, engine, target)
+            search = SearchConfig(repair=RepairConfig(level, n_images=repairs.REPAIR_IMAGES, n_holdout=0,
+                                                      seed=repairs.REPAIR_SEED),
+                                  score_images=PER_LAYER_SCORE_IMAGES, steps=PER_LAYER_GREEDY_STEPS)
+            fit, score = scoring_split(search.repair.n_images, search.score_images, search.repair.seed,
+                                       loaded.mean, loaded.std)
+            judge = RepairJudge(loaded.model, engine, layer_options(measured, engine), fit, score, search)
+        greedy = 2 * len(judge.options) + 5 * search.steps if search.steps else 0  # at most
+        verify = 5
+        job.plan([1.0] * len(candidates) + [1.0] * greedy + [1.0] * verify)
+
+        def offset(start: int) -> Callable[[int, int, str], None]:
+            return lambda done, total, label: job.progress(start + done, len(candidates) + greedy + verify, label)
+
+        choice = choose_after_repair(judge, candidates, offset(0), offset(len(candidates)))
+        allocation = choice.allocation
+        settings = {"per-layer τ": allocation.config(), **baseline_settings(judge, allocation),
+                    "sensitivity allocation": candidates[0].config()}
+        with turn():
+            test = test_images(verify_images, loaded.mean, loaded.std)
+        verification = verify_after_repair(judge, settings, test,
+                                           lambda _: offset(len(candidates) + greedy))
+        return RepairedPerLayerResult(choice, verification, level)
+
+    return _start(key, work, watcher, "per-layer τ after repair")
 
 
 def user_sweep(loaded: LoadedModel, images: ImageSet, configs: Sequence[CompressionConfig], n_images: int | None,
