@@ -1,9 +1,15 @@
-"""Shared fixtures: small models whose weights are known."""
+"""Shared fixtures: small models whose weights are known; which form of the slow end-to-end tests runs."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
+
+#: ``BOUNDARY_FULL_TESTS=1``: the slow end-to-end tests in their full form (every test image, longer runs);
+#: by default, and in CI, their small form, which checks the same property on fewer images
+FULL_TESTS = os.environ.get("BOUNDARY_FULL_TESTS") == "1"
 
 
 class TinyNet(nn.Module):

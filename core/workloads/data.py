@@ -169,7 +169,7 @@ def load_jpeg_split(split: str, root: str | os.PathLike | None = None) -> CifarS
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     result = CifarSplit(images, torch.tensor(labels, dtype=torch.int64), split, "jpeg")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # two processes decoding at once never share it
     torch.save({"images": result.images, "labels": result.labels}, tmp)
     tmp.replace(cache)
     return result

@@ -371,6 +371,14 @@ def test_never_reads_the_test_split(monkeypatch, pair):
 
     monkeypatch.setattr(core_accuracy, "load_cifar10", load)
     monkeypatch.setattr(core_data, "load_cifar10", load)
+
+    def sample(split, index, root=None):  # the chosen images of a split (core.workloads.data.load_jpeg_sample)
+        full = load(split)
+        index = index % len(full.labels)  # the fake split is smaller than CIFAR-10's
+        return CifarSplit(full.images[index], full.labels[index], split, "fake")
+
+    monkeypatch.setattr(core_accuracy, "load_jpeg_sample", sample)
+    monkeypatch.setattr(core_data, "load_jpeg_sample", sample)
     for method in METHODS:
         repair(dense, result.model, None, RepairConfig(method, **FAST))
     assert reads and set(reads) == {"train"}
