@@ -7,7 +7,8 @@ bit-exactly, and run. Every one of the 63 takes well over 3 minutes on a shared 
 (``benchmarks/torchvision_models.py`` times each), so by default a representative subset runs (about
 2 minutes: one per family, and every special case: SqueezeNet's convolutional head, RegNet's tensor
 arithmetic at construction, DenseNet, GoogLeNet's and Inception's auxiliary heads and minimum input,
-AlexNet's minimum input, attention in Swin and ViT, MaxViT's fixed 224 px);
+AlexNet's minimum input, attention in Swin (ViT's in tests/deploy/test_packing_attention.py), MaxViT's
+fixed 224 px);
 ``BOUNDARY_ALL_TORCHVISION=1`` runs every one.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.torchvision_small import small_torchvision
 
 SUBSET = ("alexnet", "squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "efficientnet_b0",
           "regnet_x_400mf", "densenet121", "googlenet", "inception_v3", "resnet18", "convnext_tiny", "swin_t",
-          "vit_b_32", "maxvit_t")
+          "maxvit_t")  # ViT's attention: vit_b_16 in tests/deploy/test_packing_attention.py, and Swin here
 ALL = os.environ.get("BOUNDARY_ALL_TORCHVISION") == "1"
 NAMES = tv.architectures_within() if ALL else SUBSET
 
