@@ -143,7 +143,7 @@ class ChannelSession:
         self._repairs = repairs_
         self._accuracy = accuracy
         self._shared: SharedPruner | None = None  # held: keeps the shared pruner alive while this session lives
-        self._job: RepairJob | None = None
+        self._job = repairs.WatchedRepair(self._context.lock, id(self))  # the repair this session waits for
 
     # -------------------------------------------------------- the pruner
 
@@ -274,21 +274,10 @@ class ChannelSession:
                 return repair_channels(dense, result, fit, config, holdout=held, on_progress=job.progress,
                                        cancel=lambda: job.cancelled)
 
-        job = repairs.submit(key, work, id(self), repairs.ESTIMATE_CACHE.get(key))
-        with self._context.lock:
-            previous, self._job = self._job, job
-        if previous is not None and previous is not job:
-            previous.unwatch(id(self), now=True)
-        return job
+        return self._job.watch(repairs.submit(key, work, id(self), repairs.ESTIMATE_CACHE.get(key)))
 
     def _release(self, keep: tuple | None = None) -> None:
-        with self._context.lock:
-            job = self._job
-            if job is None or (keep is not None and job.key == keep and not job.finished):
-                return
-            self._job = None
-        if not job.finished:
-            job.unwatch(id(self), now=True)
+        self._job.release(keep)
 
     def stop_repair(self) -> None:
         """The user's Stop: cancelled unless another session waits for the same repair."""

@@ -26,6 +26,7 @@ unrelated widget does not restart a repair; a slider move releases it at once
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 
@@ -149,6 +150,37 @@ class RepairJob(Job[RepairResult]):
 
     def finish(self, result: RepairResult) -> None:
         REPAIR_CACHE.put(self.key, result)
+
+
+class WatchedRepair:
+    """The one repair job a session waits for: watching a new one lets go of the previous one.
+
+    ``lock`` guards the slot (the session's lock); ``watcher`` is the session's id. A job let go of
+    keeps running while another session watches it, else it is cancelled (:meth:`Job.unwatch`).
+    """
+
+    def __init__(self, lock: threading.Lock | threading.RLock, watcher: int):
+        self._lock, self._watcher = lock, watcher
+        self._job: RepairJob | None = None
+
+    def watch(self, job: RepairJob) -> RepairJob:
+        """Wait for ``job`` from now on (a job already watched is kept); returns it."""
+        with self._lock:
+            previous, self._job = self._job, job
+        if previous is not None and previous is not job:
+            previous.unwatch(self._watcher, now=True)
+        return job
+
+    def release(self, keep: Hashable | None = None) -> None:
+        """Stop waiting unless the job is ``keep``'s and still running; a finished job is dropped too (its
+        result lives in :data:`REPAIR_CACHE`)."""
+        with self._lock:
+            job = self._job
+            if job is None or (keep is not None and job.key == keep and not job.finished):
+                return
+            self._job = None
+        if not job.finished:
+            job.unwatch(self._watcher, now=True)
 
 
 def running(key: Hashable) -> RepairJob | None:

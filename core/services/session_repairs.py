@@ -55,7 +55,7 @@ class SessionRepairs:
         self._context = context
         self._bn_models = LRUCache(2)  # config -> this session's BN-recalibrated copy
         self._repaired_on = LRUCache(1)  # (repair key, device) -> a private copy of a shared repaired model
-        self._job: RepairJob | None = None  # the repair this session waits for
+        self._job = repairs.WatchedRepair(self._context.lock, id(self))  # the repair this session waits for
 
     # -------------------------------------------------------- levels
 
@@ -210,22 +210,11 @@ class SessionRepairs:
             return self._repair(result, level, queued=True, on_progress=job.progress,
                                 cancel=lambda: job.cancelled, poll=job.check)
 
-        job = repairs.submit(key, work, id(self), repairs.ESTIMATE_CACHE.get(key))
-        with self._context.lock:
-            previous, self._job = self._job, job
-        if previous is not None and previous is not job:
-            previous.unwatch(id(self), now=True)
-        return job
+        return self._job.watch(repairs.submit(key, work, id(self), repairs.ESTIMATE_CACHE.get(key)))
 
     def release(self, keep: tuple | None = None) -> None:
         """Stop waiting for this session's repair unless it is ``keep``'s; nobody else waiting: it is cancelled."""
-        with self._context.lock:
-            job = self._job
-            if job is None or (keep is not None and job.key == keep and not job.finished):
-                return
-            self._job = None  # a finished job is dropped too: its result lives in the cache
-        if not job.finished:
-            job.unwatch(id(self), now=True)
+        self._job.release(keep)
 
     def stop(self) -> None:
         """The user's Stop: this session no longer waits for its repair (cancelled unless another session waits)."""
