@@ -38,6 +38,17 @@ VERIFY_CALIBRATION = 2000
 JUDGED_AFTER = ("bn",) + JOB_LEVELS
 
 
+def tau_bars(layer_tau: dict[str, float], uniform: float | None = None) -> go.Figure:
+    """The chosen τ of every layer as bars, with the uniform τ of the same retention as a dashed line."""
+    taus = pd.Series(layer_tau)
+    figure = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
+    if uniform is not None:
+        add_reference(figure, "uniform τ, same retention", y=uniform, color="black", dash="dash")
+    figure.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ", xaxis_tickangle=-60,
+                         legend=dict(orientation="h", y=-0.35))
+    return figure
+
+
 def show_per_layer(session: ExploreSession, sensitivity: Sensitivity | None, watcher: int) -> None:
     """The section: target, what the choice is judged after, Run, the running job, the verified result."""
     st.subheader("Automatic per-layer τ")
@@ -133,13 +144,7 @@ def _show_bn_result(session: ExploreSession, found, alloc_bn: bool) -> None:
         st.caption(f"What you see: measured accuracy on {comparison.images} (fp32) at "
                    f"{100 * allocation.retention:.2f} % retention; uniform τ = {comparison.uniform_tau:.4f}.")
     with right:
-        taus = pd.Series(allocation.layer_tau)
-        per_layer = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
-        add_reference(per_layer, "uniform τ, same retention", y=comparison.uniform_tau, color="black",
-                      dash="dash")
-        per_layer.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ",
-                                xaxis_tickangle=-60, legend=dict(orientation="h", y=-0.35))
-        st.plotly_chart(per_layer, key="tune_alloc_taus")
+        st.plotly_chart(tau_bars(allocation.layer_tau, comparison.uniform_tau), key="tune_alloc_taus")
         st.caption(f"What you see: the chosen τ of every layer. Estimated drop from the sensitivity (summed over "
                    f"layers, without BN recalibration unless it was measured with it): "
                    f"{100 * allocation.predicted_drop:.2f} points.")
@@ -224,11 +229,7 @@ def _show_repaired_result(session: ExploreSession, found: tune_jobs.RepairedPerL
         st.caption(f"What you see: measured accuracy after {repair}, each allocation at "
                    f"{100 * allocation.retention:.2f} % retention; dotted: the dense model.")
     with right:
-        taus = pd.Series(allocation.layer_tau)
-        per_layer = go.Figure(go.Bar(x=taus.index, y=taus.values, name="per-layer τ"))
-        per_layer.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="τ",
-                                xaxis_tickangle=-60, legend=dict(orientation="h", y=-0.35))
-        st.plotly_chart(per_layer, key="tune_alloc_rep_taus")
+        st.plotly_chart(tau_bars(allocation.layer_tau), key="tune_alloc_rep_taus")
         st.caption(f"What you see: the chosen τ of every layer ({allocation.method}).")
     candidates = allocation.candidates
     st.dataframe(candidates.assign(**{"retention (%)": 100 * candidates["retention"],
