@@ -6,10 +6,9 @@ from core.common.formatting import fmt_bytes, fmt_pct
 from core.services.repairs import JOB_LEVELS
 from core.services.session import ExploreRequest
 from core.services.session_accuracy import ACCURACY_TARGETS
-from core.services.session_measurements import LATENCY_BATCHES
 from core.services.recorded import AS_LOADED, same_setting
 from ui.channel_view import explore_channels
-from ui.explore_view import estimate_done, show_accuracy, show_collapse, show_latency, show_presets, show_recorded
+from ui.explore_view import estimate_done, latency_controls, show_accuracy, show_collapse, show_latency, show_presets, show_recorded
 from ui import glossary
 from ui.repair_view import await_repair, repair_choice, repair_wanted, show_pending, show_repair
 from ui.errors import literal
@@ -246,10 +245,7 @@ with acc:
                    "compressed outputs move from the dense ones.")
 with perf:
     st.subheader("Latency and memory")
-    x, y = st.columns(2)
-    x.toggle("Measure latency", key="latency_on")
-    y.selectbox("Batch size", LATENCY_BATCHES, key="latency_batch")
-    latency_detail = st.empty()
+    latency_detail = latency_controls()
 
 st.subheader("Realized savings · measured")
 with guard("Exporting and measuring in ONNX Runtime and OpenVINO"):

@@ -17,10 +17,9 @@ from core.method.channel_config import NORMS, ChannelConfig
 from core.services.channel_session import CHANNEL_LABELS, ChannelView
 from core.services.compute_queue import QueueState
 from core.services.session import ExploreSession
-from core.services.session_measurements import LATENCY_BATCHES
 from ui.charts import channel_scores_figure, channel_share_figure
 from ui.errors import literal
-from ui.explore_view import estimate_done, show_accuracy
+from ui.explore_view import estimate_done, latency_controls, show_accuracy
 from ui.repair_view import show_repair
 from ui.state import device, footer, guard, set_widget
 
@@ -177,10 +176,7 @@ def explore_channels(session: ExploreSession) -> None:
         repair_box = st.container()
     with perf:
         st.subheader("Latency")
-        x, y = st.columns(2)
-        x.toggle("Measure latency", key="latency_on")
-        y.selectbox("Batch size", LATENCY_BATCHES, key="latency_batch")
-        latency_detail = st.empty()
+        latency_detail = latency_controls()
     with st.expander("Per-group and per-layer tables"):
         st.dataframe(result.groups, hide_index=True, width="stretch")
         st.dataframe(result.layers, hide_index=True, width="stretch")

@@ -16,6 +16,7 @@ from core.services.presets import PRESETS, Preset
 from core.services.recorded import RecordedSetting
 from core.services.repairs import JOB_LEVELS, LABELS as REPAIR_LABELS
 from core.services.session import ExploreSession
+from core.services.session_measurements import LATENCY_BATCHES
 from ui.repair_view import request_repair
 from ui.state import apply_config, current_config
 
@@ -156,3 +157,12 @@ def show_recorded(recorded: RecordedSetting | None, as_loaded: bool, session: Ex
             f"uploaded {recorded.kind} ({recorded.describe()}), not to the original dense model.")
     st.button("Back to the file's own setting", key="back_to_recorded", on_click=_back_to_recorded,
               args=(session, recorded))
+
+
+def latency_controls():
+    """The latency section's switch and batch size (one definition for both granularities: the same widget
+    keys), and the placeholder the measured latency is drawn into once the page has painted."""
+    x, y = st.columns(2)
+    x.toggle("Measure latency", key="latency_on")
+    y.selectbox("Batch size", LATENCY_BATCHES, key="latency_batch")
+    return st.empty()
