@@ -58,6 +58,7 @@ from core.common.steps import cancel_requested, checkpoint, turn
 from core.measure.accuracy import EvalData, balanced_subset, eval_data, evaluate, wilson_interval
 from core.measure.disk_cache import JsonCache, base_context, calibration_key, images_key
 from core.measure.latency import measure_latency
+from core.measure.repair import SOLVER
 from core.method.channel_config import ChannelConfig, ChannelResult
 from core.workloads.data import CIFAR_MEAN, CIFAR_STD
 
@@ -269,7 +270,7 @@ def _context(model: nn.Module, config: TradeoffConfig, data: EvalData | None, mo
     return {**base_context(TRADEOFF_CACHE_VERSION, model, model_id, "cpu"), "data": data_key,
             "per_class": config.per_class, "subset_seed": config.subset_seed,
             "repair_images": calibration_key(repair_images, config.repair_images, config.repair_seed, mean, std),
-            "batch": config.batch, "threads": torch.get_num_threads()}
+            "batch": config.batch, "threads": torch.get_num_threads(), "repair_solver": SOLVER}
 
 
 def _cache(model, config, data, model_id, repair_images, mean, std, use_cache, cache_root) -> JsonCache:

@@ -74,7 +74,7 @@ from core.measure.accuracy import (
 from core.measure.baselines import BASELINES, magnitude_baseline
 from core.measure.calibration import calibration_split
 from core.measure.disk_cache import JsonCache, base_context, images_key, tensor_digest
-from core.measure.repair import RepairCancelled, repair_setting
+from core.measure.repair import SOLVER, RepairCancelled, repair_setting
 from core.measure.sweep_config import (  # noqa: F401 (QuantSetting, SweepConfig, DEFAULT_TAUS: imported from here)
     DEFAULT_TAUS,
     REPAIR_COST_PER_IMAGE,
@@ -284,7 +284,8 @@ def _repair_key(config: SweepConfig, repair_images: torch.Tensor | None, mean: t
         images = {"images": tensor_digest(repair_images)}
     options = config.repair_config(config.repair_levels[0])
     return {"repair_options": {"n_images": options.n_images, "ridge": options.ridge, "positions": options.positions,
-                               "seed": options.seed, "batch_size": options.batch_size, "images": images}}
+                               "seed": options.seed, "batch_size": options.batch_size, "images": images,
+                               "solver": SOLVER}}
 
 
 def _row_key(row: Row, repair_key: dict) -> dict:

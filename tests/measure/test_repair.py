@@ -20,6 +20,7 @@ from core.measure.repair import (
     masks_from_zeros,
     repair,
 )
+from core.measure.repair.iterative import cheaper_than_factorising, masked_cg
 from core.measure.repair.solver import add_gram, solve
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
@@ -220,6 +221,61 @@ def test_solve_matches_a_direct_masked_ridge_solve():
         expected = torch.zeros(8, dtype=torch.float64)
         expected[s] = torch.linalg.solve(a, cross[s, c])
         torch.testing.assert_close(weights[c], expected, atol=1e-10, rtol=1e-9)
+
+
+def _masked_exact(gram, cross, support, lam):
+    out = torch.zeros(support.shape, dtype=torch.float64)
+    for c in range(len(support)):
+        s = support[c].nonzero().flatten()
+        out[c, s] = torch.linalg.solve(gram[s][:, s] + torch.diag(lam[s]), cross[s, c])
+    return out
+
+
+def _objective(w, gram, cross, lam):
+    """Σ_c ½ w_cᵀ(G + Λ)w_c − c_cᵀw_c: the quantity the solves minimise."""
+    a = gram + torch.diag(lam)
+    return float(0.5 * ((w @ a) * w).sum() - (w * cross.T).sum())
+
+
+def test_masked_cg_gets_999_thousandths_of_the_exact_solves_drop_and_stays_on_the_support():
+    torch.manual_seed(3)
+    x = torch.randn(2000, 40, dtype=torch.float64) @ (torch.eye(40, dtype=torch.float64)
+                                                     + 0.3 * torch.randn(40, 40, dtype=torch.float64))
+    gram, cross = x.T @ x / 2000, x.T @ torch.randn(2000, 12, dtype=torch.float64) / 2000
+    support = torch.rand(12, 40) < 0.7
+    lam = torch.full((40,), 1e-3 * float(gram.diagonal().mean()), dtype=torch.float64)
+    start = torch.randn(12, 40, dtype=torch.float64)
+    exact = _masked_exact(gram, cross, support, lam)
+    regularised = gram + torch.diag(lam)
+    solved = masked_cg(regularised, cross.T, support, start)
+    assert bool((solved[~support] == 0).all())
+    masked_start = start * support
+    gained = _objective(masked_start, gram, cross, lam) - _objective(solved, gram, cross, lam)
+    possible = _objective(masked_start, gram, cross, lam) - _objective(exact, gram, cross, lam)
+    assert gained / possible > 0.999  # of the drop in the objective the exact solves reach
+
+
+def test_solve_chooses_the_iterative_path_only_for_wide_layers_that_keep_much():
+    assert cheaper_than_factorising(torch.full((512,), 3000), 4608)  # ResNet-18's layer4 at τ = 0.05
+    assert not cheaper_than_factorising(torch.full((512,), 900), 4608)  # the same layer at τ = 0.2
+    assert not cheaper_than_factorising(torch.full((64,), 20), 27)  # a first conv
+
+
+def test_solve_with_a_start_on_a_wide_layer_is_close_to_the_exact_solves():
+    torch.manual_seed(4)
+    width, n_out = 600, 64
+    x = torch.randn(3000, width, dtype=torch.float64)
+    gram, cross = x.T @ x / 3000, x.T @ torch.randn(3000, n_out, dtype=torch.float64) / 3000
+    support = torch.rand(n_out, width) < 0.9
+    lam = torch.full((width,), 1e-3, dtype=torch.float64)
+    assert cheaper_than_factorising(support.sum(1), width)
+    exact, _ = solve(gram, cross, support, lam, None)
+    approx, _ = solve(gram, cross, support, lam, None, start=torch.zeros(n_out, width, dtype=torch.float64))
+    assert bool((approx[~support] == 0).all())
+    zero = torch.zeros_like(exact)
+    gained = _objective(zero, gram, cross, lam) - _objective(approx, gram, cross, lam)
+    possible = _objective(zero, gram, cross, lam) - _objective(exact, gram, cross, lam)
+    assert gained / possible > 0.999
 
 
 def test_gptq_matches_the_textbook_recursion():

@@ -39,7 +39,11 @@ The methods, each including the ones before it (``RepairConfig.method``):
   image (all positions of a linear layer: one row per image, so keep ``n_images`` well above
   a linear layer's kept inputs per output). ``XᵀX`` and ``XᵀY`` are accumulated over batches
   (memory bounded by the layer's Gram matrix) and every channel is solved in float64, in
-  batches of channels padded to a common size (Cholesky, one thread per factorisation). A
+  batches of channels padded to a common size (Cholesky, one thread per factorisation);
+  where that costs more than conjugate gradients for all channels at once (wide layers that
+  keep much, e.g. ResNet-18's 4,608-input convs at τ = 0.05), by those instead, started from
+  the pruned weights and stopped once a step gains < 10⁻⁴ of the total
+  (:mod:`core.measure.repair.iterative`; approximate: 99.9 % of the exact drop in error). A
   layer with a bias solves it too (not penalised). Then the BatchNorm after it is
   re-estimated and the means restored, as in ``"bias"``.
   With a bit-width per weight (``quant``, e.g. from :func:`bit_widths` of a quantized engine
@@ -67,11 +71,13 @@ Where each part lives (this package's ``__init__`` is the public surface):
   their inputs (:func:`masks_from_zeros`, :func:`bit_widths`) and the held-out error table;
 * :mod:`core.measure.repair.steps`: the per-layer steps and the lock-step walk over layers;
 * :mod:`core.measure.repair.solver`: the shared least-squares solver (Gram matrices, ridge, GPTQ);
+* :mod:`core.measure.repair.iterative`: all of a layer's masked systems at once by conjugate gradients;
 * :mod:`core.measure.repair.estimate`: the seconds a repair will take, before it starts.
 """
 from core.measure.calibration import TraceError
 from core.measure.repair.api import ATTENTION_SKIP, bit_widths, layer_errors, levels, masks_from_zeros, repair, repair_setting
 from core.measure.repair.estimate import estimate_seconds, estimate_setting_seconds
+from core.measure.repair.iterative import SOLVER
 from core.measure.repair.types import METHODS, QuantizedLayer, RepairCancelled, RepairConfig, RepairResult
 
 __all__ = [
@@ -81,4 +87,6 @@ __all__ = [
     "repair", "repair_setting", "levels", "bit_widths", "masks_from_zeros", "layer_errors", "ATTENTION_SKIP",
     # the time a repair will take, before it starts (core.measure.repair.estimate)
     "estimate_seconds", "estimate_setting_seconds",
+    # which solver fitted a reconstruction (a cache of repaired results keys on it)
+    "SOLVER",
 ]

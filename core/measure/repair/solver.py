@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.measure.repair.iterative import cheaper_than_factorising, masked_cg
 from core.measure.repair.types import QuantizedLayer
 from core.method.quantization import FLOAT_PASSTHROUGH_BITS, channel_scales, q_max
 
@@ -44,13 +45,20 @@ def _quantize_column(col, scale, limit, integer, half):
 
 def solve(gram: torch.Tensor, cross: torch.Tensor, support: torch.Tensor, lam: torch.Tensor,
           bits: torch.Tensor | None,
-          check: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+          check: Callable[[], None] | None = None,
+          start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
     """Per row c of ``support`` (C × K'), ``argmin ‖X_S w − y_c‖² + λ‖w‖²`` over S = support[c].
 
     ``gram`` K'×K' (XᵀX/m) and ``cross`` K'×C (XᵀY/m), float64; ``lam`` the per-column ridge.
     With ``bits`` (C × K', 0 = not quantized), the GPTQ pass follows each solve. Returns the
     weights (C × K', zero off the support) and, quantized, the scales per bit-width.
     ``check`` is called before every group of channels (a cancel raises from it).
+
+    Unquantized, with ``start`` (C × K', the current weights) given, channels that keep only
+    part of their inputs are solved exactly (one Cholesky factorisation each) or, where that
+    costs more (:func:`~core.measure.repair.iterative.cheaper_than_factorising`: wide layers
+    that keep much), all at once by conjugate gradients from ``start``
+    (:func:`~core.measure.repair.iterative.masked_cg`), which is approximate.
     """
     n_out, width = support.shape
     weights = torch.zeros(n_out, width, dtype=torch.float64)
@@ -69,6 +77,9 @@ def solve(gram: torch.Tensor, cross: torch.Tensor, support: torch.Tensor, lam: t
     widths = sorted({int(b) for b in bits.unique() if 0 < int(b) < FLOAT_PASSTHROUGH_BITS}) if bits is not None else []
     scales = {b: torch.ones(n_out, dtype=torch.float32) for b in widths} if bits is not None else None
     if len(rest) == 0:
+        return weights, scales
+    if bits is None and start is not None and cheaper_than_factorising(k[rest], width):
+        weights[rest] = masked_cg(regularised, cross[:, rest].T, support[rest], start[rest], check)
         return weights, scales
     padded = padded.reshape(-1)
     cross_padded = torch.cat([cross, cross.new_zeros(1, n_out)])

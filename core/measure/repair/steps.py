@@ -171,7 +171,10 @@ class LockstepRepair:
             support = torch.cat([support, support.new_ones(n_out, 1)], 1)
         bits = self.bits.get(step.name)
         bits_2d = None if bits is None else bits.reshape(n_out, n_in)
-        solved, scales = solve(gram, cross, support, lam, bits_2d, check=self.check_cancel)
+        start = weight.detach().reshape(n_out, n_in).double().cpu()
+        if has_bias:
+            start = torch.cat([start, module.bias.detach().double().cpu().unsqueeze(1)], 1)
+        solved, scales = solve(gram, cross, support, lam, bits_2d, check=self.check_cancel, start=start)
         new_weight = solved[:, :n_in]
         if bits_2d is not None:
             new_weight, record = decode(new_weight, bits_2d, scales, weight.dtype)
