@@ -257,8 +257,10 @@ def test_masked_cg_gets_999_thousandths_of_the_exact_solves_drop_and_stays_on_th
 
 def test_solve_chooses_the_iterative_path_only_for_wide_layers_that_keep_much():
     assert cheaper_than_factorising(torch.full((512,), 3000), 4608)  # ResNet-18's layer4 at τ = 0.05
-    assert not cheaper_than_factorising(torch.full((512,), 900), 4608)  # the same layer at τ = 0.2
-    assert not cheaper_than_factorising(torch.full((64,), 20), 27)  # a first conv
+    assert cheaper_than_factorising(torch.full((512,), 1290), 4608)  # … at τ = 0.1 (28 % kept)
+    assert not cheaper_than_factorising(torch.full((512,), 400), 4608)  # 9 % kept: the exact solves
+    assert not cheaper_than_factorising(torch.full((64,), 400), 500)  # a narrow layer: always exact
+    assert not cheaper_than_factorising(torch.zeros(0), 4608)
 
 
 def test_solve_with_a_start_on_a_wide_layer_is_close_to_the_exact_solves():

@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from core.measure.repair.api import fast_layout, masks_from_zeros
-from core.measure.repair.iterative import cheaper_than_factorising
+from core.measure.repair.iterative import EXPECTED_STEPS, cheaper_than_factorising
 from core.measure.repair.types import RepairConfig
 from core.method.pruning import prunable_layers
 
 _GATHER_RATE = 1e8  # float64 matrix entries gathered per second and thread (measured, 2-core EPYC)
 _GPTQ_FACTOR = 1.6  # the quantized solves (inverse factor, column sweep) against the plain ones (measured)
-_TYPICAL_CG_STEPS = 60  # conjugate-gradient steps of a wide layer (40–80 measured on ResNet-18 at τ = 0.05–0.15)
 
 
 def _timed(work: Callable[[], object], repeat: int = 3) -> float:
@@ -90,7 +89,7 @@ def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
     for ``bn``; three per held-out image), timed here on 8 random inputs; the Gram matrices
     (``rows · K²`` per layer) at this machine's fp32 matmul rate; and the per-channel systems
     (``Σ_c k_c³/3`` for the Cholesky factorisations, ``Σ_c k_c²`` entries gathered; or, where the
-    solver takes conjugate gradients instead, ~60 float32 products of ``2·C·K²``), with the
+    solver takes conjugate gradients instead, ~40 float32 products of ``2·C·K²``), with the
     kept counts from ``masks``, else from ``model``'s zeros. The rates are measured once per
     process (about 0.2 s); a machine that gets busier meanwhile takes longer (on a 2-core
     machine shared with other work, the repair's wall time was up to 3× this). ``quantized``:
@@ -115,7 +114,7 @@ def estimate_seconds(model: nn.Module, config: RepairConfig = RepairConfig(), *,
             kept = mask.sum(1).double() + (info["K"] - mask.shape[1])
             partial = kept[kept < info["K"]]
             if not quantized and len(partial) and cheaper_than_factorising(partial, info["K"]):
-                seconds += _TYPICAL_CG_STEPS * 2 * len(partial) * info["K"] ** 2 / gemm
+                seconds += EXPECTED_STEPS * 2 * len(partial) * info["K"] ** 2 / gemm
                 continue
             solves = float((kept ** 3).sum()) / 3 / chol + float((kept ** 2).sum()) / (_GATHER_RATE * threads)
             seconds += solves * (_GPTQ_FACTOR if quantized else 1.0)
