@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="reconstruct", choices=("bn", "bias", "reconstruct"))
     parser.add_argument("--search-images", type=int, default=256, help="fitting images of the search's repairs")
     parser.add_argument("--repair-images", type=int, default=512, help="fitting images of the verified repairs")
+    parser.add_argument("--positions", type=int, default=RepairConfig.positions,
+                        help="output positions sampled per image and conv layer, in every repair (0: all)")
     parser.add_argument("--score-images", type=int, default=1000, help="labelled training images that score")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--move", type=float, default=0.02)
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     conditions = machine_conditions(root)
     print(f"conditions: {conditions}; torch threads {torch.get_num_threads()}; torch {torch.__version__}")
     print(" ".join(["python benchmarks/per_layer_repair.py", *(argv if argv is not None else sys.argv[1:])]))
-    search = SearchConfig(repair=RepairConfig(args.method, n_images=args.search_images, n_holdout=0),
+    search = SearchConfig(repair=RepairConfig(args.method, n_images=args.search_images, n_holdout=0,
+                                              positions=args.positions),
                           score_images=args.score_images, criterion=args.criterion, steps=args.steps, move=args.move)
-    verify = RepairConfig(args.method, n_images=args.repair_images, n_holdout=0)
+    verify = RepairConfig(args.method, n_images=args.repair_images, n_holdout=0, positions=args.positions)
     table = []
     for retention in args.retentions:
         start = time.perf_counter()
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                       "search_s": f"{run.choice.seconds:.0f}"})
     import pandas as pd
 
-    print(f"\naccuracy (%) after '{args.method}' on {args.repair_images} training images, full test set, fp32; "
+    print(f"\naccuracy (%) after '{args.method}' on {args.repair_images} training images ({args.positions} positions "
+          "per image), full test set, fp32; "
           f"search: '{args.method}' on {args.search_images} images, scored on {args.score_images} other training "
           f"images ({args.criterion}), {args.steps} greedy steps of {args.move:g} × kept")
     print(pd.DataFrame(table).to_string(index=False))

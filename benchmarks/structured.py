@@ -5,6 +5,7 @@
     python benchmarks/structured.py --models resnet18 --curve 0.8 0.6 0.5 --images 1000
     python benchmarks/structured.py --models resnet18 --layer-tau conv1=0   # the first stage's stream kept whole
     python benchmarks/structured.py --torchvision         # random-weight torchvision models: valid, loads back, exports
+    python benchmarks/structured.py --models resnet18 --images 10000 --deploy   # + ONNX Runtime / OpenVINO int8
 
 Per shipped model (``load_choice("pretrained:NAME")``):
 
@@ -145,12 +146,47 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     groups = result.groups[result.groups["prunable"]]
     print("kept channels per group at the target:",
           ", ".join(f"{r.name} {r.kept}/{r.channels}" for r in groups.itertuples()))
+    if args.deploy:
+        deploy_rows(dense, fixed.model, data, args)
     for ratio in args.curve:
         t, _ = smallest_tau_for_macs(pruner, ratio, base)
         r = pruner.apply(ChannelConfig(t, layer_tau=dict(base.layer_tau)))
         f = repair_channels(dense, r, config=repair)
         print(f"curve: MACs {r.mac_ratio:.3f} × dense (τ_ch {t:.3f}): accuracy {evaluate(r.model, data).accuracy:.4f} "
               f"without repair, {evaluate(f.model, data).accuracy:.4f} with (dense {dense_acc:.4f})", flush=True)
+
+
+def deploy_rows(dense: torch.nn.Module, channel_model: torch.nn.Module, data, args: argparse.Namespace) -> None:
+    """The repaired channel model exported (fp32 and QDQ int8 ONNX) and run where users deploy it.
+
+    The smaller model goes through the deploy issue's path as it is: an :class:`Engine` on it at
+    weight τ = 0 (nothing more is pruned), with ``--deploy-theta`` its weights on the engine's
+    4/8-bit codes (else ONNX Runtime quantizes them per channel at 8 bits), int8 activations
+    calibrated on 512 CIFAR-10 *training* images; timed at batch ``--batch`` against torch eager
+    fp32 dense (:func:`measure_deployment`, 1 thread per runtime as in ``benchmarks/deploy.py``),
+    accuracy of the int8 rows from each runtime's own outputs on the same test images.
+    """
+    from core.measure.accuracy import calibration_images
+    from core.measure.deploy_export import export_setting
+    from core.measure.deploy_table import TORCH, DeployConfig, measure_deployment
+
+    theta = args.deploy_theta
+    config = (CompressionConfig(tau=0.0) if theta is None else
+              CompressionConfig(tau=0.0, theta=theta, theta_mode="relative", b_low=4, b_high=8))
+    engine = Engine(channel_model, palette=(4, 8))
+    result = engine.apply(config)
+    rows = ((TORCH, "fp32", "compressed"), ("onnxruntime", "int8", "compressed"), ("openvino", "int8", "compressed"))
+    with tempfile.TemporaryDirectory(prefix="structured-deploy-") as folder:
+        files = export_setting(dense, engine, result, folder, calibration_images(512, seed=0))
+        table = measure_deployment(dense, result.model, files, data, config=DeployConfig(
+            batches=(args.batch,), threads=1, eval_images=len(data.labels), budget_s=args.budget, accuracy_rows=rows))
+    frame = table.table
+    print(f"\ndeploy: the repaired channel model, weights {'4/8-bit codes (θ = ' + str(theta) + ' relative)' if theta else 'int8 per channel (ORT)'}, "
+          f"batch {args.batch}, 1 thread per runtime")
+    print(frame[["runtime", "precision", "model", "batch", "latency_ms", "speedup_vs_torch_dense", "accuracy",
+                 "delta", "n_images"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for note in table.notes:
+        print("note:", note)
 
 
 def run_torchvision(names: list[str]) -> None:
@@ -200,6 +236,10 @@ def main() -> None:
                         help="per-layer τ_ch overrides kept fixed while --target-macs picks the uniform τ_ch "
                              "(e.g. conv1=0: the stem's residual stream untouched)")
     parser.add_argument("--paint-only", action="store_true", help="only the first-paint timing")
+    parser.add_argument("--deploy", action="store_true",
+                        help="also export the repaired channel model and time it in ONNX Runtime and OpenVINO int8")
+    parser.add_argument("--deploy-theta", type=float, default=None,
+                        help="with --deploy: 4/8-bit weights at this relative θ (default: int8 weights per channel)")
     parser.add_argument("--torchvision", nargs="*", default=None,
                         help="random-weight torchvision models (default: resnet50 mobilenet_v3_small vit_b_16)")
     args = parser.parse_args()
