@@ -3,6 +3,8 @@ import streamlit as st
 
 from core.common.formatting import fmt_bytes, fmt_pct
 from core.services import export_repair
+from core.services.channel_export import channel_export_files
+from core.services.channel_session import CHANNEL_LABELS
 from core.services.recorded import settings_for_other_model
 from core.services.uploads import (
     MAX_SETTINGS_MB,
@@ -32,13 +34,23 @@ with guard("Preparing the export"):
         st.warning(note)
     result = session.apply(config)
     bn = bool(state.get("bn_recal")) and session.has_batchnorm and session.evaluates_cifar
-    summary = (f"τ = {config.tau:g}" + (f", {len(config.layer_tau)} per-layer τ overrides" if config.layer_tau else "")
-               + ("" if config.theta is None else f", θ = {config.theta:g} ({config.theta_mode}), "
-                                                  f"{config.b_low}/{config.b_high} bit")
-               + (", BatchNorm scales pruned too (paper pseudocode)" if config.include_norm else "")
-               + (", BN recalibrated" if bn else ""))
-    st.markdown(f"Setting: {summary} → retention {fmt_pct(result.retention, 2)}, stored size "
-                f"{fmt_bytes(result.model_bytes_compressed)} (computed) vs {fmt_bytes(result.model_bytes_fp32)} fp32.")
+    channel_result = None
+    if state.get("explore_granularity") == "channel":  # Explore's channel mode: the files hold the smaller model
+        channel_result = session.channels.pruner().apply(channel_config())
+        st.markdown(f"Setting: channel granularity, τ_ch = {channel_result.config.tau:g} → counted MACs "
+                    f"{fmt_pct(channel_result.mac_ratio)} of dense, parameters "
+                    f"{fmt_pct(channel_result.params / channel_result.params_dense)} of dense (the weight-level τ "
+                    "and θ are not applied inside the kept channels, as on the Explore page).")
+    else:
+        summary = (f"τ = {config.tau:g}"
+                   + (f", {len(config.layer_tau)} per-layer τ overrides" if config.layer_tau else "")
+                   + ("" if config.theta is None else f", θ = {config.theta:g} ({config.theta_mode}), "
+                                                      f"{config.b_low}/{config.b_high} bit")
+                   + (", BatchNorm scales pruned too (paper pseudocode)" if config.include_norm else "")
+                   + (", BN recalibrated" if bn else ""))
+        st.markdown(f"Setting: {summary} → retention {fmt_pct(result.retention, 2)}, stored size "
+                    f"{fmt_bytes(result.model_bytes_compressed)} (computed) vs "
+                    f"{fmt_bytes(result.model_bytes_fp32)} fp32.")
 
     def bundle() -> bytes:
         model = session.repairs.model(result, bn) if bn else None
@@ -47,77 +59,108 @@ with guard("Preparing the export"):
     stem = f"{loaded.arch.replace(':', '_')}_tau{config.tau:g}" + ("" if config.theta is None else f"_theta{config.theta:g}")
     a, b = st.columns(2)
     with a:
-        st.subheader("Compressed model, packed")
-        st.caption("The real savings on disk: per layer the keep-mask (bitmap, index list or Elias-Fano code, "
-                   "whichever is smallest), the integer codes of each chunk bit-packed at their bit-width, "
-                   "per-channel scales and the chunk selector, in one "
-                   "checksummed safetensors file (`core.deploy.packed_writer`). Upload it back in the sidebar.")
-        why_not = export_repair.unavailable(session)
-        levels = list(export_repair.LABELS)
-        explored = state.get("repair", "none")  # the Explore page's repair level, the default here
-        method = st.radio(
-            "Repair before packing", levels, format_func=export_repair.LABELS.get, key="export_repair",
-            index=levels.index(explored) if explored in levels else 0, horizontal=True, disabled=why_not is not None,
-            help="Without retraining, on augmented CIFAR-10 training images (never the test images): BatchNorm "
-                 "statistics re-estimated; + each pruned layer's per-channel mean restored; + the kept weights "
-                 "re-solved layer by layer (least squares against the dense model; quantized at the same "
-                 "bit-widths). The mask, the bit-widths and the file's size stay.")
-        reason = why_not or export_repair.unavailable(session, method)
-        if reason is not None:
-            st.caption(reason)
-            method = "none"
-        elif method != "none":
-            with st.spinner("Estimating the repair time…"):
-                seconds = export_repair.estimate(session, result, method)
-            st.caption(f"Repair time · estimated: about {seconds:.0f} s on this server now (from a few timed "
-                       "forward passes; a busy server takes longer; a repair made before is reused at once).")
-        packed = state.setdefault("_packed", {})  # key → the file's bytes
-        repaired = state.setdefault("_packed_repair", {})  # key → the same file, with its repair
-        key = (loaded.key, config, method)
-        if key not in packed and st.button("Pack the model", key="pack_model"):
-            bar = st.progress(0.0, text="Repairing…") if method != "none" else None
+        if channel_result is not None:
+            with st.spinner("Packing the channel-pruned model and verifying every layer…"):
+                files = channel_export_files(session, channel_result, state.get("explore_ch_repair", "none"))
+            ch_stem = f"{loaded.arch.replace(':', '_')}_tauch{channel_result.config.tau:g}" + (
+                "" if files.level == "none" else f"_{files.level}")
+            st.subheader("Channel-pruned model, packed")
+            st.caption("The smaller model itself: removed channels are gone from the tensors. The packed format of "
+                       "`core.deploy.packed_writer` (τ = 0, fp32 values) with the kept channels of every group in "
+                       "its checksummed header, so `core.deploy.channel_file.load_compressed(path)` rebuilds it with "
+                       "no template. Upload it back in the sidebar.")
+            st.metric("File size · measured", fmt_bytes(len(files.packed)),
+                      f"dense fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
+                      help=glossary.help_for("measured"))
+            if files.level != "none":
+                st.caption(f"Carries the repair “{CHANNEL_LABELS[files.level]}” of the Explore page (fitted on "
+                           f"{files.n_images} training images in {files.seconds:.1f} s · measured; recorded in "
+                           "the file's header).")
+            elif files.requested != "none":
+                st.caption(f"The repair “{CHANNEL_LABELS[files.requested]}” has not run for this setting: the files "
+                           "hold the smaller model without it. Run it on the Explore page, then come back.")
+            st.download_button("Download packed model (.safetensors)", files.packed,
+                               file_name=f"{ch_stem}.packed.safetensors", mime="application/octet-stream",
+                               key="download_packed", on_click="ignore")
+            st.subheader("Channel-pruned model, state_dict")
+            st.download_button("Download model (.pt: state_dict + kept channels + settings)", files.bundle,
+                               file_name=f"{ch_stem}.pt", mime="application/octet-stream", key="download_model",
+                               on_click="ignore")
+            st.caption("A `torch.save` dict of plain tensors and strings: `state_dict` (the smaller model's "
+                       "tensors), `channels` (JSON: the kept channels per group), `arch` and `settings` (JSON). "
+                       "Load it with `core.deploy.channel_file.load_channel_bundle(path)` (it reads with "
+                       "`torch.load(..., weights_only=True)`), or upload it back here.")
+        else:
+            st.subheader("Compressed model, packed")
+            st.caption("The real savings on disk: per layer the keep-mask (bitmap, index list or Elias-Fano code, "
+                       "whichever is smallest), the integer codes of each chunk bit-packed at their bit-width, "
+                       "per-channel scales and the chunk selector, in one "
+                       "checksummed safetensors file (`core.deploy.packed_writer`). Upload it back in the sidebar.")
+            why_not = export_repair.unavailable(session)
+            levels = list(export_repair.LABELS)
+            explored = state.get("repair", "none")  # the Explore page's repair level, the default here
+            method = st.radio(
+                "Repair before packing", levels, format_func=export_repair.LABELS.get, key="export_repair",
+                index=levels.index(explored) if explored in levels else 0, horizontal=True,
+                disabled=why_not is not None,
+                help="Without retraining, on augmented CIFAR-10 training images (never the test images): BatchNorm "
+                     "statistics re-estimated; + each pruned layer's per-channel mean restored; + the kept weights "
+                     "re-solved layer by layer (least squares against the dense model; quantized at the same "
+                     "bit-widths). The mask, the bit-widths and the file's size stay.")
+            reason = why_not or export_repair.unavailable(session, method)
+            if reason is not None:
+                st.caption(reason)
+                method = "none"
+            elif method != "none":
+                with st.spinner("Estimating the repair time…"):
+                    seconds = export_repair.estimate(session, result, method)
+                st.caption(f"Repair time · estimated: about {seconds:.0f} s on this server now (from a few timed "
+                           "forward passes; a busy server takes longer; a repair made before is reused at once).")
+            packed = state.setdefault("_packed", {})  # key → the file's bytes
+            repaired = state.setdefault("_packed_repair", {})  # key → the same file, with its repair
+            key = (loaded.key, config, method)
+            if key not in packed and st.button("Pack the model", key="pack_model"):
+                bar = st.progress(0.0, text="Repairing…") if method != "none" else None
 
-            def progress(done: int, total: int, layer: str) -> None:
-                bar.progress(done / max(total, 1), text=f"Repairing: {done}/{total} layers ({literal(layer)})")
+                def progress(done: int, total: int, layer: str) -> None:
+                    bar.progress(done / max(total, 1), text=f"Repairing: {done}/{total} layers ({literal(layer)})")
 
-            with st.spinner("Repairing, packing and verifying every layer…"):
-                packed.clear()  # keep only the latest packed file in the session
-                repaired.clear()
-                repaired[key] = export_repair.repaired_packed(session, result, method, on_progress=progress)
-                packed[key] = repaired[key].data
-            if bar is not None:
-                bar.empty()
-        if key in packed and key in repaired:
-            file = repaired[key]
-            st.metric("File size · measured", fmt_bytes(len(file.data)),
-                      f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
-                      f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
-                      help="The file's bytes; the difference to the computed size is the container (header, "
-                           "table, safetensors framing).\n\n" + glossary.help_for("measured", "computed"))
-            if file.method != "none":
-                st.caption(f"Carries the repair “{export_repair.LABELS[file.method]}” (fitted on {file.n_images} "
-                           f"training images in {file.seconds:.1f} s · measured; {file.changed} tensors changed, "
-                           "recorded in the file's header).")
-            suffix = "" if file.method == "none" else f"_{file.method}"
-            st.download_button("Download packed model (.safetensors)", file.data,
-                               file_name=f"{stem}{suffix}.packed.safetensors",
-                               mime="application/octet-stream", key="download_packed", on_click="ignore")
-            if bn and file.method == "none":
-                st.caption("Note: this packed file holds the BatchNorm statistics as loaded, without the BN "
-                           "recalibration: choose a repair above to carry it (or use the .pt below).")
-        st.subheader("Compressed model, state_dict")
-        st.download_button("Download model (.pt: state_dict + masks + settings)", bundle, file_name=f"{stem}.pt",
-                           mime="application/octet-stream", key="download_model", on_click="ignore")
-        st.caption("A `torch.save` dict of plain tensors and strings: `state_dict` (the compressed weights, "
-                   "dequantized to fp32" + (", BatchNorm recalibrated" if bn else "") + "), `masks` (bool "
-                   "keep-masks per layer, usable with `torch.nn.utils.prune.custom_from_mask`), `arch` and "
-                   "`settings` (JSON). Load it with `torch.load(path, weights_only=True)`, or upload it back here "
-                   "(sidebar → Upload; the architecture is read from the file).")
+                with st.spinner("Repairing, packing and verifying every layer…"):
+                    packed.clear()  # keep only the latest packed file in the session
+                    repaired.clear()
+                    repaired[key] = export_repair.repaired_packed(session, result, method, on_progress=progress)
+                    packed[key] = repaired[key].data
+                if bar is not None:
+                    bar.empty()
+            if key in packed and key in repaired:
+                file = repaired[key]
+                st.metric("File size · measured", fmt_bytes(len(file.data)),
+                          f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
+                          f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
+                          help="The file's bytes; the difference to the computed size is the container (header, "
+                               "table, safetensors framing).\n\n" + glossary.help_for("measured", "computed"))
+                if file.method != "none":
+                    st.caption(f"Carries the repair “{export_repair.LABELS[file.method]}” (fitted on {file.n_images} "
+                               f"training images in {file.seconds:.1f} s · measured; {file.changed} tensors changed, "
+                               "recorded in the file's header).")
+                suffix = "" if file.method == "none" else f"_{file.method}"
+                st.download_button("Download packed model (.safetensors)", file.data,
+                                   file_name=f"{stem}{suffix}.packed.safetensors",
+                                   mime="application/octet-stream", key="download_packed", on_click="ignore")
+                if bn and file.method == "none":
+                    st.caption("Note: this packed file holds the BatchNorm statistics as loaded, without the BN "
+                               "recalibration: choose a repair above to carry it (or use the .pt below).")
+            st.subheader("Compressed model, state_dict")
+            st.download_button("Download model (.pt: state_dict + masks + settings)", bundle, file_name=f"{stem}.pt",
+                               mime="application/octet-stream", key="download_model", on_click="ignore")
+            st.caption("A `torch.save` dict of plain tensors and strings: `state_dict` (the compressed weights, "
+                       "dequantized to fp32" + (", BatchNorm recalibrated" if bn else "") + "), `masks` (bool "
+                       "keep-masks per layer, usable with `torch.nn.utils.prune.custom_from_mask`), `arch` and "
+                       "`settings` (JSON). Load it with `torch.load(path, weights_only=True)`, or upload it back here "
+                       "(sidebar → Upload; the architecture is read from the file).")
     with b:
         st.subheader("Settings")
-        channel_result = None
-        if state.get("explore_granularity") == "channel":  # Explore's channel mode: the file records τ_ch
-            channel_result = session.channels.pruner().apply(channel_config())
+        if channel_result is not None:  # Explore's channel mode: the file records τ_ch
             st.caption(f"Channel granularity: τ_ch = {channel_result.config.tau:g}, counted MACs "
                        f"{fmt_pct(channel_result.mac_ratio)} of dense; the file records the kept channels.")
         text = settings_json(config, loaded, result, bn, channels=channel_result,
