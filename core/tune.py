@@ -458,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="channel: remove whole channels, --tau is τ_ch (core.measure.tune_channels)")
     parser.add_argument("--target-macs", type=float, default=None, metavar="R",
                         help="--granularity channel: the smallest τ_ch whose counted MACs are ≤ R × dense")
+    from core.measure.tune_channels import ALLOCATIONS
+
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                        help="with --target-macs: uniform τ_ch, one shape of per-group counts, or 'search' (every "
+                             "shape judged after the repair on training images; core.measure.channel_allocation)")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where cached results live (DIR/sensitivity, DIR/allocation; default: the project cache)")

@@ -70,3 +70,26 @@ def test_cli_exports_the_smaller_model_to_onnx_fp32_and_int8(tmp_path):
     agree = (outputs["model.int8.onnx"].argmax(1) == expected.argmax(1)).mean()
     assert agree >= 2 / 3
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+
+
+def test_cli_allocation_writes_per_group_tau_that_reloads_to_the_same_channels(tmp_path):
+    out = tmp_path / "equal"
+    assert main(["--granularity", "channel", "--model", "resnet20", "--target-macs", "0.8", "--allocation",
+                 "equal-share", "--repair", "none", "--max-images", "50", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["allocation"] == "equal-share" and settings["layer_tau_ch"]
+    assert settings["result"]["macs"] <= 0.8 * settings["result"]["macs_dense"]
+    from core.workloads.models import load_pretrained
+
+    again = ChannelPruner(load_pretrained("resnet20")).apply(ChannelConfig.from_dict(settings))
+    assert again.record() == settings["channels"]
+    prunable = again.groups[again.groups.prunable]
+    shares = prunable.kept / prunable.channels
+    assert shares.max() - shares.min() <= 1 / prunable.channels.min() + 1e-9  # the same share of every group
+
+
+def test_cli_refuses_an_allocation_without_a_target(tmp_path, capsys):
+    code = main(["--granularity", "channel", "--model", "resnet20", "--tau", "0.3", "--allocation", "inner-only",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "--allocation chooses per-group counts" in capsys.readouterr().err

@@ -124,6 +124,18 @@ class Score:
         return float(getattr(self, criterion))
 
 
+def score_model(model: nn.Module, data: EvalData, dense_log_probs: torch.Tensor, start: float) -> Score:
+    """``model`` run in fp32 on labelled ``data``: accuracy, ``loss = −mean log p(y|x)`` and
+    ``kl = mean Σ_c p_dense (log p_dense − log p)`` against ``dense_log_probs`` (the dense model's
+    log-probabilities on the same images); ``seconds`` since ``start`` (a ``perf_counter`` value)."""
+    predicted, log_probs = recipe_outputs(model, data.images, "fp32")
+    labels = data.labels
+    loss = float(-log_probs[torch.arange(len(labels)), labels].mean())
+    kl = float((dense_log_probs.exp() * (dense_log_probs - log_probs)).sum(dim=1).mean())
+    return Score(accuracy=float((predicted == labels).float().mean()), loss=loss, kl=kl, n=len(labels),
+                 seconds=time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------- images
 
 def scoring_split(n_fit: int, n_score: int, seed: int = 0, mean: Sequence[float] = CIFAR_MEAN,
@@ -205,13 +217,7 @@ class RepairJudge:
             start = time.perf_counter()
             config, _ = self.config_for(kept)
             _, _, model = self.repaired(config)
-            predicted, log_probs = recipe_outputs(model, self.score_data.images, "fp32")
-            labels = self.score_data.labels
-            loss = float(-log_probs[torch.arange(len(labels)), labels].mean())
-            dense = self.dense_log_probs
-            kl = float((dense.exp() * (dense - log_probs)).sum(dim=1).mean())
-            score = Score(accuracy=float((predicted == labels).float().mean()), loss=loss, kl=kl, n=len(labels),
-                          seconds=time.perf_counter() - start)
+            score = score_model(model, self.score_data, self.dense_log_probs, start)
         self.evaluations += 1
         self.memo[key] = score
         return score

@@ -5,7 +5,10 @@
 
 ``--tau`` is τ_ch (:mod:`core.method.channels`: β = τ_ch · max_c s_c per coupled group).
 ``--target-macs R`` instead picks the smallest τ_ch whose counted MACs are ≤ R × dense
-(:func:`smallest_tau_for_macs`: bisection on τ_ch; counted MACs never grow with τ_ch).
+(:func:`smallest_tau_for_macs`: bisection on τ_ch; counted MACs never grow with τ_ch); with
+``--allocation SHAPE`` per-group counts of that shape for R, or with ``--allocation search`` the
+shape judged best after the repair on training images (:mod:`core.measure.channel_allocation`),
+written as per-group τ_ch (``layer_tau_ch``).
 ``--theta TH`` (``--bits``) then quantizes the kept weights (the weight engine on the smaller
 model, weight τ = 0). Every repair level up to ``--repair`` is evaluated
 (:func:`core.measure.channel_repair.repair_channels`, fitted on CIFAR-10 *training* images).
@@ -35,6 +38,10 @@ from core.measure.tune_inputs import BadInput
 from core.method.channels import ChannelConfig, ChannelError, ChannelPruner
 
 KEEP_ALL = ChannelConfig()
+#: ``--allocation``: the name on the command line → the shape of :mod:`core.measure.channel_allocation` (or the search)
+ALLOCATIONS: dict[str, str] = {"uniform": "uniform τ_ch", "equal-share": "equal share",
+                               "streams-at-half": "streams at half", "inner-only": "inner only",
+                               "mac-weighted": "MAC-weighted", "search": "search"}
 TAU_TOLERANCE = 1e-3  # the bisection stops when the τ_ch bracket is this narrow
 DEPLOY_CALIBRATION_IMAGES = 256  # training images the int8 file's activation ranges are calibrated on
 
@@ -68,6 +75,33 @@ def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConf
         else:
             low = mid
     return high, macs(high)
+
+
+def _allocated(dense, pruner: ChannelPruner, args: argparse.Namespace) -> ChannelConfig:
+    """``--allocation``'s per-group τ_ch for ``--target-macs`` (:mod:`core.measure.channel_allocation`)."""
+    from core.measure.allocation_repair import scoring_split
+    from core.measure.channel_allocation import (
+        ChannelJudge,
+        ChannelSearchConfig,
+        choose_channels,
+        config_for_counts,
+        shape_counts,
+    )
+
+    shape = ALLOCATIONS[args.allocation]
+    if shape == "search":
+        search = ChannelSearchConfig(args.target_macs)
+        fit, score = scoring_split(search.repair.n_images, search.score_images)
+        choice = choose_channels(ChannelJudge(dense, pruner, fit, score, search),
+                                 progress=lambda done, total, name: print(f"  [{done}/{total}] {name}", flush=True))
+        print(choice.candidates.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"chosen after reconstruction on training images: {choice.shape}", flush=True)
+        counts = choice.counts
+    else:
+        counts = shape_counts(pruner, shape, args.target_macs)
+        if counts is None:
+            raise ChannelError(f"the '{args.allocation}' allocation cannot reach {args.target_macs:g} × dense MACs")
+    return config_for_counts(pruner, counts)
 
 
 def _evaluate(model, data) -> float:
@@ -105,17 +139,22 @@ def run_channels(args: argparse.Namespace, progress: Callable[[str], Callable] |
     dense = load_pretrained(args.model)
     try:
         pruner = ChannelPruner(dense)
-        if args.target_macs is not None:
-            tau, _ = smallest_tau_for_macs(pruner, args.target_macs)
+        allocation = getattr(args, "allocation", "uniform")
+        if allocation != "uniform" and args.target_macs is None:
+            raise BadInput("--allocation chooses per-group counts for a MAC target: give --target-macs R")
+        if allocation != "uniform":
+            config = _allocated(dense, pruner, args)
+        elif args.target_macs is not None:
+            config = ChannelConfig(tau=smallest_tau_for_macs(pruner, args.target_macs)[0])
         else:
-            tau = args.tau
-        config = ChannelConfig(tau=tau)
+            config = ChannelConfig(tau=args.tau)
+        tau = config.tau
         result = pruner.apply(config)
         weight = (CompressionConfig(tau=0.0) if args.theta is None else
                   CompressionConfig(tau=0.0, theta=args.theta, theta_mode="relative", b_low=args.bits[0], b_high=args.bits[1]))
     except (ChannelError, ValueError) as err:
         raise BadInput(str(err).splitlines()[0]) from err
-    print(f"τ_ch = {tau:.4f}: MACs {result.macs:,} / {result.macs_dense:,} = {result.mac_ratio:.3f} × dense, "
+    print(f"{'τ_ch = ' + format(tau, '.4f') if not config.layer_tau else args.allocation + ' allocation'}: MACs {result.macs:,} / {result.macs_dense:,} = {result.mac_ratio:.3f} × dense, "
           f"params {result.params:,} / {result.params_dense:,}", flush=True)
     data = _test_data(args.max_images)
     dense_acc = _evaluate(dense, data)
@@ -159,12 +198,12 @@ def _files(args, dense, result, weight, final, rows: list[dict]) -> dict[str, st
     settings = {
         "format": "boundary-explorer/settings/v1",
         "model": {"arch": args.model, "key": f"pretrained:{args.model}"},
-        "granularity": "channel",
-        "tau_ch": result.config.tau,
+        **result.config.to_dict(),  # granularity, τ_ch, the per-group τ_ch of an allocation, the score
         "channels": record,
         "config": weight.to_dict(),
         "repair": args.repair,
         "target_macs": args.target_macs,
+        "allocation": getattr(args, "allocation", "uniform"),
         "result": {"macs": result.macs, "macs_dense": result.macs_dense, "mac_ratio": result.mac_ratio,
                    "params": result.params, "params_dense": result.params_dense, "rows": rows,
                    "groups": result.groups.to_dict("records")},

@@ -304,7 +304,32 @@ class ChannelPruner:
 
     def macs(self, config: ChannelConfig) -> int:
         """Counted MACs per sample under ``config``, without building the model (fast: for bisection)."""
-        masks, _ = self._removed(config)
+        return self.macs_of(self._removed(config)[0])
+
+    def masks_for_counts(self, counts: Mapping[str, int], config: ChannelConfig = DEFAULT) -> dict[str, torch.Tensor]:
+        """Per group, the mask of removed channels that keeps its ``counts[name]`` highest-scored ones.
+
+        A count is clamped to 1 … channels; groups not named, and groups that cannot be pruned,
+        keep every channel. Scores as :meth:`scores` under ``config``'s norm and BN folding.
+        """
+        scores = self.scores(config.norm, config.fold_bn)
+        masks = {}
+        for group in self.groups:
+            remove = torch.zeros(group.channels, dtype=torch.bool)
+            if group.name in counts and group.prunable:
+                count = min(max(int(counts[group.name]), 1), group.channels)
+                remove[torch.argsort(scores[group.name], descending=True, stable=True)[count:]] = True
+            masks[group.name] = remove
+        return masks
+
+    def group_macs(self) -> dict[str, int]:
+        """Per group, the dense counted MACs of every Conv/Linear whose output or input channels are the group's."""
+        dense = {row["name"]: row["macs_dense"] for row in self._count({})[1]}
+        return {group.name: sum(dense[name] for name in {item.name for item in items} if name in dense)
+                for group, items in zip(self.groups, self._items)}
+
+    def macs_of(self, masks: Mapping[str, torch.Tensor]) -> int:
+        """Counted MACs per sample with ``masks`` (per group, the removed channels) cut; no model is built."""
         return self._count(self._cuts(masks))[0]
 
     def build(self, masks: Mapping[str, torch.Tensor], share: bool = False) -> tuple[nn.Module, dict, dict]:
