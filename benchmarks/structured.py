@@ -44,6 +44,7 @@ from run_conditions import machine_conditions
 
 from core.common.timing import percentile, time_interleaved
 from core.measure.accuracy import balanced_subset, eval_data, evaluate
+from core.measure.channel_allocation import SHAPES, config_for_counts, shape_counts
 from core.measure.channel_repair import repair_channels
 from core.measure.repair import RepairConfig, repair_setting
 from core.measure.tune_channels import smallest_tau_for_macs
@@ -110,19 +111,24 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     if args.paint_only:
         return
     target = args.target_macs if args.target_macs is not None else DEFAULT_TARGETS.get(name, 0.5)
-    repair = RepairConfig("reconstruct", n_images=args.repair_images, n_holdout=0)
+    repair = RepairConfig("reconstruct", n_images=args.repair_images, n_holdout=0, positions=args.positions)
     dense_acc = evaluate(dense, data).accuracy
     rows = [{"model": name, "granularity": "dense", "setting": "-", "repair": "-", "accuracy": dense_acc,
              "macs": pruner.macs_dense, "nonzero_macs": pruner.macs_dense, "params": pruner.params_dense}]
     models = {"dense": dense}
     overrides = dict(item.split("=") for item in args.layer_tau)
     base = ChannelConfig(layer_tau={k: float(v) for k, v in overrides.items()})
-    tau, _ = smallest_tau_for_macs(pruner, target, base)
-    result = pruner.apply(ChannelConfig(tau, layer_tau=dict(base.layer_tau)))
+    if args.allocation == "uniform τ_ch":
+        tau, _ = smallest_tau_for_macs(pruner, target, base)
+        result = pruner.apply(ChannelConfig(tau, layer_tau=dict(base.layer_tau)))
+    else:  # per-group counts of one shape (core.measure.channel_allocation), as per-group τ_ch
+        tau = 0.0
+        result = pruner.apply(config_for_counts(pruner, shape_counts(pruner, args.allocation, target)))
     fixed = repair_channels(dense, result, config=repair)
-    print(f"channel τ_ch = {tau:.4f}: MACs {result.mac_ratio:.3f} × dense; repair {fixed.seconds:.1f} s", flush=True)
+    print(f"channel {args.allocation} (τ_ch = {tau:.4f}): MACs {result.mac_ratio:.3f} × dense; "
+          f"repair {fixed.seconds:.1f} s", flush=True)
     for label, model in (("none", result.model), ("reconstruct", fixed.model)):
-        rows.append({"model": name, "granularity": "channel", "setting": f"τ_ch={tau:.3f}", "repair": label,
+        rows.append({"model": name, "granularity": "channel", "setting": f"τ_ch={tau:.3f}" if not result.config.layer_tau else args.allocation, "repair": label,
                      "accuracy": evaluate(model, data).accuracy, "macs": result.macs, "nonzero_macs": result.macs,
                      "params": result.params})
         models[f"channel/{label}"] = model
@@ -229,6 +235,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="class-balanced test images (10000: all)")
     parser.add_argument("--target-macs", type=float, default=None, help="MAC ratio (default per model: 0.667, 0.5)")
     parser.add_argument("--repair-images", type=int, default=512)
+    parser.add_argument("--positions", type=int, default=RepairConfig.positions,
+                        help="sampled output positions per image and layer of the repairs")
+    parser.add_argument("--allocation", default="uniform τ_ch", choices=SHAPES,
+                        help="the channel model's per-group counts at the target (core.measure.channel_allocation)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per latency table")
     parser.add_argument("--curve", type=float, nargs="*", default=[])
