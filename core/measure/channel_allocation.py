@@ -43,13 +43,45 @@ from core.measure.allocation_repair import CRITERIA, Score, score_model
 from core.measure.channel_repair import repair_channels
 from core.measure.repair import RepairConfig
 from core.measure.sensitivity import recipe_outputs
-from core.measure.tune_channels import smallest_tau_for_macs
 from core.method.channels import ChannelConfig, ChannelError, ChannelPruner, ChannelResult
 
 SHAPES: tuple[str, ...] = ("uniform τ_ch", "equal share", "streams at half", "inner only", "MAC-weighted")
 #: the search's repair: reconstruction on 256 training images (each judged allocation is one repair)
 SEARCH_REPAIR = RepairConfig(method="reconstruct", n_images=256, n_holdout=0)
 _BISECTION_STEPS = 40
+KEEP_ALL = ChannelConfig()
+TAU_TOLERANCE = 1e-3  # the τ_ch bisection stops when the bracket is this narrow
+
+
+def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConfig = KEEP_ALL,
+                          tolerance: float = TAU_TOLERANCE) -> tuple[float, int]:
+    """The smallest τ_ch (within ``tolerance``) whose counted MACs ≤ ``ratio`` × dense, and those MACs.
+
+    Bisection on [0, 1]: counted MACs are non-increasing in τ_ch (a larger β removes a superset
+    of channels in every group). :class:`ChannelError` when even τ_ch = 1 (one channel per
+    prunable group) does not reach the ratio; it names the reachable ratio.
+    """
+    if not 0 < ratio <= 1:
+        raise ChannelError(f"the MAC target must be in (0, 1] (a fraction of the dense MACs); got {ratio}")
+    bound = ratio * pruner.macs_dense
+
+    def macs(tau: float) -> int:
+        return pruner.macs(ChannelConfig(tau=tau, layer_tau=base.layer_tau, norm=base.norm, fold_bn=base.fold_bn))
+
+    if macs(0.0) <= bound:
+        return 0.0, macs(0.0)
+    top = macs(1.0)
+    if top > bound:
+        raise ChannelError(f"no τ_ch reaches {ratio:g} × dense MACs: at τ_ch = 1 (one channel per prunable group) "
+                           f"the model still has {top / pruner.macs_dense:.3f} × dense (some groups cannot be pruned)")
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if macs(mid) <= bound:
+            high = mid
+        else:
+            low = mid
+    return high, macs(high)
 
 
 @dataclass(frozen=True)

@@ -34,59 +34,27 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from core.measure.channel_allocation import (
+    ChannelJudge,
+    ChannelSearchConfig,
+    choose_channels,
+    config_for_counts,
+    shape_counts,
+    smallest_tau_for_macs,
+)
 from core.measure.tune_inputs import BadInput
 from core.method.channels import ChannelConfig, ChannelError, ChannelPruner
 
-KEEP_ALL = ChannelConfig()
 #: ``--allocation``: the name on the command line → the shape of :mod:`core.measure.channel_allocation` (or the search)
 ALLOCATIONS: dict[str, str] = {"uniform": "uniform τ_ch", "equal-share": "equal share",
                                "streams-at-half": "streams at half", "inner-only": "inner only",
                                "mac-weighted": "MAC-weighted", "search": "search"}
-TAU_TOLERANCE = 1e-3  # the bisection stops when the τ_ch bracket is this narrow
 DEPLOY_CALIBRATION_IMAGES = 256  # training images the int8 file's activation ranges are calibrated on
-
-
-def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConfig = KEEP_ALL,
-                          tolerance: float = TAU_TOLERANCE) -> tuple[float, int]:
-    """The smallest τ_ch (within ``tolerance``) whose counted MACs ≤ ``ratio`` × dense, and those MACs.
-
-    Bisection on [0, 1]: counted MACs are non-increasing in τ_ch (a larger β removes a superset
-    of channels in every group). :class:`ChannelError` when even τ_ch = 1 (one channel per
-    prunable group) does not reach the ratio; it names the reachable ratio.
-    """
-    if not 0 < ratio <= 1:
-        raise ChannelError(f"the MAC target must be in (0, 1] (a fraction of the dense MACs); got {ratio}")
-    bound = ratio * pruner.macs_dense
-
-    def macs(tau: float) -> int:
-        return pruner.macs(ChannelConfig(tau=tau, layer_tau=base.layer_tau, norm=base.norm, fold_bn=base.fold_bn))
-
-    if macs(0.0) <= bound:
-        return 0.0, macs(0.0)
-    top = macs(1.0)
-    if top > bound:
-        raise ChannelError(f"no τ_ch reaches {ratio:g} × dense MACs: at τ_ch = 1 (one channel per prunable group) "
-                           f"the model still has {top / pruner.macs_dense:.3f} × dense (some groups cannot be pruned)")
-    low, high = 0.0, 1.0
-    while high - low > tolerance:
-        mid = (low + high) / 2
-        if macs(mid) <= bound:
-            high = mid
-        else:
-            low = mid
-    return high, macs(high)
 
 
 def _allocated(dense, pruner: ChannelPruner, args: argparse.Namespace) -> ChannelConfig:
     """``--allocation``'s per-group τ_ch for ``--target-macs`` (:mod:`core.measure.channel_allocation`)."""
     from core.measure.allocation_repair import scoring_split
-    from core.measure.channel_allocation import (
-        ChannelJudge,
-        ChannelSearchConfig,
-        choose_channels,
-        config_for_counts,
-        shape_counts,
-    )
 
     shape = ALLOCATIONS[args.allocation]
     if shape == "search":
