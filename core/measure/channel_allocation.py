@@ -96,7 +96,8 @@ class ChannelSearchConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.target_macs, (int, float)) and 0 < self.target_macs <= 1):
-            raise ChannelError(f"the MAC target must be in (0, 1] (a fraction of the dense MACs); got {self.target_macs!r}")
+            raise ChannelError("the MAC target must be in (0, 1] (a fraction of the dense MACs); "
+                               f"got {self.target_macs!r}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if not isinstance(self.repair, RepairConfig):

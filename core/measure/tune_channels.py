@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from core.measure.allocation_repair import scoring_split
 from core.measure.channel_allocation import (
     ChannelJudge,
     ChannelSearchConfig,
@@ -54,8 +55,6 @@ DEPLOY_CALIBRATION_IMAGES = 256  # training images the int8 file's activation ra
 
 def _allocated(dense, pruner: ChannelPruner, args: argparse.Namespace) -> ChannelConfig:
     """``--allocation``'s per-group τ_ch for ``--target-macs`` (:mod:`core.measure.channel_allocation`)."""
-    from core.measure.allocation_repair import scoring_split
-
     shape = ALLOCATIONS[args.allocation]
     if shape == "search":
         search = ChannelSearchConfig(args.target_macs)
@@ -122,7 +121,8 @@ def run_channels(args: argparse.Namespace, progress: Callable[[str], Callable] |
                   CompressionConfig(tau=0.0, theta=args.theta, theta_mode="relative", b_low=args.bits[0], b_high=args.bits[1]))
     except (ChannelError, ValueError) as err:
         raise BadInput(str(err).splitlines()[0]) from err
-    print(f"{'τ_ch = ' + format(tau, '.4f') if not config.layer_tau else args.allocation + ' allocation'}: MACs {result.macs:,} / {result.macs_dense:,} = {result.mac_ratio:.3f} × dense, "
+    setting = f"τ_ch = {tau:.4f}" if allocation == "uniform" else f"the {allocation} allocation"
+    print(f"{setting}: MACs {result.macs:,} / {result.macs_dense:,} = {result.mac_ratio:.3f} × dense, "
           f"params {result.params:,} / {result.params_dense:,}", flush=True)
     data = _test_data(args.max_images)
     dense_acc = _evaluate(dense, data)
