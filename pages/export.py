@@ -106,7 +106,7 @@ with guard("Preparing the export"):
                 file = repaired[key]
                 st.metric("File size · measured", fmt_bytes(len(file.data)),
                           f"computed stored size {fmt_bytes(result.model_bytes_compressed)}; "
-                          f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off",
+                          f"fp32 {fmt_bytes(result.model_bytes_fp32)}", delta_color="off", delta_arrow="off",
                           help="The file's bytes; the difference to the computed size is the container (header, "
                                "table, safetensors framing).\n\n" + glossary.help_for("measured", "computed"))
                 if file.method != "none":

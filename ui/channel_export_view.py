@@ -23,7 +23,7 @@ def channel_downloads(session, loaded, channel_result: ChannelResult, dense_fp32
                "its checksummed header, so `core.deploy.channel_file.load_compressed(path)` rebuilds it with "
                "no template. Upload it back in the sidebar.")
     st.metric("File size · measured", fmt_bytes(len(files.packed)),
-              f"dense fp32 {fmt_bytes(dense_fp32_bytes)}", delta_color="off",
+              f"dense fp32 {fmt_bytes(dense_fp32_bytes)}", delta_color="off", delta_arrow="off",
               help=glossary.help_for("measured"))
     if files.level != "none":
         st.caption(f"Carries the repair “{CHANNEL_LABELS[files.level]}” of the Explore page (fitted on "
