@@ -11,7 +11,7 @@ import core.measure.tune_per_layer_repair as tplr
 from core import tune
 from core.deploy.packed_reader import load_compressed
 from core.measure.accuracy import predict
-from core.measure.allocation_verify import test_images
+from core.measure.allocation_verify import test_images as load_test_images
 from core.method.config import CompressionConfig
 from core.method.engine import Engine
 from core.workloads import data as core_data
@@ -87,7 +87,7 @@ def test_a_small_run_writes_the_per_layer_tau_the_repair_and_the_repaired_packed
         assert bool(((model.get_submodule(name).weight != 0) <= (pruned.get_submodule(name).weight != 0)).all())
     # the packed file is the chosen setting after its repair: the verified accuracy, image for image
     card = load_card("resnet20")
-    data = test_images(100, card["mean"], card["std"])
+    data = load_test_images(100, card["mean"], card["std"])
     accuracy = float((predict(model, data.images) == data.labels).float().mean())
     assert accuracy == pytest.approx(rows["per-layer τ"]["accuracy"])
     assert accuracy != pytest.approx(float((predict(pruned, data.images) == data.labels).float().mean())) or \
