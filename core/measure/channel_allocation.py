@@ -146,7 +146,7 @@ def counts_for_target(pruner: ChannelPruner, weights: Mapping[str, float], ratio
 def uniform_counts(pruner: ChannelPruner, ratio: float) -> dict[str, int]:
     """The kept counts of uniform τ_ch at the smallest τ_ch for ``ratio`` (the boundary rule)."""
     tau, _ = smallest_tau_for_macs(pruner, ratio)
-    groups = pruner.apply(ChannelConfig(tau)).groups
+    _, groups = pruner.removed(ChannelConfig(tau))  # the group table only: no model is built
     return {row.name: int(row.kept) for row in groups.itertuples() if row.prunable}
 
 
