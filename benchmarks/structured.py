@@ -20,8 +20,8 @@ Per shipped model (``load_choice("pretrained:NAME")``):
   what it executes; a weight-pruned model executes the dense MACs (its zeros are multiplied),
   its non-zero MACs are shown beside. Latency: torch eager fp32, batch ``--batch`` (64), the
   project's one timer (:func:`time_interleaved`: warm-up, interleaved rounds, median).
-* ``--curve R …``: accuracy against counted MACs for several MAC ratios, without and with repair,
-  and the groups that limit (kept/channels per group at the target).
+* ``--curve R …``: accuracy against counted MACs for several MAC ratios (``--allocation``'s
+  counts at each), without and with repair, and the kept/channels per group at each.
 
 The run's conditions (commit, CPU, load average, threads) are printed first. Nothing here asserts.
 """
@@ -118,12 +118,7 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     models = {"dense": dense}
     overrides = dict(item.split("=") for item in args.layer_tau)
     base = ChannelConfig(layer_tau={k: float(v) for k, v in overrides.items()})
-    if args.allocation == "uniform τ_ch":
-        tau, _ = smallest_tau_for_macs(pruner, target, base)
-        result = pruner.apply(ChannelConfig(tau, layer_tau=dict(base.layer_tau)))
-    else:  # per-group counts of one shape (core.measure.channel_allocation), as per-group τ_ch
-        tau = 0.0
-        result = pruner.apply(config_for_counts(pruner, shape_counts(pruner, args.allocation, target)))
+    tau, result = channel_at(pruner, args.allocation, target, base)
     fixed = repair_channels(dense, result, config=repair)
     print(f"channel {args.allocation} (τ_ch = {tau:.4f}): MACs {result.mac_ratio:.3f} × dense; "
           f"repair {fixed.seconds:.1f} s", flush=True)
@@ -155,11 +150,25 @@ def run_model(name: str, args: argparse.Namespace, data) -> None:
     if args.deploy:
         deploy_rows(dense, fixed.model, data, args)
     for ratio in args.curve:
-        t, _ = smallest_tau_for_macs(pruner, ratio, base)
-        r = pruner.apply(ChannelConfig(t, layer_tau=dict(base.layer_tau)))
+        t, r = channel_at(pruner, args.allocation, ratio, base)
         f = repair_channels(dense, r, config=repair)
-        print(f"curve: MACs {r.mac_ratio:.3f} × dense (τ_ch {t:.3f}): accuracy {evaluate(r.model, data).accuracy:.4f} "
-              f"without repair, {evaluate(f.model, data).accuracy:.4f} with (dense {dense_acc:.4f})", flush=True)
+        kept = r.groups[r.groups["prunable"]]
+        print(f"curve ({args.allocation}): MACs {r.mac_ratio:.3f} × dense (τ_ch {t:.3f}): accuracy "
+              f"{evaluate(r.model, data).accuracy:.4f} without repair, {evaluate(f.model, data).accuracy:.4f} with "
+              f"(dense {dense_acc:.4f}); kept {', '.join(f'{k}/{n}' for k, n in zip(kept.kept, kept.channels))}",
+              flush=True)
+
+
+def channel_at(pruner: ChannelPruner, allocation: str, ratio: float, base: ChannelConfig) -> tuple[float, object]:
+    """(τ_ch, the channel result) at ≤ ``ratio`` × dense MACs: uniform τ_ch (with ``base``'s per-layer overrides) or
+    the per-group counts of one shape of :mod:`core.measure.channel_allocation` as per-group τ_ch (τ_ch shown as 0)."""
+    if allocation == "uniform τ_ch":
+        tau, _ = smallest_tau_for_macs(pruner, ratio, base)
+        return tau, pruner.apply(ChannelConfig(tau, layer_tau=dict(base.layer_tau)))
+    counts = shape_counts(pruner, allocation, ratio)
+    if counts is None:
+        raise SystemExit(f"the '{allocation}' allocation cannot reach {ratio:g} × dense MACs")
+    return 0.0, pruner.apply(config_for_counts(pruner, counts))
 
 
 def deploy_rows(dense: torch.nn.Module, channel_model: torch.nn.Module, data, args: argparse.Namespace) -> None:

@@ -87,12 +87,16 @@ def smallest_tau_for_macs(pruner: ChannelPruner, ratio: float, base: ChannelConf
 @dataclass(frozen=True)
 class ChannelSearchConfig:
     """``target_macs``: R, counted MACs ≤ R × dense; ``repair``: the repair each allocation is judged
-    after; ``score_images``: labelled training images scored; ``criterion``: ``loss`` or ``kl``."""
+    after; ``score_images``: labelled training images scored; ``criterion``: ``loss`` or ``kl``;
+    ``steps``: greedy MAC moves tried after the best shape (0: the shapes only,
+    :mod:`core.measure.channel_greedy`); ``move``: Δ, the MACs moved per step, as a fraction of the bound."""
 
     target_macs: float
     repair: RepairConfig = SEARCH_REPAIR
     score_images: int = 1000
     criterion: str = "loss"
+    steps: int = 4
+    move: float = 0.02
 
     def __post_init__(self) -> None:
         if not (isinstance(self.target_macs, (int, float)) and 0 < self.target_macs <= 1):
@@ -102,6 +106,10 @@ class ChannelSearchConfig:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if not isinstance(self.repair, RepairConfig):
             raise TypeError(f"repair must be a RepairConfig, got {type(self.repair).__name__}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a whole number ≥ 0, got {self.steps!r}")
+        if not (isinstance(self.move, (int, float)) and 0 < self.move < 1):
+            raise ValueError(f"move must be a fraction in (0, 1), got {self.move!r}")
 
 
 def shape_weights(pruner: ChannelPruner, shape: str) -> dict[str, float]:

@@ -8,6 +8,7 @@
 (:func:`smallest_tau_for_macs`: bisection on τ_ch; counted MACs never grow with τ_ch); with
 ``--allocation SHAPE`` per-group counts of that shape for R, or with ``--allocation search`` the
 shape judged best after the repair on training images (:mod:`core.measure.channel_allocation`),
+then a few greedy MAC moves between groups judged the same way (:mod:`core.measure.channel_greedy`),
 written as per-group τ_ch (``layer_tau_ch``).
 ``--theta TH`` (``--bits``) then quantizes the kept weights (the weight engine on the smaller
 model, weight τ = 0). Every repair level up to ``--repair`` is evaluated
@@ -43,6 +44,7 @@ from core.measure.channel_allocation import (
     shape_counts,
     smallest_tau_for_macs,
 )
+from core.measure.channel_greedy import refine
 from core.measure.tune_inputs import BadInput
 from core.method.channels import ChannelConfig, ChannelError, ChannelPruner
 
@@ -59,8 +61,12 @@ def _allocated(dense, pruner: ChannelPruner, args: argparse.Namespace) -> Channe
     if shape == "search":
         search = ChannelSearchConfig(args.target_macs)
         fit, score = scoring_split(search.repair.n_images, search.score_images)
-        choice = choose_channels(ChannelJudge(dense, pruner, fit, score, search),
-                                 progress=lambda done, total, name: print(f"  [{done}/{total}] {name}", flush=True))
+        judge = ChannelJudge(dense, pruner, fit, score, search)
+
+        def show(done: int, total: int, name: str) -> None:
+            print(f"  [{done}/{total}] {name}", flush=True)
+
+        choice, _ = refine(judge, choose_channels(judge, progress=show), show)
         print(choice.candidates.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"chosen after reconstruction on training images: {choice.shape}", flush=True)
         counts = choice.counts
