@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"training images, scored on {args.score_images} other training images ({args.criterion}); chosen: {choice.shape}")
     print(choice.candidates.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if greedy is not None:
-        print(f"greedy after repair: {len(greedy.steps)} moves tried, {int(greedy.steps['accepted'].sum())} kept, "
+        print(f"greedy after repair: {len(greedy.steps)} moves and fills tried, {int(greedy.steps['accepted'].sum())} kept, "
               f"{greedy.evaluations} repairs, {greedy.seconds:.0f} s")
         if len(greedy.steps):
             print(greedy.steps.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -14,7 +14,10 @@ With the bound B = R × dense counted MACs and the step Δ = ``move`` × B:
 * a move d → r: d gives its channels, then r takes as many (at most its take) as keep the
   counted MACs ≤ B; its predicted change is ``gain_r · spent − harm_d · freed``;
 * each step re-measures the best predicted untried move, keeps it when the criterion falls
-  (then re-measures d's and r's rates and forgets the rejected pairs), else marks the pair tried.
+  (then re-measures d's and r's rates and forgets the rejected pairs), else marks the pair tried;
+* fill: a donor often frees more than its receiver may spend, so the moves leave MACs under B
+  unspent. At the end the groups with the highest positive gain rates (at most ``FILL_TRIES``) each
+  take in turn the most channels the room ``B − MACs`` allows; a fill is kept when the criterion falls.
 
 Counted MACs are exact at every step (:meth:`ChannelPruner.macs_of`), so the result meets the
 bound. The judge scores training images only; the test split is never read here.
@@ -31,6 +34,7 @@ import pandas as pd
 from core.measure.allocation_repair import Score
 from core.measure.channel_allocation import ChannelChoice, ChannelJudge
 
+FILL_TRIES = 2
 STEP_COLUMNS = ["step", "donor", "receiver", "given", "taken", "predicted", "before", "after", "accuracy", "accepted"]
 
 
@@ -100,7 +104,7 @@ def greedy_channels(judge: ChannelJudge, start: Mapping[str, int], steps: int = 
     budget = _Budget(judge)
     delta = move * budget.bound
     counts = {name: int(k) for name, k in start.items() if name in budget.channels}
-    total, done = 2 * len(counts) + 5 * steps, [0]
+    total, done = 2 * len(counts) + 5 * steps + FILL_TRIES, [0]
 
     def tick(label: str) -> None:
         done[0] += 1
@@ -148,6 +152,20 @@ def greedy_channels(judge: ChannelJudge, start: Mapping[str, int], steps: int = 
             continue
         counts, current, base, tried = trial, score, score.value(criterion), set()
         rates[donor], rates[receiver] = rates_of(donor), rates_of(receiver)
+    fillers = sorted((name for name, r in rates.items() if r.gain > 0), key=lambda name: -rates[name].gain)
+    for receiver in fillers[:FILL_TRIES]:
+        taken, spent = budget.take(counts, receiver, budget.bound - budget.macs(counts))
+        if taken == 0:
+            continue
+        trial = {**counts, receiver: counts[receiver] + taken}
+        score = judge(trial)
+        tick(f"fill: {receiver} +{taken}")
+        accepted = score.value(criterion) < base
+        rows.append({"step": "fill", "donor": "(unspent)", "receiver": receiver, "given": 0, "taken": taken,
+                     "predicted": rates[receiver].gain * spent, "before": base, "after": score.value(criterion),
+                     "accuracy": score.accuracy, "accepted": accepted})
+        if accepted:
+            counts, current, base = trial, score, score.value(criterion)
     return ChannelGreedyResult(counts=counts, score=current, steps=pd.DataFrame(rows, columns=STEP_COLUMNS),
                                seconds=time.perf_counter() - began, evaluations=len(judge.memo) - evaluated)
 

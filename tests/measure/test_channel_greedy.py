@@ -100,3 +100,19 @@ def test_refine_chooses_the_greedy_result_only_when_it_scores_lower(mini):
     assert same is choice
     judge.config.steps = 0
     assert refine(judge, choice) == (choice, None)
+
+
+def test_the_fill_spends_the_macs_left_under_the_bound_on_the_group_that_gains_most(mini):
+    _, pruner = mini
+    start = shape_counts(pruner, "equal share", 0.5)  # well under the judge's bound of 0.6 × dense
+    costly = max(start, key=lambda name: start[name])
+    judge = WeightedLoss(pruner, 0.6, {name: (10.0 if name == costly else 0.01) for name in start})
+    result = greedy_channels(judge, start, steps=0, move=0.05)
+    fills = result.steps[result.steps["step"] == "fill"]
+    assert len(fills) and fills["accepted"].iloc[0] and fills["receiver"].iloc[0] == costly
+
+    def macs(counts):
+        return pruner.macs_of(pruner.masks_for_counts(counts))
+
+    assert macs(start) < macs(result.counts) <= 0.6 * pruner.macs_dense
+    assert result.counts[costly] > start[costly] and result.score.loss < judge(start).loss
