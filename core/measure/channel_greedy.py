@@ -129,6 +129,16 @@ def greedy_channels(judge: ChannelJudge, start: Mapping[str, int], steps: int = 
 
     rates = {name: rates_of(name) for name in counts}
     rows, tried = [], set()
+
+    def trial_score(trial: dict[str, int], label: str, row: dict) -> tuple[Score, bool]:
+        """``trial`` judged after the repair, its row (``row`` + before/after/accuracy) recorded; accepted?"""
+        score = judge(trial)
+        tick(label)
+        accepted = score.value(criterion) < base
+        rows.append({**row, "before": base, "after": score.value(criterion), "accuracy": score.accuracy,
+                     "accepted": accepted})
+        return score, accepted
+
     for step in range(1, steps + 1):
         move_ = _best_move(rates, tried)
         if move_ is None:
@@ -141,12 +151,9 @@ def greedy_channels(judge: ChannelJudge, start: Mapping[str, int], steps: int = 
             tried.add((donor, receiver))
             continue
         trial[receiver] += taken
-        score = judge(trial)
-        tick(f"step {step}: {donor} → {receiver}")
-        accepted = score.value(criterion) < base
-        rows.append({"step": step, "donor": donor, "receiver": receiver, "given": rates[donor].give,
-                     "taken": taken, "predicted": predicted, "before": base, "after": score.value(criterion),
-                     "accuracy": score.accuracy, "accepted": accepted})
+        score, accepted = trial_score(trial, f"step {step}: {donor} → {receiver}", {
+            "step": step, "donor": donor, "receiver": receiver, "given": rates[donor].give, "taken": taken,
+            "predicted": predicted})
         if not accepted:
             tried.add((donor, receiver))
             continue
@@ -158,12 +165,9 @@ def greedy_channels(judge: ChannelJudge, start: Mapping[str, int], steps: int = 
         if taken == 0:
             continue
         trial = {**counts, receiver: counts[receiver] + taken}
-        score = judge(trial)
-        tick(f"fill: {receiver} +{taken}")
-        accepted = score.value(criterion) < base
-        rows.append({"step": "fill", "donor": "(unspent)", "receiver": receiver, "given": 0, "taken": taken,
-                     "predicted": rates[receiver].gain * spent, "before": base, "after": score.value(criterion),
-                     "accuracy": score.accuracy, "accepted": accepted})
+        score, accepted = trial_score(trial, f"fill: {receiver} +{taken}", {
+            "step": "fill", "donor": "(unspent)", "receiver": receiver, "given": 0, "taken": taken,
+            "predicted": rates[receiver].gain * spent})
         if accepted:
             counts, current, base = trial, score, score.value(criterion)
     return ChannelGreedyResult(counts=counts, score=current, steps=pd.DataFrame(rows, columns=STEP_COLUMNS),
